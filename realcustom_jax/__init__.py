@@ -1,0 +1,1 @@
+"""RealCustom (CVPR 2024) in JAX/Flax."""

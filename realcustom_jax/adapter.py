@@ -1,0 +1,110 @@
+"""The trainable adapter: scoring module, visual projection and every visual K/V.
+
+Everything else (the pretrained UNet) stays frozen. Trees are plain nested dicts keyed
+like flax params; paths are tuples of keys.
+"""
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+VISUAL_KV = ('to_k_visual', 'to_v_visual')
+ADAPTER_MODULES = ('scoring', 'visual_proj')
+
+
+def is_adapter_path(path: tuple[str, ...]) -> bool:
+  """True for parameters that train (Sec. 3.2: scoring module and W_Ki, W_Vi)."""
+  return path[0] in ADAPTER_MODULES or any(p in VISUAL_KV for p in path)
+
+
+def _key_names(path) -> tuple[str, ...]:
+  return tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path)
+
+
+def adapter_mask(params) -> Any:
+  """A tree of bools, True where the parameter belongs to the adapter (for optax)."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: is_adapter_path(_key_names(p)), params)
+
+
+def _filter(tree: Mapping, keep, prefix=()) -> dict:
+  out = {}
+  for k, v in tree.items():
+    path = prefix + (k,)
+    if isinstance(v, Mapping):
+      sub = _filter(v, keep, path)
+      if sub:
+        out[k] = sub
+    elif keep(path):
+      out[k] = v
+  return out
+
+
+def split_params(params: Mapping) -> tuple[dict, dict]:
+  """Splits the full tree into (frozen base, trainable adapter) nested dicts."""
+  base = _filter(params, lambda p: not is_adapter_path(p))
+  adapter = _filter(params, is_adapter_path)
+  return base, adapter
+
+
+def merge_params(base: Mapping, adapter: Mapping) -> dict:
+  """Inverse of `split_params`."""
+  out = dict(base)
+  for k, v in adapter.items():
+    out[k] = merge_params(out[k], v) if k in out and isinstance(v, Mapping) else v
+  return out
+
+
+def init_visual_kv_from_text(params: Mapping) -> dict:
+  """Starts every visual K/V as a copy of its layer's text to_k / to_v (IP-Adapter).
+
+  At step 0 the visual branch then attends like the text branch would to the projected
+  image tokens, a better start than random projections.
+
+  Raises:
+    ValueError: if a visual projection's shape differs from its text twin's.
+  """
+  def visit(tree: Mapping, path=()) -> dict:
+    out = {}
+    for k, v in tree.items():
+      if k in VISUAL_KV and isinstance(v, Mapping):
+        text = tree[k.replace('_visual', '')]
+        if text['kernel'].shape != v['kernel'].shape:
+          raise ValueError(f'{"/".join(path + (k,))}: shape {v["kernel"].shape} differs '
+                           f'from the text projection {text["kernel"].shape}')
+        out[k] = {'kernel': text['kernel']}
+      elif isinstance(v, Mapping):
+        out[k] = visit(v, path + (k,))
+      else:
+        out[k] = v
+    return out
+  return visit(params)
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def expected_adapter_size(unet, image_dim: int, latent_channels: int, text_dim: int,
+                          scoring_hidden: int = 0) -> int:
+  """Adapter parameter count from the config, for checks and the README.
+
+  Per attn2: W_Ki and W_Vi, each text_dim x inner (inner = the block's channels).
+  Scoring: W_a^t (c_t), W_a^v (c), two MLPs [c_i + ctx] -> hidden -> 1 with biases.
+  Projection: c_i x c_t + bias, LayerNorm scale + bias.
+  """
+  hidden = scoring_hidden or image_dim
+  channels = tuple(unet.block_out_channels)
+  n = len(channels)
+  depth = unet._per_block(unet.transformer_layers_per_block)
+  kv = 0
+  for i, t in enumerate(unet.down_block_types):
+    if t.startswith('CrossAttn'):
+      kv += unet.layers_per_block * depth[i] * 2 * text_dim * channels[i]
+  for i, t in enumerate(unet.up_block_types):
+    if t.startswith('CrossAttn'):
+      kv += (unet.layers_per_block + 1) * depth[n - 1 - i] * 2 * text_dim * channels[n - 1 - i]
+  kv += depth[-1] * 2 * text_dim * channels[-1]
+  mlp = lambda ctx: (image_dim + ctx) * hidden + hidden + hidden + 1
+  scoring = text_dim + latent_channels + mlp(text_dim) + mlp(latent_channels)
+  proj = image_dim * text_dim + text_dim + 2 * text_dim
+  return kv + scoring + proj

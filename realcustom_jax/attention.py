@@ -1,0 +1,200 @@
+"""Text and visual cross-attention of the extended UNet (Eqs. 3, 4, 12).
+
+Parameter names follow diffusers' `FlaxAttention` (`to_q`, `to_k`, `to_v`, `to_out_0`) so
+that Stable Diffusion checkpoints load unchanged; the visual branch adds the bias-free
+`to_k_visual` / `to_v_visual` projections of Eq. 4.
+"""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _split_heads(x: Array, heads: int) -> Array:
+  """(B, N, H*D) -> (B, H, N, D)."""
+  b, n, hd = x.shape
+  return x.reshape(b, n, heads, hd // heads).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(x: Array) -> Array:
+  """(B, H, N, D) -> (B, N, H*D)."""
+  b, h, n, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+def attention_probs(q: Array, k: Array, key_mask: Optional[Array] = None) -> Array:
+  """Softmax(Q K^T / sqrt(d)) of Eq. 3, in float32, optionally masking keys.
+
+  Args:
+    q: (B, H, Nq, D) queries.
+    k: (B, H, Nk, D) keys.
+    key_mask: optional (B, Nk) bool; False keys get no attention.
+
+  Returns:
+    (B, H, Nq, Nk) float32 attention probabilities.
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  if key_mask is not None:
+    # A finite floor (not -inf) keeps an all-masked row a uniform softmax instead of
+    # NaN; callers zero such rows (see `visual_cross_attention`).
+    logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def text_cross_attention(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
+  """Eq. 3: Softmax(Q K^T / sqrt(d)) V over the text tokens.
+
+  Returns:
+    The (B, H, Nq, D) output and the (B, H, Nq, Nk) probabilities (the word maps of
+    Eq. 11 are read off them).
+  """
+  probs = attention_probs(q, k)
+  out = jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v)
+  return out, probs
+
+
+def visual_cross_attention(q: Array, k_visual: Array, v_visual: Array,
+                           token_mask: Optional[Array] = None) -> Array:
+  """Eq. 4, second term: Softmax(Q K_i^T / sqrt(d)) V_i over the selected image tokens.
+
+  The top-k selection of Eq. 10 keeps all n_i tokens (static shapes under jit) and
+  removes the unselected ones from the softmax through `token_mask`. A row with no
+  selected token (gamma_num * n_i < 1, or image dropout in training) contributes zero.
+
+  Args:
+    q: (B, H, Nq, D) the same queries as the text attention.
+    k_visual: (B, H, Ni, D) visual keys W_Ki f_ci.
+    v_visual: (B, H, Ni, D) visual values W_Vi f_ci.
+    token_mask: optional (B, Ni) bool, True for selected tokens.
+
+  Returns:
+    (B, H, Nq, D) visual attention output.
+  """
+  probs = attention_probs(q, k_visual, token_mask)
+  if token_mask is not None:
+    any_selected = jnp.any(token_mask, axis=-1)
+    probs = probs * any_selected[:, None, None, None]
+  return jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v_visual.dtype), v_visual)
+
+
+def resize_scope(scope: Array, height: int, width: int, antialias: bool = False) -> Array:
+  """Bilinear resize of a (B, H0, W0) influence scope to one layer's (h, w).
+
+  Torch's bilinear interpolation (the authors') does not antialias; `jax.image.resize`
+  does when it downsamples unless told not to, hence the explicit flag.
+  """
+  b = scope.shape[0]
+  if scope.shape[1:] == (height, width):
+    return scope
+  return jax.image.resize(scope, (b, height, width), method='bilinear', antialias=antialias)
+
+
+def gate_by_scope(visual_out: Array, scope: Array, height: int, width: int,
+                  antialias: bool = False) -> Array:
+  """Eq. 12: multiply the visual attention output by the scope resized to (h, w).
+
+  Args:
+    visual_out: (B, h*w, C) visual attention output (heads merged).
+    scope: (B, H0, W0) influence scope M-hat of Eq. 11.
+    height: the layer's spatial height h.
+    width: the layer's spatial width w.
+    antialias: antialias when downsampling the scope (torch does not).
+
+  Returns:
+    (B, h*w, C) gated output.
+  """
+  m = resize_scope(scope.astype(jnp.float32), height, width, antialias)
+  return visual_out * m.reshape(m.shape[0], height * width, 1).astype(visual_out.dtype)
+
+
+def word_attention_map(probs: Array, word_weights: Array, height: int, width: int) -> Array:
+  """The target word's map in one layer: mean over heads, summed over its token indices.
+
+  Args:
+    probs: (B, H, h*w, Nt) text attention probabilities (softmax over all Nt tokens).
+    word_weights: (B, Nt), 1 at each token index of the word (every BPE piece of every
+      occurrence), 0 elsewhere.
+    height: h.
+    width: w.
+
+  Returns:
+    (B, h, w) float32 map.
+  """
+  per_token = probs.mean(axis=1)
+  m = jnp.einsum('bqk,bk->bq', per_token, word_weights.astype(per_token.dtype))
+  return m.reshape(m.shape[0], height, width)
+
+
+class Attention(nn.Module):
+  """Self-attention (attn1) or the extended text + visual cross-attention (attn2).
+
+  Attributes:
+    query_dim: width of the image features f_i.
+    heads: number of heads.
+    dim_head: width per head.
+    is_cross: attn2 (keys from the text, and the optional visual branch).
+    attention_impl: 'xla' (einsum) or an implementation name for
+      `jax.nn.dot_product_attention` ('cudnn', or 'auto' to let JAX choose); used for
+      self-attention only, since cross-attention needs its probabilities.
+    mask_antialias: see `resize_scope`.
+    dtype: compute dtype.
+  """
+  query_dim: int
+  heads: int
+  dim_head: int
+  is_cross: bool = False
+  attention_impl: str = 'xla'
+  mask_antialias: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden_states: Array, context: Optional[Array] = None, *,
+               spatial: tuple[int, int] = (0, 0),
+               visual_tokens: Optional[Array] = None,
+               visual_token_mask: Optional[Array] = None,
+               scope_mask: Optional[Array] = None,
+               word_weights: Optional[Array] = None) -> Array:
+    inner = self.heads * self.dim_head
+    dense = lambda name, bias=False: nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=name)
+    context = hidden_states if context is None else context
+    q = dense('to_q')(hidden_states)
+    k = dense('to_k')(context)
+    v = dense('to_v')(context)
+
+    if not self.is_cross:
+      out = self._self_attention(q, k, v)
+    else:
+      qh = _split_heads(q, self.heads)
+      text_out, probs = text_cross_attention(qh, _split_heads(k, self.heads),
+                                             _split_heads(v, self.heads))
+      out = _merge_heads(text_out)
+      if word_weights is not None:
+        self.sow('intermediates', 'word_map',
+                 word_attention_map(probs, word_weights, *spatial))
+      if visual_tokens is not None:
+        k_vis = dense('to_k_visual')(visual_tokens)
+        v_vis = dense('to_v_visual')(visual_tokens)
+        vis = _merge_heads(visual_cross_attention(
+            qh, _split_heads(k_vis, self.heads), _split_heads(v_vis, self.heads),
+            visual_token_mask))
+        if scope_mask is not None:
+          vis = gate_by_scope(vis, scope_mask, *spatial, antialias=self.mask_antialias)
+        out = out + vis
+    return nn.Dense(self.query_dim, dtype=self.dtype, name='to_out_0')(out)
+
+  def _self_attention(self, q: Array, k: Array, v: Array) -> Array:
+    if self.attention_impl == 'xla':
+      qh, kh, vh = (_split_heads(x, self.heads) for x in (q, k, v))
+      probs = attention_probs(qh, kh)
+      return _merge_heads(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(vh.dtype), vh))
+    b, n, _ = q.shape
+    shape = (b, n, self.heads, self.dim_head)
+    impl = None if self.attention_impl == 'auto' else self.attention_impl
+    out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                       implementation=impl)
+    return out.reshape(b, n, self.heads * self.dim_head)

@@ -1,0 +1,147 @@
+"""RealCustom: the frozen SD UNet plus the trainable adapter (scoring + visual K/V).
+
+Parameter tree: {'unet': <diffusers' UNet tree + to_k_visual/to_v_visual in each attn2>,
+'scoring': <AdaptiveScoring>, 'visual_proj': <Dense + LayerNorm>}.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from realcustom_jax.attention import resize_scope
+from realcustom_jax.scoring import AdaptiveScoring
+from realcustom_jax.selection import check_unit_interval
+from realcustom_jax.unet import RealCustomUNet
+
+Array = jax.Array
+
+
+class VisualProjection(nn.Module):
+  """Maps CLIP image tokens (c_i) to the UNet's cross-attention width (c_t).
+
+  The paper feeds f_ci straight into W_Ki / W_Vi; with SD 1.5 (c_t = 768) and CLIP
+  ViT-L/14 (c_i = 1024) the widths differ, so, as IP-Adapter does, a trainable linear
+  map + LayerNorm comes first. The visual K/V then have the text K/V's shapes and can
+  start as their copies (`adapter.init_visual_kv_from_text`).
+  """
+  width: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = nn.Dense(self.width, name='dense')(x.astype(jnp.float32))
+    return nn.LayerNorm(epsilon=1e-5, name='norm')(x)
+
+
+class RealCustom(nn.Module):
+  """The extended UNet driven by the adaptive scoring module.
+
+  Attributes:
+    unet: the UNet (its config decides the cross-attention width).
+    scoring_hidden: width of the score nets (0: image feature width).
+    fusion: score fusion (Eq. 8 or a Table 3 ablation).
+  """
+  unet: RealCustomUNet
+  scoring_hidden: int = 0
+  fusion: str = 'timestep'
+
+  def setup(self):
+    self.scoring = AdaptiveScoring(self.scoring_hidden, self.fusion)
+    self.visual_proj = VisualProjection(self.unet.cross_attention_dim)
+
+  def __call__(self, latents: Array, timesteps: Array, text_features: Array,
+               image_features: Optional[Array] = None, *,
+               sqrt_alpha_bar: Optional[Array] = None,
+               gamma_num: Any = 1.0,
+               scope_mask: Optional[Array] = None,
+               image_keep: Optional[Array] = None,
+               word_weights: Optional[Array] = None) -> Array:
+    """Predicts the noise, with or without the subject.
+
+    Args:
+      latents: (B, 4, h, w) z_t.
+      timesteps: (B,) timesteps t.
+      text_features: (B, n_t, c_t) f_ct.
+      image_features: (B, n_i, c_i) CLIP patch tokens f_ci; None: text only (T2I /
+        unconditional branches, Sec. 3.3).
+      sqrt_alpha_bar: (B,) sqrt(abar_t), the Eq. 8 fusion weight.
+      gamma_num: top-k ratio of Eq. 10 (traced is fine).
+      scope_mask: (B, H0, W0) influence scope (Eq. 11): multiplies z_t before scoring and
+        gates the visual attention output (Eq. 12). None: no gating (training).
+      image_keep: (B,) bool; False drops the subject for that row (condition dropout
+        in training), making the row a pure T2I prediction.
+      word_weights: (B, n_t) target-word token weights; every attn2 then sows its
+        word map (read them with `word_maps`).
+
+    Returns:
+      (B, 4, h, w) predicted noise.
+    """
+    if image_features is None:
+      return self.unet(latents, timesteps, text_features, word_weights=word_weights)
+    if sqrt_alpha_bar is None:
+      raise ValueError('sqrt_alpha_bar is required with image_features (Eq. 8)')
+    scored_latents = latents
+    if scope_mask is not None:
+      h, w = latents.shape[2:]
+      scored_latents = latents * resize_scope(scope_mask, h, w)[:, None].astype(latents.dtype)
+    scored = self.scoring(text_features, scored_latents, sqrt_alpha_bar, image_features,
+                          gamma_num)
+    selected = scored.selected
+    if image_keep is not None:
+      selected = selected & image_keep[:, None]
+    return self.unet(latents, timesteps, text_features,
+                     visual_tokens=self.visual_proj(scored.features),
+                     visual_token_mask=selected, scope_mask=scope_mask, word_weights=word_weights)
+
+
+def word_maps(model: RealCustom, params, *args, **kwargs) -> tuple[Array, list[Array]]:
+  """Runs the model and returns (noise, per-layer word maps), functionally.
+
+  The maps come from the 'intermediates' collection each attn2 sows into; pass
+  `word_weights=`. Layer order follows the parameter tree, which does not matter for
+  Eq. 11's mean.
+  """
+  if kwargs.get('word_weights') is None:
+    raise ValueError('word_maps needs word_weights=')
+  eps, state = model.apply({'params': params}, *args, mutable=['intermediates'], **kwargs)
+  return eps, list(jax.tree_util.tree_leaves(state['intermediates']))
+
+
+def validate_inputs(model: RealCustom, text_features, image_features=None,
+                    word_weights=None, gamma_num=None, gamma_scope=None) -> None:
+  """Checks shapes and ratios before tracing, so mistakes read as one-line errors.
+
+  Raises:
+    ValueError: text width differing from the UNet's cross-attention width, batch
+      sizes that disagree, word weights whose length is not the text length, or a ratio
+      outside [0, 1].
+  """
+  c_t = model.unet.cross_attention_dim
+  if text_features.ndim != 3 or text_features.shape[-1] != c_t:
+    raise ValueError(f'text features must be (B, n_t, {c_t}) for this UNet, got '
+                     f'{tuple(text_features.shape)}')
+  b, n_t = text_features.shape[:2]
+  if image_features is not None:
+    if image_features.ndim != 3 or image_features.shape[0] != b:
+      raise ValueError(f'image features must be (B={b}, n_i, c_i), got '
+                       f'{tuple(image_features.shape)}')
+  if word_weights is not None and tuple(word_weights.shape) != (b, n_t):
+    raise ValueError(f'word weights must be (B={b}, n_t={n_t}) (token indices out of '
+                     f'range?), got {tuple(word_weights.shape)}')
+  if gamma_num is not None:
+    check_unit_interval('gamma_num', gamma_num)
+  if gamma_scope is not None:
+    check_unit_interval('gamma_scope', gamma_scope)
+
+
+def init_params(model: RealCustom, rng: Array, latent_shape, text_len: int,
+                image_tokens: int, image_dim: int) -> dict:
+  """Random init of the full tree (base + adapter), jitted."""
+  b = 1
+  c, h, w = latent_shape
+  args = (jnp.zeros((b, c, h, w)), jnp.zeros((b,), jnp.int32),
+          jnp.zeros((b, text_len, model.unet.cross_attention_dim)),
+          jnp.zeros((b, image_tokens, image_dim)))
+  init = lambda r: model.init(r, *args, sqrt_alpha_bar=jnp.ones((b,)),
+                              scope_mask=jnp.ones((b, h, w)))['params']
+  return jax.jit(init)(rng)

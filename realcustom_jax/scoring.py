@@ -1,0 +1,117 @@
+"""Adaptive scoring module (Sec. 3.2, Fig. 4, Eqs. 5-10)."""
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from realcustom_jax.selection import top_fraction_mask
+
+Array = jax.Array
+
+FUSIONS = ('timestep', 'text', 'visual', 'mean')
+
+
+def context_pooling(features: Array, logits: Array) -> Array:
+  """Eqs. 5-7: softmax-weighted pooling of (B, n, c) features into a (B, c) context.
+
+  Args:
+    features: (B, n, c) text features f_ct or flattened latents z_t.
+    logits: (B, n) pooling logits f W_a (Eq. 5 / Eq. 6 before the softmax).
+
+  Returns:
+    (B, c) context A^T f (Eq. 7).
+  """
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.einsum('bn,bnc->bc', weights, features.astype(jnp.float32))
+
+
+def fuse_scores(text_scores: Array, visual_scores: Array, sqrt_alpha_bar: Array,
+                fusion: str = 'timestep') -> Array:
+  """Eq. 8: S = (1 - sqrt(abar_t)) S_textual + sqrt(abar_t) S_visual.
+
+  Noisy early steps (sqrt(abar_t) near 0) trust the text; late steps the latents.
+  The other `fusion` modes are the ablations of Table 3 (IDs 3-5).
+
+  Args:
+    text_scores: (B, n_i) textual scores.
+    visual_scores: (B, n_i) visual scores.
+    sqrt_alpha_bar: (B,) sqrt of the cumulative alpha at the current timestep.
+    fusion: 'timestep' (Eq. 8), 'text', 'visual' or 'mean'.
+
+  Returns:
+    (B, n_i) fused scores, before the softmax.
+  """
+  if fusion == 'text':
+    return text_scores
+  if fusion == 'visual':
+    return visual_scores
+  if fusion == 'mean':
+    return 0.5 * (text_scores + visual_scores)
+  s = jnp.asarray(sqrt_alpha_bar, jnp.float32).reshape(-1, 1)
+  return (1.0 - s) * text_scores + s * visual_scores
+
+
+def modulate_features(image_features: Array, scores: Array) -> Array:
+  """Eq. 9: f_ci <- f_ci * (1 + S), which lets the score nets learn through the UNet."""
+  return image_features * (1.0 + scores[..., None]).astype(image_features.dtype)
+
+
+class ScoreNet(nn.Module):
+  """A lightweight two-layer MLP scoring each image token against a context."""
+  hidden: int
+
+  @nn.compact
+  def __call__(self, image_features: Array, context: Array) -> Array:
+    n = image_features.shape[1]
+    tiled = jnp.broadcast_to(context[:, None, :], (context.shape[0], n, context.shape[-1]))
+    x = jnp.concatenate([image_features.astype(jnp.float32), tiled], axis=-1)
+    x = nn.gelu(nn.Dense(self.hidden, name='dense_0')(x))
+    return nn.Dense(1, name='dense_1')(x)[..., 0]
+
+
+class ScoringOutput(NamedTuple):
+  features: Array  # (B, n_i, c_i) modulated image features (Eq. 9)
+  selected: Array  # (B, n_i) bool, the top gamma_num fraction (Eq. 10)
+  scores: Array  # (B, n_i) softmax-normalised fused scores S
+
+
+class AdaptiveScoring(nn.Module):
+  """Scores each subject image token and keeps the top `gamma_num` fraction.
+
+  Attributes:
+    hidden: width of the two score nets (0: the image feature width c_i).
+    fusion: how textual and visual scores combine (see `fuse_scores`).
+  """
+  hidden: int = 0
+  fusion: str = 'timestep'
+
+  @nn.compact
+  def __call__(self, text_features: Array, latents: Array, sqrt_alpha_bar: Array,
+               image_features: Array, gamma_num) -> ScoringOutput:
+    """Runs Eqs. 5-10.
+
+    Args:
+      text_features: (B, n_t, c_t) f_ct.
+      latents: (B, c, h, w) current latents z_t (times the scope at inference).
+      sqrt_alpha_bar: (B,) sqrt(abar_t).
+      image_features: (B, n_i, c_i) f_ci.
+      gamma_num: top-k ratio, scalar or (B,), may be traced (Eq. 10).
+
+    Returns:
+      ScoringOutput.
+    """
+    if self.fusion not in FUSIONS:
+      raise ValueError(f'fusion must be one of {FUSIONS}, got {self.fusion!r}')
+    b, c = latents.shape[:2]
+    z = latents.reshape(b, c, -1).transpose(0, 2, 1)  # (B, n_z, c)
+    pool = lambda name, f: nn.Dense(1, use_bias=False, name=name)(f.astype(jnp.float32))[..., 0]
+    text_context = context_pooling(text_features, pool('text_pool', text_features))  # Eq. 5, 7
+    visual_context = context_pooling(z, pool('visual_pool', z))  # Eq. 6, 7
+    hidden = self.hidden or image_features.shape[-1]
+    text_scores = ScoreNet(hidden, name='text_score_net')(image_features, text_context)
+    visual_scores = ScoreNet(hidden, name='visual_score_net')(image_features, visual_context)
+    fused = fuse_scores(text_scores, visual_scores, sqrt_alpha_bar, self.fusion)
+    scores = jax.nn.softmax(fused, axis=-1)
+    return ScoringOutput(modulate_features(image_features, scores),
+                         top_fraction_mask(scores, gamma_num), scores)

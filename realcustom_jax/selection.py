@@ -1,0 +1,55 @@
+"""Static-shape top-k by a traced ratio, shared by Eq. 10 and Eq. 11, plus input checks."""
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# A float32 ratio such as 0.7 is 0.69999998; without the slack, floor(0.7 * 10) = 6.
+_RATIO_SLACK = 1e-3
+
+
+def num_selected(ratio, n: int) -> Array:
+  """k = floor(ratio * n) (with a small slack for float32 rounding), as an int32 array."""
+  return jnp.floor(jnp.asarray(ratio, jnp.float32) * n + _RATIO_SLACK).astype(jnp.int32)
+
+
+def top_fraction_mask(scores: Array, ratio) -> Array:
+  """True at the floor(ratio * n) highest scores along the last axis.
+
+  Keeps static shapes whatever the ratio: a traced ratio selects a different count
+  without recompiling. Ties are broken by position, so exactly k entries are True.
+
+  Args:
+    scores: (..., n) scores.
+    ratio: scalar or (...,) ratio in [0, 1], Python or traced.
+
+  Returns:
+    (..., n) bool mask.
+  """
+  n = scores.shape[-1]
+  k = num_selected(ratio, n)
+  order = jnp.argsort(-scores, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)
+  return rank < jnp.expand_dims(k, -1)
+
+
+def check_unit_interval(name: str, value) -> None:
+  """Raises ValueError when a concrete ratio lies outside [0, 1]; tracers pass.
+
+  Called before tracing, so a user mistake is a clear error instead of a silently
+  empty or full selection.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, numbers.Number):
+    values = np.asarray([value], dtype=np.float64)
+  else:
+    try:
+      values = np.asarray(value, dtype=np.float64)
+    except (TypeError, jax.errors.TracerArrayConversionError):
+      return
+  if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values > 1):
+    raise ValueError(f'{name} must lie in [0, 1], got {value!r}')

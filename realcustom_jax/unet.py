@@ -1,0 +1,390 @@
+"""Stable Diffusion 1.x / 2.x UNet with RealCustom's visual cross-attention.
+
+Our own linen module because diffusers' Flax UNet cannot be extended from outside
+(DESIGN.md). Its parameter tree has exactly the names and shapes of diffusers'
+`FlaxUNet2DConditionModel` (0.39.0) plus `to_k_visual` / `to_v_visual` in every `attn2`,
+so real SD checkpoints load unchanged and diffusers' model can check ours (tests).
+
+Layout: latents come in and go out NCHW, as in diffusers; everything inside is NHWC.
+"""
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from realcustom_jax.attention import Attention
+
+Array = jax.Array
+
+_SUPPORTED_DOWN = ('CrossAttnDownBlock2D', 'DownBlock2D')
+_SUPPORTED_UP = ('CrossAttnUpBlock2D', 'UpBlock2D')
+
+
+def timestep_embedding(timesteps: Array, dim: int, flip_sin_to_cos: bool,
+                       freq_shift: float) -> Array:
+  """Sinusoidal timestep features, as diffusers' `get_sinusoidal_embeddings`."""
+  half = dim // 2
+  exponent = -math.log(10000.0) / (half - freq_shift)
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * exponent)
+  angles = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+
+
+class ResnetBlock(nn.Module):
+  out_channels: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array) -> Array:
+    conv = lambda name: nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)),
+                                dtype=self.dtype, name=name)
+    h = nn.swish(nn.GroupNorm(num_groups=32, epsilon=1e-5, name='norm1')(x))
+    h = conv('conv1')(h)
+    h = h + nn.Dense(self.out_channels, dtype=self.dtype,
+                     name='time_emb_proj')(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(nn.GroupNorm(num_groups=32, epsilon=1e-5, name='norm2')(h))
+    h = conv('conv2')(h)
+    if x.shape[-1] != self.out_channels:
+      x = nn.Conv(self.out_channels, (1, 1), padding='VALID', dtype=self.dtype,
+                  name='conv_shortcut')(x)
+    return h + x
+
+
+class FeedForward(nn.Module):
+  """GEGLU feed-forward (`net_0` = proj to 2 x 4 dim, `net_2` back), as diffusers' Flax."""
+  dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    # Module nesting reproduces diffusers' names: ff/net_0/proj, ff/net_2.
+    h = _GegluProj(self.dim * 4, self.dtype, name='net_0')(x)
+    return nn.Dense(self.dim, dtype=self.dtype, name='net_2')(h)
+
+
+class _GegluProj(nn.Module):
+  inner: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = nn.Dense(self.inner * 2, dtype=self.dtype, name='proj')(x)
+    linear, gate = jnp.split(h, 2, axis=-1)
+    # diffusers' Flax GEGLU uses flax's default tanh-approximate gelu; kept for parity.
+    return linear * nn.gelu(gate)
+
+
+class TransformerBlock(nn.Module):
+  dim: int
+  heads: int
+  dim_head: int
+  only_cross_attention: bool = False
+  attention_impl: str = 'xla'
+  mask_antialias: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array, spatial: tuple[int, int],
+               visual: Mapping[str, Any]) -> Array:
+    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+    attn = lambda name, cross, impl='xla': Attention(
+        self.dim, self.heads, self.dim_head, is_cross=cross, attention_impl=impl,
+        mask_antialias=self.mask_antialias, dtype=self.dtype, name=name)
+    h = norm('norm1')(x)
+    if self.only_cross_attention:
+      x = x + attn('attn1', False)(h, context)
+    else:
+      x = x + attn('attn1', False, self.attention_impl)(h)
+    x = x + attn('attn2', True)(norm('norm2')(x), context, spatial=spatial, **visual)
+    return x + FeedForward(self.dim, self.dtype, name='ff')(norm('norm3')(x))
+
+
+class Transformer2D(nn.Module):
+  channels: int
+  heads: int
+  depth: int = 1
+  use_linear_projection: bool = False
+  only_cross_attention: bool = False
+  attention_impl: str = 'xla'
+  mask_antialias: bool = False
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array, visual: Mapping[str, Any]) -> Array:
+    b, h, w, c = x.shape
+    residual = x
+    x = nn.GroupNorm(num_groups=32, epsilon=1e-5, name='norm')(x)
+    proj = lambda name: (nn.Dense(c, dtype=self.dtype, name=name) if self.use_linear_projection
+                         else nn.Conv(c, (1, 1), padding='VALID', dtype=self.dtype, name=name))
+    if self.use_linear_projection:
+      x = proj('proj_in')(x.reshape(b, h * w, c))
+    else:
+      x = proj('proj_in')(x).reshape(b, h * w, c)
+    block_cls = nn.remat(TransformerBlock, static_argnums=(3,)) if self.remat else TransformerBlock
+    for i in range(self.depth):
+      x = block_cls(c, self.heads, c // self.heads, self.only_cross_attention,
+                    self.attention_impl, self.mask_antialias, self.dtype,
+                    name=f'transformer_blocks_{i}')(x, context, (h, w), visual)
+    if self.use_linear_projection:
+      x = proj('proj_out')(x).reshape(b, h, w, c)
+    else:
+      x = proj('proj_out')(x.reshape(b, h, w, c))
+    return x + residual
+
+
+class TimeEmbedding(nn.Module):
+  dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = nn.silu(nn.Dense(self.dim, dtype=self.dtype, name='linear_1')(x))
+    return nn.Dense(self.dim, dtype=self.dtype, name='linear_2')(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttnSettings:
+  """What every Transformer2D of the UNet shares (hashable, passed to the blocks)."""
+  use_linear_projection: bool
+  attention_impl: str
+  mask_antialias: bool
+  remat: bool
+
+
+class DownBlock(nn.Module):
+  """diffusers' (CrossAttn)DownBlock2D: resnets_j [+ attentions_j], downsamplers_0."""
+  channels: int
+  num_layers: int
+  heads: int  # 0: no attention (DownBlock2D)
+  depth: int
+  only_cross_attention: bool
+  add_downsample: bool
+  settings: _AttnSettings
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, context, visual):
+    skips = []
+    for j in range(self.num_layers):
+      x = ResnetBlock(self.channels, self.dtype, name=f'resnets_{j}')(x, temb)
+      if self.heads:
+        x = _transformer(self, f'attentions_{j}')(x, context, visual)
+      skips.append(x)
+    if self.add_downsample:
+      x = _Downsample(self.channels, self.dtype, name='downsamplers_0')(x)
+      skips.append(x)
+    return x, skips
+
+
+class UpBlock(nn.Module):
+  """diffusers' (CrossAttn)UpBlock2D: resnets_j [+ attentions_j], upsamplers_0."""
+  channels: int
+  num_layers: int
+  heads: int
+  depth: int
+  only_cross_attention: bool
+  add_upsample: bool
+  settings: _AttnSettings
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, skips, temb, context, visual):
+    for j in range(self.num_layers):
+      x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
+      x = ResnetBlock(self.channels, self.dtype, name=f'resnets_{j}')(x, temb)
+      if self.heads:
+        x = _transformer(self, f'attentions_{j}')(x, context, visual)
+    if self.add_upsample:
+      x = _Upsample(self.channels, self.dtype, name='upsamplers_0')(x)
+    return x
+
+
+class MidBlock(nn.Module):
+  """diffusers' UNetMidBlock2DCrossAttn: resnets_0, attentions_0, resnets_1."""
+  channels: int
+  heads: int
+  depth: int
+  settings: _AttnSettings
+  only_cross_attention: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, context, visual):
+    x = ResnetBlock(self.channels, self.dtype, name='resnets_0')(x, temb)
+    x = _transformer(self, 'attentions_0')(x, context, visual)
+    return ResnetBlock(self.channels, self.dtype, name='resnets_1')(x, temb)
+
+
+def _transformer(block, name: str) -> Transformer2D:
+  s = block.settings
+  return Transformer2D(block.channels, block.heads, block.depth, s.use_linear_projection,
+                       block.only_cross_attention, s.attention_impl, s.mask_antialias,
+                       s.remat, block.dtype, name=name)
+
+
+class _Downsample(nn.Module):
+  channels: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                   dtype=self.dtype, name='conv')(x)
+
+
+class _Upsample(nn.Module):
+  channels: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method='nearest')
+    return nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                   name='conv')(x)
+
+
+def _freeze(value):
+  """Lists from JSON configs become tuples so the module stays hashable."""
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+class RealCustomUNet(nn.Module):
+  """SD 1.x/2.x UNet (diffusers' config fields) with a visual branch in every attn2.
+
+  Construct it from a diffusers `unet/config.json` dict with `from_config`.
+  """
+  sample_size: int = 64
+  in_channels: int = 4
+  out_channels: int = 4
+  down_block_types: Sequence[str] = ('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',)
+  up_block_types: Sequence[str] = ('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3
+  only_cross_attention: Any = False
+  block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
+  layers_per_block: int = 2
+  # diffusers' naming quirk: for SD this is the number of HEADS per block.
+  attention_head_dim: Any = 8
+  cross_attention_dim: int = 768
+  use_linear_projection: bool = False
+  flip_sin_to_cos: bool = True
+  freq_shift: int = 0
+  transformer_layers_per_block: Any = 1
+  attention_impl: str = 'xla'
+  mask_antialias: bool = False
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any], **overrides) -> 'RealCustomUNet':
+    """Builds the UNet from a diffusers UNet config dict; unknown keys are ignored.
+
+    Raises:
+      ValueError: for architectures this UNet does not implement (SDXL's added
+        embeddings, class embeddings, other block types).
+    """
+    config = dict(config)
+    for key in ('addition_embed_type', 'class_embed_type', 'encoder_hid_dim',
+                'time_cond_proj_dim'):
+      if config.get(key) is not None:
+        raise ValueError(f'unsupported UNet config: {key}={config[key]!r} (SD 1.x/2.x only)')
+    if config.get('num_attention_heads') is not None:
+      raise ValueError('unsupported UNet config: num_attention_heads is set (SD 1.x/2.x '
+                       'configs use attention_head_dim)')
+    for key, allowed in (('down_block_types', _SUPPORTED_DOWN), ('up_block_types', _SUPPORTED_UP)):
+      for block in config.get(key, ()):
+        if block not in allowed:
+          raise ValueError(f'unsupported UNet block {block!r} in {key}')
+    mid = config.get('mid_block_type', 'UNetMidBlock2DCrossAttn')
+    if mid != 'UNetMidBlock2DCrossAttn':
+      raise ValueError(f'unsupported UNet mid_block_type {mid!r}')
+    fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
+    kwargs = {k: _freeze(v) for k, v in config.items() if k in fields}
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def _per_block(self, value) -> tuple:
+    n = len(self.down_block_types)
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+  @property
+  def num_cross_attention_layers(self) -> int:
+    """How many attn2 layers (each with a visual K/V pair) the UNet has."""
+    depth = self._per_block(self.transformer_layers_per_block)
+    down = sum(self.layers_per_block * depth[i]
+               for i, t in enumerate(self.down_block_types) if t.startswith('CrossAttn'))
+    up = sum((self.layers_per_block + 1) * depth[::-1][i]
+             for i, t in enumerate(self.up_block_types) if t.startswith('CrossAttn'))
+    return down + up + depth[-1]
+
+  @nn.compact
+  def __call__(self, sample: Array, timesteps: Array, encoder_hidden_states: Array, *,
+               visual_tokens: Optional[Array] = None,
+               visual_token_mask: Optional[Array] = None,
+               scope_mask: Optional[Array] = None,
+               word_weights: Optional[Array] = None) -> Array:
+    """Predicts the noise.
+
+    Args:
+      sample: (B, C, H, W) latents z_t.
+      timesteps: (B,) or scalar timesteps.
+      encoder_hidden_states: (B, Nt, c_t) text features f_ct.
+      visual_tokens: (B, Ni, c_t) projected visual condition; None turns the visual
+        branch off (the T2I and unconditional branches).
+      visual_token_mask: (B, Ni) bool, the tokens kept by Eq. 10's top-k.
+      scope_mask: (B, H0, W0) influence scope (Eq. 11) gating the visual output (Eq. 12).
+      word_weights: (B, Nt) token weights of the target word; when given, every attn2
+        sows its word map into the 'intermediates' collection (see `model.word_maps`).
+
+    Returns:
+      (B, C, H, W) predicted noise.
+    """
+    heads = self._per_block(self.attention_head_dim)
+    depth = self._per_block(self.transformer_layers_per_block)
+    only_cross = self._per_block(self.only_cross_attention)
+    channels = tuple(self.block_out_channels)
+    n = len(channels)
+    settings = _AttnSettings(self.use_linear_projection, self.attention_impl,
+                             self.mask_antialias, self.remat)
+    visual = dict(visual_tokens=visual_tokens, visual_token_mask=visual_token_mask,
+                  scope_mask=scope_mask, word_weights=word_weights)
+    context = encoder_hidden_states.astype(self.dtype)
+
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim == 0:
+      timesteps = jnp.broadcast_to(timesteps, (sample.shape[0],))
+    temb = timestep_embedding(timesteps, channels[0], self.flip_sin_to_cos, self.freq_shift)
+    temb = TimeEmbedding(channels[0] * 4, self.dtype, name='time_embedding')(temb)
+
+    x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
+    x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                name='conv_in')(x)
+    skips = [x]
+    for i, block_type in enumerate(self.down_block_types):
+      has_attn = block_type == 'CrossAttnDownBlock2D'
+      x, block_skips = DownBlock(
+          channels[i], self.layers_per_block, heads[i] if has_attn else 0, depth[i],
+          only_cross[i], i < n - 1, settings, self.dtype, name=f'down_blocks_{i}')(
+              x, temb, context, visual)
+      skips += block_skips
+
+    x = MidBlock(channels[-1], heads[-1], depth[-1], settings, dtype=self.dtype,
+                 name='mid_block')(x, temb, context, visual)
+
+    rev = lambda t: tuple(reversed(t))
+    for i, block_type in enumerate(self.up_block_types):
+      has_attn = block_type == 'CrossAttnUpBlock2D'
+      k = self.layers_per_block + 1
+      block_skips, skips = skips[-k:], skips[:-k]
+      x = UpBlock(rev(channels)[i], k, rev(heads)[i] if has_attn else 0, rev(depth)[i],
+                  rev(only_cross)[i], i < n - 1, settings, self.dtype,
+                  name=f'up_blocks_{i}')(x, block_skips, temb, context, visual)
+
+    x = nn.swish(nn.GroupNorm(num_groups=32, epsilon=1e-5, name='conv_norm_out')(x))
+    x = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                name='conv_out')(x)
+    return jnp.transpose(x, (0, 3, 1, 2)).astype(jnp.float32)

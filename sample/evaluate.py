@@ -1,0 +1,341 @@
+"""DreamBench evaluation (Sec. 4.1, Table 1): generate, then score CLIP-T, CLIP-I, DINO-I.
+
+  python -m sample.evaluate --config=configs/tiny.py --bench_dir=DIR --out_dir=OUT
+
+For every subject of the DreamBench-layout `DIR` and every prompt of its list (object or
+live), K = `config.eval.images_per_prompt` images are generated from one real image of
+the subject (`config.eval.subject_image_index`), the class word being the real word.
+Writes under OUT:
+  images/<subject>/pNN_<prompt>_<k>.png   generated images
+  scores.csv                              one row per generated image
+  summary.csv                             mean/std of each metric, overall and per subject
+  grids/<subject>.png                     reference image, then K images per prompt row
+A rerun skips (subject, prompt) pairs already in scores.csv with their PNGs; PNGs without
+rows are rescored, not regenerated (delete scores.csv to rescore, e.g. after adding
+`NAME_mask.png` subject masks beside the images).
+"""
+import csv
+import dataclasses
+import math
+import os
+import re
+import sys
+import zlib
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+from PIL import Image
+import tqdm
+
+from realcustom_jax import dreambench
+from realcustom_jax import metrics
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
+_BENCH_DIR = flags.DEFINE_string('bench_dir', None, 'DreamBench-layout directory.')
+_OUT_DIR = flags.DEFINE_string('out_dir', None, 'Output directory (resumable).')
+
+EVAL_DEFAULTS = dict(
+    clip_model='',  # local CLIP ViT-B/32 dir; empty: tiny random CLIP (plumbing only)
+    dino_model='',  # local DINO ViT-S/16 dir; empty: tiny random ViT
+    images_per_prompt=4,
+    subject_image_index=0,  # which real image (sorted by name) conditions generation
+    prompt_limit=0,  # first N prompts of each list; 0 = all
+    seed=0,
+)
+METRICS = ('clip_t', 'clip_i', 'dino_i')
+CSV_FIELDS = ('subject', 'class', 'prompt', 'image_index', 'seed', 'path') + METRICS
+SCORES_CSV = 'scores.csv'
+SUMMARY_CSV = 'summary.csv'
+
+# generate_fn(subject_image, prompts, words, seed) -> one PIL image per prompt.
+GenerateFn = Callable[[Image.Image, Sequence[str], Sequence[str], int], list]
+
+
+def eval_config(config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """`config.eval` over `EVAL_DEFAULTS` (keys missing from the config get defaults)."""
+  out = ml_collections.ConfigDict(EVAL_DEFAULTS)
+  given = config.get('eval', None) if config is not None else None
+  for k, v in (given or {}).items():
+    out[k] = v
+  return out
+
+
+def sample_seed(base: int, subject: str, prompt: str) -> int:
+  """Seed of a (subject, prompt) pair, stable under reordering or adding subjects."""
+  return (int(base) * 1_000_003 + zlib.crc32(f'{subject}|{prompt}'.encode())) % (2**31)
+
+
+def pipeline_generate_fn(config: ml_collections.ConfigDict) -> GenerateFn:
+  """Wraps `RealCustomPipeline.from_config(config)` as a `GenerateFn`."""
+  from realcustom_jax import pipeline  # pylint: disable=g-import-not-at-top
+  pipe = pipeline.RealCustomPipeline.from_config(config)
+
+  def generate(subject, prompts, words, seed):
+    return pipe([subject] * len(prompts), list(prompts), list(words), seed=seed).images
+  return generate
+
+
+@dataclasses.dataclass
+class _Lazy:
+  """Builds a scorer on first use, so a fully resumed run loads no model."""
+  path: str
+  load: Callable
+  tiny: Callable
+  seed: int
+  value: object = None
+
+  def get(self):
+    if self.value is None:
+      if self.path:
+        self.value = self.load(self.path)
+      else:
+        logging.warning('No model dir configured: using a tiny RANDOM %s; scores are '
+                        'meaningless', self.load.__name__.removeprefix('load_'))
+        self.value = self.tiny(self.seed)
+    return self.value
+
+
+def _slug(text: str, n: int = 48) -> str:
+  return re.sub(r'[^A-Za-z0-9]+', '_', text).strip('_')[:n] or 'prompt'
+
+
+def _read_rows(path: str, skipped: list[str]) -> dict:
+  """Previous rows keyed by (subject, prompt, image_index, seed); unreadable -> none."""
+  if not os.path.isfile(path):
+    return {}
+  rows = {}
+  try:
+    with open(path, newline='', encoding='utf-8') as f:
+      for r in csv.DictReader(f):
+        key = (r['subject'], r['prompt'], int(r['image_index']), int(r['seed']))
+        rows[key] = ({k: r[k] for k in CSV_FIELDS} | {m: float(r[m]) for m in METRICS}
+                     | {'image_index': key[2], 'seed': key[3]})
+  except (KeyError, ValueError, TypeError, csv.Error) as e:
+    skipped.append(f'{path}: unreadable ({type(e).__name__}: {e}), starting it over')
+    return {}
+  return rows
+
+
+def _write_csv(path: str, fields: Sequence[str], rows: Sequence[dict]) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='', encoding='utf-8') as f:
+    w = csv.DictWriter(f, fieldnames=list(fields))
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: (f'{v:.6f}' if isinstance(v, float) else v) for k, v in r.items()})
+  os.replace(tmp, path)  # an interrupted run never leaves a half-written CSV
+
+
+def _load_images(paths: Sequence[str], skipped: list[str]):
+  """Loads images and their masks; unreadable ones are reported and left out."""
+  images, masks = [], []
+  for p in paths:
+    try:
+      im = dreambench.load_image(p)
+      mp = dreambench.mask_path(p)
+      mask = dreambench.load_mask(mp, im.size) if mp else None
+    except dreambench.BenchError as e:
+      skipped.append(f'{e}; skipped')
+      continue
+    images.append(im)
+    masks.append(mask)
+  return images, masks
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+  """Mean and std (ddof=0) of each metric, overall then per subject."""
+  groups = {'ALL': list(rows)}
+  for r in rows:
+    groups.setdefault(r['subject'], []).append(r)
+  out = []
+  for name, rs in groups.items():
+    line = {'group': name, 'n': len(rs)}
+    for m in METRICS:
+      v = np.asarray([r[m] for r in rs], np.float64)
+      line[f'{m}_mean'] = float(v.mean()) if len(v) else math.nan
+      line[f'{m}_std'] = float(v.std()) if len(v) else math.nan
+    out.append(line)
+  return out
+
+
+def format_table(summary: Sequence[dict]) -> str:
+  """The summary as a fixed-width text table."""
+  width = max([len('group')] + [len(s['group']) for s in summary])
+  head = f'{"group":<{width}} {"n":>5}' + ''.join(f' {m:>17}' for m in METRICS)
+  lines = [head, '-' * len(head)]
+  for s in summary:
+    cells = ''.join(f' {s[f"{m}_mean"]:>8.4f} ± {s[f"{m}_std"]:<6.4f}' for m in METRICS)
+    lines.append(f'{s["group"]:<{width}} {s["n"]:>5}{cells}')
+  return '\n'.join(lines)
+
+
+def _grid(reference: Image.Image, rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
+  """Reference in the first column, then one row of generated images per prompt."""
+  cell = min(256, max(im.width for r in rows for im in r))
+  ncol = 1 + max(len(r) for r in rows)
+  grid = Image.new('RGB', (ncol * cell, len(rows) * cell), (255, 255, 255))
+  ref = reference.copy()
+  ref.thumbnail((cell, cell))
+  for i, r in enumerate(rows):
+    grid.paste(ref, (0, i * cell))
+    for j, im in enumerate(r):
+      grid.paste(im.convert('RGB').resize((cell, cell)), ((j + 1) * cell, i * cell))
+  return grid
+
+
+def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
+             generate_fn: GenerateFn | None = None, clip=None, dino=None) -> dict:
+  """Generates and scores DreamBench; resumable.
+
+  Args:
+    config: the run config; reads `config.eval` (see `EVAL_DEFAULTS`) and, when no
+      `generate_fn` is given, builds `RealCustomPipeline.from_config(config)`.
+    bench_dir: DreamBench-layout directory.
+    out_dir: where images, CSVs and grids go.
+    generate_fn: `(subject_image, prompts, words, seed) -> [PIL image per prompt]`;
+      default: the RealCustom pipeline.
+    clip: a `metrics.ClipScorer`; default from `config.eval.clip_model`.
+    dino: a `metrics.DinoScorer`; default from `config.eval.dino_model`.
+
+  Returns:
+    dict with 'rows' (this run's per-image rows), 'summary', 'skipped' (messages),
+    'generated' (number of generate_fn calls).
+
+  Raises:
+    dreambench.BenchError: `bench_dir` or its prompts file is missing or unusable.
+  """
+  ecfg = eval_config(config)
+  k_images = int(ecfg.images_per_prompt)
+  if k_images < 1:
+    raise dreambench.BenchError(f'config.eval.images_per_prompt must be >= 1, got {k_images}')
+  bench = dreambench.load_bench(bench_dir)
+  skipped = list(bench.skipped)
+  os.makedirs(out_dir, exist_ok=True)
+  scores_path = os.path.join(out_dir, SCORES_CSV)
+  previous = _read_rows(scores_path, skipped)
+  clip_l = _Lazy(ecfg.clip_model, metrics.load_clip, metrics.tiny_clip, ecfg.seed, clip)
+  dino_l = _Lazy(ecfg.dino_model, metrics.load_dino, metrics.tiny_dino, ecfg.seed, dino)
+  generate = generate_fn
+  limit = int(ecfg.prompt_limit)
+
+  def templates(s):
+    t = bench.live_prompts if s.is_live else bench.object_prompts
+    return t[:limit] if limit > 0 else t
+
+  rows, n_generated = [], 0
+  total = sum(len(templates(s)) for s in bench.subjects)
+  with tqdm.tqdm(total=total, desc='dreambench', unit='prompt') as bar:
+    for subject in bench.subjects:
+      real, real_masks = _load_images(subject.image_paths, skipped)
+      if not real:
+        skipped.append(f'{subject.name}: no readable images, subject skipped')
+        bar.update(len(templates(subject)))
+        continue
+      idx = int(ecfg.subject_image_index)
+      if not 0 <= idx < len(real):
+        skipped.append(f'{subject.name}: subject_image_index {idx} out of range '
+                       f'({len(real)} readable images), subject skipped')
+        bar.update(len(templates(subject)))
+        continue
+      reference = real[idx]
+      real_emb = None  # embedded only when this subject has work to do
+      img_dir = os.path.join(out_dir, 'images', subject.name)
+      os.makedirs(img_dir, exist_ok=True)
+      grid_rows = []
+      for pi, template in enumerate(templates(subject)):
+        prompt = dreambench.format_prompt(template, subject.class_word)
+        seed = sample_seed(ecfg.seed, subject.name, prompt)
+        rel = [os.path.join('images', subject.name, f'p{pi:02d}_{_slug(prompt)}_{k}.png')
+               for k in range(k_images)]
+        paths = [os.path.join(out_dir, r) for r in rel]
+        keys = [(subject.name, prompt, k, seed) for k in range(k_images)]
+        have_png = all(os.path.isfile(p) for p in paths)
+        if have_png and all(k in previous for k in keys):
+          rows.extend(previous[k] for k in keys)
+          grid_rows.append(paths)
+          bar.update(1)
+          continue
+        if have_png:
+          gen, _ = _load_images(paths, skipped)
+          have_png = len(gen) == k_images
+        if not have_png:
+          if generate is None:
+            generate = pipeline_generate_fn(config)
+          gen = list(generate(reference, [prompt] * k_images,
+                              [subject.class_word] * k_images, seed))
+          n_generated += 1
+          if len(gen) != k_images:
+            raise RuntimeError(f'generate_fn returned {len(gen)} images for {k_images} '
+                               'prompts')
+          for im, p in zip(gen, paths):
+            im.convert('RGB').save(p)
+        gen_masks = []
+        for im, p in zip(gen, paths):
+          mp = dreambench.mask_path(p)
+          gen_masks.append(dreambench.load_mask(mp, im.size) if mp else None)
+
+        clip_s, dino_s = clip_l.get(), dino_l.get()
+        if real_emb is None:
+          real_emb = (clip_s.embed_images(real, real_masks),
+                      dino_s.embed_images(real, real_masks))
+        text_emb = clip_s.embed_texts([prompt])
+        gen_clip = clip_s.embed_images(gen, gen_masks)
+        gen_dino = dino_s.embed_images(gen, gen_masks)
+        scores = {'clip_t': np.asarray(metrics.clip_t(text_emb, gen_clip)),
+                  'clip_i': np.asarray(metrics.clip_i(gen_clip, real_emb[0])),
+                  'dino_i': np.asarray(metrics.dino_i(gen_dino, real_emb[1]))}
+        for k in range(k_images):
+          row = {'subject': subject.name, 'class': subject.class_word, 'prompt': prompt,
+                 'image_index': k, 'seed': seed, 'path': rel[k]}
+          row |= {m: float(scores[m][k]) for m in METRICS}
+          rows.append(row)
+          previous[keys[k]] = row
+        grid_rows.append(paths)
+        # Rows of earlier runs outside this plan (e.g. a larger prompt_limit) are kept.
+        _write_csv(scores_path, CSV_FIELDS, list(previous.values()))
+        bar.update(1)
+      if grid_rows:
+        os.makedirs(os.path.join(out_dir, 'grids'), exist_ok=True)
+        imgs, _ = _load_images([p for r in grid_rows for p in r], skipped)
+        if len(imgs) == len(grid_rows) * k_images:
+          _grid(reference, [imgs[i:i + k_images] for i in range(0, len(imgs), k_images)]
+                ).save(os.path.join(out_dir, 'grids', f'{subject.name}.png'))
+
+  summary = summarize(rows)
+  _write_csv(os.path.join(out_dir, SUMMARY_CSV),
+             ['group', 'n'] + [f'{m}_{s}' for m in METRICS for s in ('mean', 'std')],
+             summary)
+  print(format_table(summary))
+  if skipped:
+    logging.warning('Skipped %d item(s):\n  %s', len(skipped), '\n  '.join(skipped))
+    print(f'Skipped {len(skipped)} item(s):\n  ' + '\n  '.join(skipped))
+  return {'rows': rows, 'summary': summary, 'skipped': skipped, 'generated': n_generated}
+
+
+def _fail(msg: str) -> None:
+  sys.stderr.write(f'evaluate: {msg}\n')
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _CONFIG.value is None:
+    _fail('--config is required (e.g. --config=configs/tiny.py)')
+  if not _BENCH_DIR.value:
+    _fail('--bench_dir is required')
+  if not _OUT_DIR.value:
+    _fail('--out_dir is required')
+  try:
+    evaluate(_CONFIG.value, _BENCH_DIR.value, _OUT_DIR.value)
+  except (dreambench.BenchError, FileNotFoundError) as e:
+    _fail(str(e))
+
+
+if __name__ == '__main__':
+  app.run(main)

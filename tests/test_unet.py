@@ -1,0 +1,138 @@
+"""Our UNet against diffusers' FlaxUNet2DConditionModel, and its visual branch."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from diffusers import FlaxUNet2DConditionModel
+
+from realcustom_jax.unet import RealCustomUNet
+from tests.unet_configs import SD1_LIKE, SD2_LIKE
+
+N_TEXT, N_IMAGE = 7, 5
+
+
+def _inputs(cfg, batch=2, seed=1):
+  k = jax.random.split(jax.random.PRNGKey(seed), 3)
+  x = jax.random.normal(k[0], (batch, 4, 8, 8))
+  t = jnp.array([10, 700][:batch])
+  ctx = jax.random.normal(k[1], (batch, N_TEXT, cfg['cross_attention_dim']))
+  vis = jax.random.normal(k[2], (batch, N_IMAGE, cfg['cross_attention_dim']))
+  return x, t, ctx, vis
+
+
+@pytest.fixture(scope='module', params=[SD1_LIKE, SD2_LIKE], ids=['sd1', 'sd2'])
+def setup(request):
+  cfg = request.param
+  ref = FlaxUNet2DConditionModel(**cfg)
+  ref_params = ref.init_weights(jax.random.PRNGKey(0))
+  ours = RealCustomUNet.from_config(cfg)
+  x, t, ctx, vis = _inputs(cfg)
+  full = jax.jit(ours.init)(jax.random.PRNGKey(3), x, t, ctx, visual_tokens=vis)['params']
+  return cfg, ref, ref_params, ours, full
+
+
+def _set_visual_kv(params, fn):
+  def visit(path, leaf):
+    names = [getattr(p, 'key', '') for p in path]
+    return fn(leaf) if any(n in ('to_k_visual', 'to_v_visual') for n in names) else leaf
+  return jax.tree_util.tree_map_with_path(visit, params)
+
+
+def test_parameter_tree_matches_diffusers(setup):
+  cfg, _, ref_params, ours, full = setup
+  x, t, ctx, _ = _inputs(cfg)
+  text_only = jax.eval_shape(ours.init, jax.random.PRNGKey(0), x, t, ctx)['params']
+  assert (jax.tree_util.tree_structure(text_only)
+          == jax.tree_util.tree_structure(ref_params))
+  chex.assert_trees_all_equal_shapes(text_only, ref_params)
+  # The visual branch adds exactly one K/V pair per attn2.
+  n_kv = sum(1 for p, _ in jax.tree_util.tree_leaves_with_path(full)
+             if 'to_k_visual' in jax.tree_util.keystr(p))
+  assert n_kv == ours.num_cross_attention_layers > 0
+
+
+def test_matches_diffusers_with_visual_branch_off(setup):
+  cfg, ref, ref_params, ours, _ = setup
+  x, t, ctx, _ = _inputs(cfg)
+  expected = jax.jit(lambda p: ref.apply({'params': p}, x, t, ctx).sample)(ref_params)
+  got = jax.jit(lambda p: ours.apply({'params': p}, x, t, ctx))(ref_params)
+  chex.assert_shape(got, x.shape)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)
+
+
+def _run(ours, params, cfg, **kw):
+  x, t, ctx, vis = _inputs(cfg)
+  fn = jax.jit(lambda p, kw: ours.apply({'params': p}, x, t, ctx, **kw))
+  return np.asarray(fn(params, kw)), vis
+
+
+def test_zero_visual_kv_gives_text_only_output(setup):
+  cfg, _, _, ours, full = setup
+  text_only, vis = _run(ours, full, cfg)
+  zero_kv = _set_visual_kv(full, jnp.zeros_like)
+  with_vis, _ = _run(ours, zero_kv, cfg, visual_tokens=vis)
+  np.testing.assert_array_equal(with_vis, text_only)
+  # ... while random visual K/V do change the prediction.
+  changed, _ = _run(ours, full, cfg, visual_tokens=vis)
+  assert np.abs(changed - text_only).max() > 1e-4
+
+
+def test_all_zero_scope_or_no_selected_token_gives_text_only_output(setup):
+  cfg, _, _, ours, full = setup
+  text_only, vis = _run(ours, full, cfg)
+  zero_scope, _ = _run(ours, full, cfg, visual_tokens=vis, scope_mask=jnp.zeros((2, 8, 8)))
+  np.testing.assert_array_equal(zero_scope, text_only)
+  none_selected, _ = _run(ours, full, cfg, visual_tokens=vis,
+                          visual_token_mask=jnp.zeros((2, N_IMAGE), bool))
+  np.testing.assert_array_equal(none_selected, text_only)
+
+
+def test_scope_gates_only_where_it_is_nonzero(setup):
+  """A half scope changes the output less than a full one, and both differ from none."""
+  cfg, _, _, ours, full = setup
+  text_only, vis = _run(ours, full, cfg)
+  full_scope, _ = _run(ours, full, cfg, visual_tokens=vis, scope_mask=jnp.ones((2, 8, 8)))
+  no_scope, _ = _run(ours, full, cfg, visual_tokens=vis)
+  np.testing.assert_allclose(full_scope, no_scope, atol=1e-5)
+
+
+def test_word_maps_are_sown_per_cross_attention_layer(setup):
+  cfg, _, _, ours, full = setup
+  x, t, ctx, _ = _inputs(cfg)
+  weights = jnp.ones((2, N_TEXT))  # every token: the maps must sum to 1 everywhere
+  _, state = jax.jit(lambda p: ours.apply({'params': p}, x, t, ctx, word_weights=weights,
+                                          mutable=['intermediates']))(full)
+  maps = jax.tree_util.tree_leaves(state['intermediates'])
+  assert len(maps) == ours.num_cross_attention_layers
+  sizes = {m.shape[1:] for m in maps}
+  assert (8, 8) in sizes
+  for m in maps:
+    np.testing.assert_allclose(np.asarray(m), 1.0, atol=1e-5)
+  one_token = jnp.zeros((2, N_TEXT)).at[:, 2].set(1.0)
+  _, state = jax.jit(lambda p: ours.apply({'params': p}, x, t, ctx, word_weights=one_token,
+                                          mutable=['intermediates']))(full)
+  for m in jax.tree_util.tree_leaves(state['intermediates']):
+    assert 0.0 < float(m.min()) and float(m.max()) < 1.0
+
+
+def test_remat_gives_the_same_output():
+  cfg = SD1_LIKE
+  x, t, ctx, vis = _inputs(cfg)
+  plain = RealCustomUNet.from_config(cfg)
+  remat = RealCustomUNet.from_config(cfg, remat=True)
+  params = jax.jit(plain.init)(jax.random.PRNGKey(0), x, t, ctx, visual_tokens=vis)['params']
+  loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x, t, ctx, visual_tokens=vis) ** 2)
+  g1 = jax.jit(jax.grad(loss(plain)))(params)
+  g2 = jax.jit(jax.grad(loss(remat)))(params)
+  chex.assert_trees_all_close(g1, g2, atol=1e-5)
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(addition_embed_type='text_time'), 'addition_embed_type'),
+    (dict(down_block_types=('CrossAttnDownBlock2D', 'AttnDownBlock2D')), 'AttnDownBlock2D'),
+    (dict(mid_block_type='UNetMidBlock2DSimpleCrossAttn'), 'mid_block_type'),
+])
+def test_unsupported_configs_are_refused(bad, message):
+  with pytest.raises(ValueError, match=message):
+    RealCustomUNet.from_config({**SD1_LIKE, **bad})

@@ -1,0 +1,216 @@
+"""Training input: the prepared ArrayRecord dataset read through grain.
+
+  source = get_data_source(config, workdir)  # prepares the dataset if needed
+  loader = create_train_loader(config, source, tokenize_fn, seed=config.data.shuffle_seed)
+  it = iter(loader)
+  batch = next(it)  # 'image': (B, H, W, 3) float32 in [-1, 1]; 'input_ids': (B, L) int32
+
+B is the per-process batch, `config.data.batch_size // jax.process_count()`; build the
+global array with `jax.make_array_from_process_local_data(sharding, batch[...])`.
+
+The iterator is checkpointable. With orbax, next to the train state:
+
+  mngr = ocp.CheckpointManager(ckpt_dir, item_names=('state', 'data'))
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(it)))
+  ...
+  it = iter(create_train_loader(...))  # same config, source and seed
+  mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(it)))  # restores `it` in place
+
+or by hand: `state = it.get_state()` (bytes) and `it.set_state(state)`.
+
+Config keys read (all under `config.data` unless noted):
+  toy (bool): prepare the procedural toy shards instead of reading `shards_dir`.
+  toy_num_images (int): size of the toy set.
+  shards_dir (str): local directory of LAION-style webdataset `.tar` shards.
+  tfds_data_dir (str): tfds data directory; empty = `<workdir>/tfds`.
+  aesthetic_field (str): score key in each sample's `.json` ('aesthetic').
+  min_aesthetic (float): keep samples scoring >= this; <= 0 keeps all (5.0 laion, 0 toy).
+  batch_size (int): GLOBAL batch size, divided evenly among processes.
+  shuffle_seed (int): seed of the shuffle (used when `seed` is not passed).
+  worker_count (int): grain worker processes; 0 reads in the main process.
+  config.resolution (int, top level): side of the square training images, pixels.
+"""
+from collections.abc import Callable
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from train import laion_builder
+from train import toy_data
+
+_TOY_IMAGES_PER_SHARD = 64
+_TOY_SEED = 0  # the toy set is a fixed data set, independent of the shuffle seed
+
+
+def prepare_toy_dataset(
+    data_dir: str | os.PathLike[str], config: ml_collections.ConfigDict
+) -> laion_builder.LaionAesthetic:
+  """Writes the toy shards under `data_dir` and prepares them; skips done work.
+
+  Args:
+    data_dir: tfds data directory; the shards go to `data_dir/toy_shards_*`.
+    config: reads `resolution`, `data.toy_num_images`, `data.aesthetic_field` and
+      `data.min_aesthetic`.
+
+  Returns:
+    The prepared builder.
+  """
+  num_images = config.data.toy_num_images
+  shards_dir = os.path.join(
+      os.fspath(data_dir), f'toy_shards_n{num_images}_r{config.resolution}')
+  if not os.path.isdir(shards_dir):
+    # Write to a temporary name first so an interrupted run never leaves a partial set
+    # that a later run would take as complete.
+    tmp_dir = f'{shards_dir}.tmp{os.getpid()}'
+    toy_data.write_toy_shards(
+        tmp_dir, num_images, _TOY_IMAGES_PER_SHARD, config.resolution, _TOY_SEED,
+        aesthetic_field=config.data.aesthetic_field)
+    os.replace(tmp_dir, shards_dir)
+  return laion_builder.prepare_dataset(
+      shards_dir, data_dir, config.resolution,
+      aesthetic_field=config.data.aesthetic_field,
+      min_aesthetic=config.data.min_aesthetic)
+
+
+def get_data_source(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
+) -> Any:
+  """Returns the training split as a random-access tfds (ArrayRecord) data source.
+
+  Prepares the dataset first when it is not yet prepared: the toy set when
+  `config.data.toy`, else the shards in `config.data.shards_dir`. On several hosts,
+  prepare once before training (or give each host its own local `tfds_data_dir`): the
+  preparation itself is not coordinated between processes.
+
+  Args:
+    config: the experiment config (see the module docstring for keys).
+    workdir: used for `<workdir>/tfds` when `config.data.tfds_data_dir` is empty.
+
+  Returns:
+    A `tfds` ArrayRecord data source; items are dicts with 'image' (uint8 HxWx3),
+    'caption' (bytes) and 'aesthetic' (float32).
+  """
+  data_dir = config.data.tfds_data_dir or os.path.join(os.fspath(workdir), 'tfds')
+  if config.data.toy:
+    builder = prepare_toy_dataset(data_dir, config)
+  else:
+    if not config.data.shards_dir:
+      raise ValueError('config.data.shards_dir is empty and config.data.toy is False')
+    builder = laion_builder.prepare_dataset(
+        config.data.shards_dir, data_dir, config.resolution,
+        aesthetic_field=config.data.aesthetic_field,
+        min_aesthetic=config.data.min_aesthetic)
+  return builder.as_data_source(split='train')
+
+
+class TrainPreprocess(grain.transforms.Map):
+  """Scales the image to [-1, 1] and tokenizes the caption."""
+
+  def __init__(self, tokenize_fn: Callable[[str], np.ndarray]):
+    self._tokenize_fn = tokenize_fn
+
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    caption = element['caption']
+    if isinstance(caption, bytes):  # tfds Text features decode to bytes
+      caption = caption.decode('utf-8')
+    input_ids = np.asarray(self._tokenize_fn(caption), dtype=np.int32)
+    if input_ids.ndim != 1:
+      raise ValueError(
+          f'tokenize_fn must return a 1-D array, got shape {input_ids.shape}')
+    image = np.asarray(element['image'], dtype=np.float32) / 127.5 - 1.0
+    return {'image': image, 'input_ids': input_ids}
+
+
+def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
+  """Returns `global_batch_size // process_count`.
+
+  Args:
+    global_batch_size: the batch over all processes.
+    process_count: number of data-loading processes.
+
+  Returns:
+    The batch each process loads.
+
+  Raises:
+    ValueError: the global batch is not a positive multiple of `process_count`.
+  """
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+        f'global batch size {global_batch_size} must be a positive multiple of '
+        f'the process count {process_count}')
+  return global_batch_size // process_count
+
+
+def create_train_loader(
+    config: ml_collections.ConfigDict,
+    data_source: Any,
+    tokenize_fn: Callable[[str], np.ndarray],
+    seed: int | None = None,
+    *,
+    shard_options: grain.sharding.ShardOptions | None = None,
+    num_epochs: int | None = None,
+) -> grain.DataLoader:
+  """Builds the shuffled, repeated, per-process-batched, checkpointable loader.
+
+  Each process reads its own disjoint shard of the records (the remainder that does not
+  split evenly is dropped, so every process sees the same number of batches), reshuffled
+  every epoch; batches are drawn across epoch boundaries.
+
+  With `config.data.worker_count > 0`, grain starts worker processes: under absl, flags
+  must already be parsed (run from `app.run`), and `tokenize_fn` and `data_source` must
+  be picklable (a module-level function or a `functools.partial`, not a lambda). Each
+  worker batches its own records, so the batch order depends on `worker_count` (still
+  deterministic for a fixed count); restore a checkpointed iterator with the same count.
+
+  Args:
+    config: reads `data.batch_size` (global) and `data.worker_count`,
+      `data.shuffle_seed` when `seed` is None.
+    data_source: random-access source, e.g. from `get_data_source`; items are dicts
+      with 'image' (uint8 HxWx3) and 'caption' (str or bytes).
+    tokenize_fn: caption -> 1-D token ids of a fixed length (the CLIP tokenizer padded
+      to max_length).
+    seed: shuffle seed; same seed, same batches.
+    shard_options: defaults to one shard per JAX process; pass explicit
+      `grain.sharding.ShardOptions` to simulate several processes.
+    num_epochs: None repeats forever.
+
+  Returns:
+    A `grain.DataLoader`; `iter(loader)` yields dicts 'image' float32
+    (B, H, W, 3) in [-1, 1] and 'input_ids' int32 (B, L), with B the per-process batch.
+  """
+  if shard_options is None:
+    shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  batch_size = per_process_batch_size(
+      config.data.batch_size, shard_options.shard_count)
+  if seed is None:
+    seed = config.data.shuffle_seed
+  num_records = len(data_source)
+  if num_records < shard_options.shard_count:
+    raise ValueError(
+        f'the data source has {num_records} records, fewer than the '
+        f'{shard_options.shard_count} processes reading it')
+  sampler = grain.samplers.IndexSampler(
+      num_records=num_records,
+      shard_options=shard_options,
+      shuffle=True,
+      num_epochs=num_epochs,
+      seed=seed,
+  )
+  return grain.DataLoader(
+      data_source=data_source,
+      sampler=sampler,
+      operations=[
+          TrainPreprocess(tokenize_fn),
+          grain.transforms.Batch(batch_size=batch_size, drop_remainder=True),
+      ],
+      worker_count=config.data.worker_count,
+      shard_options=shard_options,
+  )
+
