@@ -1,0 +1,111 @@
+"""Adaptive scoring module (Eqs. 5-10)."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from realcustom_jax.scoring import AdaptiveScoring, fuse_scores
+
+B, NT, CT, C, H, NI, CI = 2, 7, 12, 4, 5, 11, 9  # odd sizes catch transposed axes
+
+
+def _inputs(seed=0):
+  k = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return (jax.random.normal(k[0], (B, NT, CT)), jax.random.normal(k[1], (B, C, H, H)),
+          jax.random.normal(k[2], (B, NI, CI)))
+
+
+@pytest.fixture(scope='module')
+def module_and_params():
+  module = AdaptiveScoring(hidden=16)
+  text, latents, image = _inputs()
+  params = module.init(jax.random.PRNGKey(1), text, latents, jnp.full((B,), 0.5), image,
+                       0.8)['params']
+  return module, params
+
+
+def test_shapes_normalisation_and_selection(module_and_params):
+  module, params = module_and_params
+  text, latents, image = _inputs()
+  out = module.apply({'params': params}, text, latents, jnp.full((B,), 0.5), image, 0.8)
+  chex.assert_shape(out.features, (B, NI, CI))
+  chex.assert_shape([out.selected, out.scores], (B, NI))
+  chex.assert_type(out.selected, bool)
+  np.testing.assert_allclose(np.asarray(out.scores.sum(-1)), 1.0, rtol=1e-6)
+  assert np.asarray(out.selected).sum(-1).tolist() == [int(0.8 * NI)] * B
+  # The selected tokens are the highest-scoring ones (Eq. 10).
+  for s, m in zip(np.asarray(out.scores), np.asarray(out.selected)):
+    assert s[m].min() >= s[~m].max()
+  # Eq. 9.
+  np.testing.assert_allclose(np.asarray(out.features),
+                             np.asarray(image * (1 + out.scores[..., None])), rtol=1e-6)
+
+
+def test_per_example_gamma_num(module_and_params):
+  module, params = module_and_params
+  text, latents, image = _inputs()
+  out = module.apply({'params': params}, text, latents, jnp.full((B,), 0.5), image,
+                     jnp.array([0.3, 1.0]))
+  assert np.asarray(out.selected).sum(-1).tolist() == [3, NI]
+
+
+def test_gradients_reach_both_score_nets_through_eq9(module_and_params):
+  module, params = module_and_params
+  text, latents, image = _inputs()
+  target = jax.random.normal(jax.random.PRNGKey(5), (B, NI, CI))
+
+  def loss(p):
+    out = module.apply({'params': p}, text, latents, jnp.full((B,), 0.5), image, 0.8)
+    return jnp.sum(out.features * target)
+
+  grads = jax.grad(loss)(params)
+  for net in ('text_score_net', 'visual_score_net'):
+    norm = sum(float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(grads[net]))
+    assert norm > 0, net
+  for pool in ('text_pool', 'visual_pool'):
+    assert float(jnp.abs(grads[pool]['kernel']).sum()) > 0, pool
+
+
+def test_fusion_moves_from_text_to_visual_with_sqrt_alpha_bar(module_and_params):
+  module, params = module_and_params
+  text, latents, image = _inputs()
+  other_text, other_latents, _ = _inputs(seed=9)
+  scores = lambda t, z, s: np.asarray(module.apply(
+      {'params': params}, t, z, jnp.full((B,), s), image, 0.8).scores)
+  # sqrt(abar) = 0 (pure noise): only the text decides; the latents do not matter.
+  np.testing.assert_allclose(scores(text, latents, 0.0), scores(text, other_latents, 0.0),
+                             rtol=1e-6)
+  assert np.abs(scores(text, latents, 0.0) - scores(other_text, latents, 0.0)).max() > 1e-6
+  # sqrt(abar) = 1 (clean): only the latents decide.
+  np.testing.assert_allclose(scores(text, latents, 1.0), scores(other_text, latents, 1.0),
+                             rtol=1e-6)
+  assert np.abs(scores(text, latents, 1.0) - scores(text, other_latents, 1.0)).max() > 1e-6
+
+
+def test_fuse_scores_is_eq8():
+  st, sv = jnp.array([[1.0, 2.0]]), jnp.array([[3.0, -1.0]])
+  np.testing.assert_allclose(np.asarray(fuse_scores(st, sv, jnp.array([0.25]))),
+                             [[0.75 * 1 + 0.25 * 3, 0.75 * 2 - 0.25]])
+  np.testing.assert_allclose(np.asarray(fuse_scores(st, sv, None, 'mean')), [[2.0, 0.5]])
+
+
+def test_traced_gamma_num_does_not_recompile(module_and_params):
+  module, params = module_and_params
+  text, latents, image = _inputs()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def select(gamma):
+    return module.apply({'params': params}, text, latents, jnp.full((B,), 0.5), image,
+                        gamma).selected
+
+  counts = [int(select(g)[0].sum()) for g in (0.3, 0.55, 0.8, 1.0)]
+  assert counts == [3, 6, 8, 11]
+
+
+def test_unknown_fusion_is_refused():
+  text, latents, image = _inputs()
+  with pytest.raises(ValueError, match='fusion'):
+    AdaptiveScoring(fusion='sum').init(jax.random.PRNGKey(0), text, latents,
+                                       jnp.ones((B,)), image, 0.5)
