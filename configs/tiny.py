@@ -33,6 +33,7 @@ def get_config():
   # Torch resizes the mask without antialiasing; jax.image.resize antialiases when it
   # downsamples unless told not to. False follows the authors (see README).
   config.model.mask_antialias = False
+  config.model.remat = False  # rematerialise transformer blocks (saves memory in training)
 
   # ---- Tiny random models (used when `pretrained` is empty) ----
   config.tiny = ml_collections.ConfigDict()
@@ -42,6 +43,13 @@ def get_config():
       up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
       block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
       cross_attention_dim=32, use_linear_projection=False)
+  # VAE factor 4 (three blocks) maps resolution 32 px to the UNet's 8 x 8 latents.
+  config.tiny.vae = dict(block_out_channels=(32, 32, 32), layers_per_block=1,
+                         latent_channels=4)
+  config.tiny.text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=77)
+  config.tiny.vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=32, patch_size=8)
 
   # ---- Sampling (Sec. 4.1) ----
   config.sampler = ml_collections.ConfigDict()
@@ -51,4 +59,49 @@ def get_config():
   config.sampler.gamma_scope = 0.25  # Eq. 11
   config.sampler.gamma_num = 0.8  # Eq. 10 at inference
   config.sampler.binary_mask = False  # Table 2 "binary" ablation
+
+  # ---- Training data (train/input_pipeline.py) ----
+  config.data = ml_collections.ConfigDict()
+  config.data.toy = True  # generate coloured-shape shards instead of reading LAION
+  config.data.toy_num_images = 256
+  config.data.shards_dir = ''  # img2dataset webdataset shards (.tar); unused when toy
+  config.data.tfds_data_dir = ''  # '' = <workdir>/tfds
+  config.data.aesthetic_field = 'aesthetic'  # key in each sample's .json
+  config.data.min_aesthetic = 0.0  # <= 0 disables the filter
+  config.data.batch_size = 4  # global, across all processes
+  config.data.shuffle_seed = 0
+  config.data.worker_count = 0  # grain worker processes
+
+  # ---- Training (train/train.py, Sec. 3.2) ----
+  config.adapter = ''  # trained adapter (.safetensors) for sampling / evaluation
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 20
+  config.train.learning_rate = 1e-4
+  config.train.weight_decay = 0.01  # AdamW
+  config.train.adam_b1 = 0.9
+  config.train.adam_b2 = 0.999
+  config.train.warmup_steps = 0
+  config.train.grad_clip_norm = 0.0  # 0 = no clipping
+  config.train.gamma_num_range = (0.3, 1.0)  # Eq. 10, drawn per sample
+  config.train.image_dropout = 0.1  # rows trained without the subject (for Eq. 13's branches)
+  config.train.frozen_dtype = 'float32'  # storage dtype of the frozen UNet / VAE / CLIP
+  config.train.checkpoint_every = 10
+  config.train.max_to_keep = 3
+  config.train.log_every = 1
+  config.train.debug_nan_step = -1  # >= 0: feed NaN images at that step (tests the guard)
+
+  # ---- Devices ----
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # -1: all devices not used by the other axis
+  config.mesh.fsdp = 1
+  config.mesh.distributed = False  # jax.distributed.initialize() (pods, multi-host GPU)
+
+  # ---- DreamBench evaluation (sample/evaluate.py) ----
+  config.eval = ml_collections.ConfigDict()
+  config.eval.clip_model = ''  # CLIP ViT-B/32 dir; '' = tiny random (scores meaningless)
+  config.eval.dino_model = ''  # DINO ViT-S/16 dir; '' = tiny random
+  config.eval.images_per_prompt = 1
+  config.eval.subject_image_index = 0
+  config.eval.prompt_limit = 0  # 0 = all prompts
+  config.eval.seed = 0
   return config

@@ -1,6 +1,4 @@
 """Static-shape top-k by a traced ratio, shared by Eq. 10 and Eq. 11, plus input checks."""
-import numbers
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,14 +40,11 @@ def check_unit_interval(name: str, value) -> None:
   Called before tracing, so a user mistake is a clear error instead of a silently
   empty or full selection.
   """
-  if isinstance(value, jax.core.Tracer):
-    return
-  if isinstance(value, numbers.Number):
-    values = np.asarray([value], dtype=np.float64)
-  else:
-    try:
-      values = np.asarray(value, dtype=np.float64)
-    except (TypeError, jax.errors.TracerArrayConversionError):
-      return
+  try:
+    values = np.asarray(value, dtype=np.float64)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return  # traced: checked by the caller's concrete inputs, if anywhere
+  except (TypeError, ValueError):
+    raise ValueError(f'{name} must be a number in [0, 1], got {value!r}') from None
   if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values > 1):
     raise ValueError(f'{name} must lie in [0, 1], got {value!r}')
