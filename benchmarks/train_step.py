@@ -1,0 +1,158 @@
+"""Times the adapter train step and reports XLA-counted FLOP/s and MFU.
+
+  python -m benchmarks.train_step --config=configs/tiny.py
+  python -m benchmarks.train_step --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 \
+      --batch=8 --peak_tflops=989 [--remat] [--attention_impl=cudnn]
+
+The step is `training.adapter_step`: noising (Eq. 2), the frozen UNet forward with the
+visual branch, the backward pass to the adapter and one AdamW update, on pre-computed
+latents / text / image features with RANDOM weights built on the device (no files). The
+frozen encoders (VAE, CLIP text / vision) are excluded ("encoders": "excluded" in the
+JSON). The frozen UNet is held and computed in `--dtype`; adapter params and optimizer
+state stay float32. FLOPs come from XLA's cost analysis of the compiled step; MFU is
+achieved FLOP/s over `--peak_tflops` (e.g. 989 for H100 SXM bf16 dense; 0 = no MFU).
+
+The LAST line printed is the JSON result.
+"""
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import optax
+
+from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import tiny
+from realcustom_jax import training
+from realcustom_jax.model import RealCustom
+from realcustom_jax.unet import RealCustomUNet
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
+flags.DEFINE_enum('arch', 'tiny', ['tiny', 'sd15'], 'UNet size: the config\'s tiny UNet '
+                  'or Stable Diffusion 1.5 (64x64 latents, 77x768 text, 256x1024 image).')
+flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
+                  'Frozen UNet dtype; default config.model.dtype.')
+flags.DEFINE_integer('batch', None, 'Batch size; default 2 (tiny) / 8 (sd15).')
+flags.DEFINE_integer('steps', 10, 'Timed steps.')
+flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of the device for MFU; 0: none.')
+flags.DEFINE_bool('remat', False, 'Rematerialise transformer blocks (UNet remat).')
+flags.DEFINE_enum('attention_impl', None, ['xla', 'cudnn'],
+                  'Self-attention kernel; default config.model.attention_impl.')
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+    up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+    cross_attention_dim=768, use_linear_projection=False)
+SD15_TEXT = (77, 768)
+SD15_IMAGE = (256, 1024)  # CLIP ViT-L/14 at 224 px, penultimate patch tokens
+
+
+def _arch(config, arch: str):
+  """(unet config, latent side, (text len, dim), (image tokens, dim))."""
+  if arch == 'sd15':
+    return SD15_UNET, 64, SD15_TEXT, SD15_IMAGE
+  unet = dict(config.tiny.unet)
+  vision = tiny.vision_config(config)
+  tokens = (vision.image_size // vision.patch_size) ** 2
+  return (unet, unet['sample_size'], (77, unet['cross_attention_dim']),
+          (tokens, vision.hidden_size))
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+    cost = cost[0]
+  return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
+        peak_tflops: float, remat: bool, attention_impl: str) -> dict:
+  """Builds, compiles and times the step; returns the result dict."""
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[dtype_name]
+  unet_cfg, side, (n_t, c_t), (n_i, c_i) = _arch(config, arch)
+  unet = RealCustomUNet.from_config(unet_cfg, dtype=dtype, remat=remat,
+                                    attention_impl=attention_impl)
+  model = RealCustom(unet=unet, scoring_hidden=int(config.model.scoring_hidden),
+                     fusion=config.model.fusion)
+  models = training.Models(model=model, vae=None, text_encoder=None, vision_model=None,
+                           scaling_factor=1.0, vision_resize=0, vision_size=0,
+                           vision_mean=(0.0,) * 3, vision_std=(1.0,) * 3)
+  step_config = training.StepConfig(
+      alphas_cumprod=tuple(float(a) for a in training.alphas_cumprod(tiny.SCHEDULER_CONFIG)))
+  t = config.get('train', {})
+  optimizer = optax.adamw(t.get('learning_rate', 1e-4), weight_decay=t.get('weight_decay', 0.01))
+
+  # ---- Random weights, built on the device ----
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, 4, side, side)), jnp.zeros((1,), jnp.int32),
+                        jnp.zeros((1, n_t, c_t)), jnp.zeros((1, n_i, c_i)),
+                        sqrt_alpha_bar=jnp.ones((1,)))['params']
+    params = adapter_lib.init_visual_kv_from_text(params)
+    base, adapter = adapter_lib.split_params(params)
+    return training.cast_floating(base['unet'], dtype), adapter
+  unet_params, adapter = jax.jit(init)(jax.random.PRNGKey(0))
+  state = training.create_train_state(adapter, optimizer, jax.random.PRNGKey(1))
+
+  keys = jax.random.split(jax.random.PRNGKey(2), 4)
+  latents = jax.random.normal(keys[0], (batch, 4, side, side))
+  text = jax.random.normal(keys[1], (batch, n_t, c_t))
+  image = jax.random.normal(keys[2], (batch, n_i, c_i))
+
+  def step(state, unet_params, latents, text, image):
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    return training.adapter_step(state, unet_params, latents, text, image, rng,
+                                 models=models, step_config=step_config, optimizer=optimizer)
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0,)).lower(
+      state, unet_params, latents, text, image).compile()
+  compile_s = time.perf_counter() - t0
+  flops = _flops(compiled)
+
+  for _ in range(warmup):
+    state, metrics = compiled(state, unet_params, latents, text, image)
+  jax.block_until_ready((state, metrics))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, unet_params, latents, text, image)
+  jax.block_until_ready((state, metrics))
+  elapsed = time.perf_counter() - t0
+
+  steps_per_sec = steps / elapsed
+  tflops = flops * steps_per_sec / 1e12
+  return {
+      'benchmark': 'train_step', 'arch': arch, 'device_kind': jax.devices()[0].device_kind,
+      'platform': jax.devices()[0].platform, 'num_devices': 1, 'batch': batch,
+      'dtype': dtype_name, 'remat': remat, 'attention_impl': attention_impl,
+      'encoders': 'excluded', 'steps_per_sec': round(steps_per_sec, 4),
+      'samples_per_sec': round(steps_per_sec * batch, 3),
+      'step_ms': round(1000 * elapsed / steps, 3), 'compile_s': round(compile_s, 2),
+      'flops_per_step': flops, 'tflops_per_sec': round(tflops, 4),
+      'peak_tflops': peak_tflops or None,
+      'mfu': round(tflops / peak_tflops, 4) if peak_tflops else None,
+      'adapter_params': adapter_lib.count_params(adapter),
+      'frozen_unet_params': adapter_lib.count_params(unet_params),
+      'loss': float(metrics['loss']),
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  config = FLAGS.config
+  batch = FLAGS.batch or (8 if FLAGS.arch == 'sd15' else 2)
+  result = run(config, FLAGS.arch, FLAGS.dtype or config.model.dtype, batch, FLAGS.steps,
+               FLAGS.warmup, FLAGS.peak_tflops, FLAGS.remat,
+               FLAGS.attention_impl or config.model.attention_impl)
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,330 @@
+"""The RealCustom adapter train step (Sec. 3.2) on a frozen Stable Diffusion.
+
+Only the adapter trains: the adaptive scoring module, the visual projection and the
+visual K/V of every attn2. The UNet, the VAE and both CLIP encoders are frozen and are
+passed to the step separately from the train state, so the optimizer state holds
+adapter leaves only. One step (one `jax.jit`, encoders included):
+
+  z_0 = scaling_factor * VAE(x)              f_ct = CLIP_text(caption)
+  f_ci = CLIP_vision(x) (penultimate patch tokens of the same image)
+  t ~ U{0..T-1}, eps ~ N(0, I), z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps   (Eq. 2)
+  gamma_num ~ U[low, high] per sample                                          (Eq. 10)
+  image dropout: the subject is dropped for a fraction of rows (guidance training)
+  loss = || eps - eps_theta(z_t, t, f_ct, f_ci) ||^2                           (Eq. 1)
+
+Kept free of the data pipeline (grain, tfds) and of checkpointing, so benchmarks and
+tests build and run the step without them; the loop is `train/train.py`.
+Config keys read: `config.model.*`, `config.seed`, `config.resolution` and
+`config.train.{learning_rate, weight_decay, warmup_steps, grad_clip_norm, adam_b1,
+adam_b2, gamma_num_range, image_dropout, frozen_dtype}`.
+"""
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import encoders
+from realcustom_jax import sharding
+from realcustom_jax import weights
+from realcustom_jax.model import RealCustom
+from realcustom_jax.unet import RealCustomUNet
+
+Array = jax.Array
+State = dict[str, Any]  # {'step', 'params' (adapter), 'opt_state', 'rng'}
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+  """A user mistake in the config; train/main.py prints it as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------
+# Models and step settings
+# ---------------------------------------------------------------------------------
+
+
+def alphas_cumprod(scheduler_config: Mapping[str, Any]) -> np.ndarray:
+  """abar_t of the DDPM forward process (Eq. 2), as diffusers' schedulers compute it."""
+  if scheduler_config.get('trained_betas') is not None:
+    raise ConfigError('schedulers with trained_betas are not supported')
+  n = int(scheduler_config.get('num_train_timesteps', 1000))
+  start = float(scheduler_config.get('beta_start', 0.00085))
+  end = float(scheduler_config.get('beta_end', 0.012))
+  kind = scheduler_config.get('beta_schedule', 'scaled_linear')
+  if kind == 'scaled_linear':
+    betas = np.linspace(start ** 0.5, end ** 0.5, n, dtype=np.float64) ** 2
+  elif kind == 'linear':
+    betas = np.linspace(start, end, n, dtype=np.float64)
+  else:
+    raise ConfigError(f'unsupported beta_schedule {kind!r} (scaled_linear or linear)')
+  return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The modules (no parameters) and static settings the step closes over."""
+  model: RealCustom
+  vae: Any  # diffusers FlaxAutoencoderKL
+  text_encoder: Any  # transformers FlaxCLIPTextModel
+  vision_model: Any  # transformers FlaxCLIPVisionModel
+  scaling_factor: float
+  vision_resize: int
+  vision_size: int
+  vision_mean: tuple[float, float, float]
+  vision_std: tuple[float, float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Training hyper-parameters of one step (static under jit)."""
+  alphas_cumprod: tuple[float, ...]
+  prediction_type: str = 'epsilon'
+  gamma_num_range: tuple[float, float] = (0.3, 1.0)
+  image_dropout: float = 0.1
+
+
+def build_model(config, unet_config: Mapping[str, Any]) -> RealCustom:
+  """The RealCustom module over the UNet of `unet_config` (config.model settings)."""
+  m = config.model
+  unet = RealCustomUNet.from_config(
+      unet_config, dtype=DTYPES[m.dtype], remat=bool(m.get('remat', False)),
+      attention_impl=m.attention_impl, mask_antialias=bool(m.mask_antialias))
+  return RealCustom(unet=unet, scoring_hidden=int(m.scoring_hidden), fusion=m.fusion)
+
+
+def build_models(config, sd: weights.StableDiffusionComponents,
+                 vision: weights.VisionEncoder) -> tuple[Models, StepConfig]:
+  """The step's modules and hyper-parameters from the config and the frozen components.
+
+  Raises:
+    ConfigError: the scheduler predicts something other than epsilon or v.
+  """
+  sched = sd.scheduler_config
+  prediction_type = sched.get('prediction_type', 'epsilon')
+  if prediction_type not in ('epsilon', 'v_prediction'):
+    raise ConfigError(f'unsupported prediction_type {prediction_type!r}')
+  models = Models(
+      model=build_model(config, sd.unet_config), vae=sd.vae, text_encoder=sd.text_encoder,
+      vision_model=vision.model, scaling_factor=float(sd.scaling_factor),
+      vision_resize=int(vision.resize_size), vision_size=int(vision.image_size),
+      vision_mean=tuple(vision.mean), vision_std=tuple(vision.std))
+  step_config = StepConfig(
+      alphas_cumprod=tuple(float(a) for a in alphas_cumprod(sched)),
+      prediction_type=prediction_type,
+      gamma_num_range=tuple(float(x) for x in config.train.gamma_num_range),
+      image_dropout=float(config.train.image_dropout))
+  return models, step_config
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+  """Casts the floating-point leaves of `tree` to `dtype`; integer leaves stay."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def feature_shapes(sd: weights.StableDiffusionComponents, vision: weights.VisionEncoder,
+                   resolution: int) -> dict[str, tuple[int, ...]]:
+  """Per-sample shapes of what the UNet sees: latents, text and image features."""
+  if resolution % sd.vae_scale_factor:
+    raise ConfigError(f'config.resolution={resolution} is not a multiple of the VAE '
+                      f'factor {sd.vae_scale_factor}')
+  side = resolution // sd.vae_scale_factor
+  return dict(latents=(sd.unet_config.get('in_channels', 4), side, side),
+              text=(sd.tokenizer.model_max_length,
+                    sd.unet_config.get('cross_attention_dim', 1280)),
+              image=(vision.num_patches, vision.hidden_size))
+
+
+# ---------------------------------------------------------------------------------
+# Train state
+# ---------------------------------------------------------------------------------
+
+
+def create_optimizer(config) -> optax.GradientTransformation:
+  """AdamW over the adapter tree only (the caller never passes frozen params)."""
+  t = config.train
+  lr = t.learning_rate
+  if t.get('warmup_steps', 0):
+    lr = optax.linear_schedule(0.0, t.learning_rate, int(t.warmup_steps))
+  chain = []
+  if t.get('grad_clip_norm', 0.0):
+    chain.append(optax.clip_by_global_norm(float(t.grad_clip_norm)))
+  chain.append(optax.adamw(lr, b1=t.get('adam_b1', 0.9), b2=t.get('adam_b2', 0.999),
+                           weight_decay=t.weight_decay))
+  return optax.chain(*chain)
+
+
+def init_adapter(model: RealCustom, unet_params: Mapping, rng: Array,
+                 shapes: Mapping[str, tuple[int, ...]]) -> dict:
+  """Random adapter, visual K/V copied from the text K/V (IP-Adapter's recipe).
+
+  Only the adapter is materialised: the jitted init returns the adapter subtree, so XLA
+  drops the random UNet it would otherwise build.
+
+  Raises:
+    ConfigError: the pretrained UNet's parameter tree differs from the model's.
+  """
+  args = tuple(jnp.zeros((1,) + shapes[k]) for k in ('latents', 'text', 'image'))
+  def init(r):
+    params = model.init(r, args[0], jnp.zeros((1,), jnp.int32), args[1], args[2],
+                        sqrt_alpha_bar=jnp.ones((1,)))['params']
+    return params
+  abstract_base, _ = adapter_lib.split_params(jax.eval_shape(init, rng))
+  expected = jax.tree.map(lambda x: x.shape, abstract_base['unet'])
+  got = jax.tree.map(lambda x: tuple(x.shape), dict(unet_params))
+  if expected != got:
+    raise ConfigError('the pretrained UNet parameters do not match the UNet built from its '
+                      'config (different tree or shapes)')
+  adapter = jax.jit(lambda r: adapter_lib.split_params(init(r))[1])(rng)
+  full = adapter_lib.init_visual_kv_from_text(
+      adapter_lib.merge_params({'unet': unet_params}, adapter))
+  # Real copies: the visual K/V must not share buffers with the frozen text K/V, or
+  # donating the train state would also donate those frozen weights.
+  return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True),
+                      adapter_lib.split_params(full)[1])
+
+
+def create_train_state(adapter: dict, optimizer: optax.GradientTransformation,
+                       rng: Array) -> State:
+  """Step 0: the adapter, its freshly initialised optimizer state and the step rng."""
+  return {'step': jnp.zeros((), jnp.int32), 'params': adapter,
+          'opt_state': optimizer.init(adapter), 'rng': rng}
+
+
+def state_shardings(state: State, mesh) -> State:
+  """Adapter params and optimizer state by the fsdp rule; step and rng replicated."""
+  return {'step': sharding.replicated(mesh),
+          'params': sharding.param_shardings(state['params'], mesh),
+          'opt_state': sharding.param_shardings(state['opt_state'], mesh),
+          'rng': sharding.replicated(mesh)}
+
+
+# ---------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------
+
+
+def vision_pixels(images: Array, models: Models) -> Array:
+  """CLIP preprocessing in jax: [-1, 1] NHWC -> resize, centre crop, normalise, NCHW."""
+  b, h, w, _ = images.shape
+  r = models.vision_resize
+  new_h, new_w = (r, max(r, w * r // h)) if h <= w else (max(r, h * r // w), r)
+  x = jax.image.resize(images.astype(jnp.float32), (b, new_h, new_w, 3), 'bicubic')
+  s = models.vision_size
+  top, left = (new_h - s) // 2, (new_w - s) // 2
+  x = x[:, top:top + s, left:left + s]
+  x = ((x + 1.0) / 2.0 - jnp.asarray(models.vision_mean)) / jnp.asarray(models.vision_std)
+  return jnp.transpose(x, (0, 3, 1, 2))
+
+
+def encode_batch(frozen: Mapping, batch: Mapping[str, Array], rng: Array,
+                 models: Models) -> tuple[Array, Array, Array]:
+  """The frozen encoders: (z_0 NCHW, f_ct, f_ci) for a batch of images and captions."""
+  images = batch['image'].astype(jnp.float32)
+  posterior = models.vae.apply({'params': frozen['vae']}, jnp.transpose(images, (0, 3, 1, 2)),
+                               method=models.vae.encode).latent_dist
+  latents = jnp.transpose(posterior.sample(rng), (0, 3, 1, 2)) * models.scaling_factor
+  text = encoders.encode_text(models.text_encoder, frozen['text'], batch['input_ids'])
+  image = encoders.image_features(models.vision_model, frozen['vision'],
+                                  vision_pixels(images, models))
+  return (jax.lax.stop_gradient(latents.astype(jnp.float32)),
+          jax.lax.stop_gradient(text.astype(jnp.float32)),
+          jax.lax.stop_gradient(image.astype(jnp.float32)))
+
+
+def adapter_step(state: State, unet_params: Mapping, latents: Array, text: Array,
+                 image: Array, rng: Array, *, models: Models, step_config: StepConfig,
+                 optimizer: optax.GradientTransformation) -> tuple[State, dict]:
+  """One AdamW update of the adapter on encoded inputs (Eqs. 1, 2, 10).
+
+  Split from `train_step` so benchmarks can time it on pre-computed features.
+  """
+  chex.assert_rank([latents, text, image], [4, 3, 3])
+  chex.assert_equal_shape_prefix([latents, text, image], 1)
+  b = latents.shape[0]
+  t_rng, n_rng, g_rng, d_rng = jax.random.split(rng, 4)
+  abar_table = jnp.asarray(step_config.alphas_cumprod, jnp.float32)
+  t = jax.random.randint(t_rng, (b,), 0, abar_table.shape[0])
+  noise = jax.random.normal(n_rng, latents.shape, jnp.float32)
+  abar = abar_table[t]
+  sqrt_ab = jnp.sqrt(abar)[:, None, None, None]
+  sqrt_1mab = jnp.sqrt(1.0 - abar)[:, None, None, None]
+  z_t = sqrt_ab * latents + sqrt_1mab * noise  # Eq. 2
+  target = noise if step_config.prediction_type == 'epsilon' else (
+      sqrt_ab * noise - sqrt_1mab * latents)
+  low, high = step_config.gamma_num_range
+  gamma_num = jax.random.uniform(g_rng, (b,), minval=low, maxval=high)  # Eq. 10
+  image_keep = jax.random.uniform(d_rng, (b,)) >= step_config.image_dropout
+  base = {'unet': unet_params}
+
+  def loss_fn(adapter):
+    pred = models.model.apply(
+        {'params': adapter_lib.merge_params(base, adapter)}, z_t, t, text, image,
+        sqrt_alpha_bar=jnp.sqrt(abar), gamma_num=gamma_num, image_keep=image_keep)
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))  # Eq. 1
+
+  loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+  updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
+               'rng': state['rng']}
+  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+             'param_norm': optax.global_norm(params)}
+  return new_state, metrics
+
+
+def train_step(state: State, frozen: Mapping, batch: Mapping[str, Array], *,
+               models: Models, step_config: StepConfig,
+               optimizer: optax.GradientTransformation) -> tuple[State, dict]:
+  """Encode with the frozen models, then update the adapter; one jit around both.
+
+  The randomness of step s is fold_in(rng, s): a resumed run draws what an
+  uninterrupted one would.
+  """
+  rng = jax.random.fold_in(state['rng'], state['step'])
+  enc_rng, step_rng = jax.random.split(rng)
+  latents, text, image = encode_batch(frozen, batch, enc_rng, models)
+  return adapter_step(state, frozen['unet'], latents, text, image, step_rng, models=models,
+                      step_config=step_config, optimizer=optimizer)
+
+
+def jit_train_step(models: Models, step_config: StepConfig,
+                   optimizer: optax.GradientTransformation, state_sh, frozen_sh, batch_sh,
+                   mesh):
+  """The sharded, donated step: ONE jax.jit with in/out shardings."""
+  fn = functools.partial(train_step, models=models, step_config=step_config,
+                         optimizer=optimizer)
+  return jax.jit(fn, in_shardings=(state_sh, frozen_sh, batch_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def setup_training(config, mesh, sd: weights.StableDiffusionComponents,
+                   vision: weights.VisionEncoder):
+  """Builds everything the step needs, placed on `mesh`.
+
+  Returns:
+    (models, step_config, optimizer, state, frozen, state_sh, frozen_sh, shapes).
+  """
+  models, step_config = build_models(config, sd, vision)
+  shapes = feature_shapes(sd, vision, config.resolution)
+  optimizer = create_optimizer(config)
+  frozen_dtype = DTYPES[config.train.frozen_dtype]
+  # Adapter first: its visual K/V start as copies of the full-precision text K/V.
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  adapter = init_adapter(models.model, sd.unet_params, init_rng, shapes)
+  frozen = cast_floating({'unet': sd.unet_params, 'vae': sd.vae_params,
+                          'text': sd.text_params, 'vision': vision.params}, frozen_dtype)
+  frozen_sh = sharding.param_shardings(frozen, mesh)
+  frozen = sharding.device_put_tree(frozen, frozen_sh)
+  state = create_train_state(adapter, optimizer, train_rng)
+  state_sh = state_shardings(state, mesh)
+  state = sharding.device_put_tree(state, state_sh)
+  return models, step_config, optimizer, state, frozen, state_sh, frozen_sh, shapes

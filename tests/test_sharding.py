@@ -1,0 +1,127 @@
+"""Sharded training step on 8 fake CPU devices equals the 1-device step."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny as tiny_config
+from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import sharding
+from realcustom_jax import tiny
+from realcustom_jax import training
+
+BATCH = 8
+
+
+def _config():
+  c = tiny_config.get_config()
+  # Only the keys the step reads (configs/tiny.py may not carry them yet).
+  c.train = dict(learning_rate=1e-4, weight_decay=0.01, gamma_num_range=(0.3, 1.0),
+                 image_dropout=0.25, frozen_dtype='float32')
+  return c
+
+
+@pytest.fixture(scope='module')
+def components():
+  config = _config()
+  sd, vision = tiny.build_tiny_components(config)
+  rng = np.random.default_rng(0)
+  batch = {
+      'image': rng.uniform(-1, 1, (BATCH, config.resolution, config.resolution, 3)
+                           ).astype(np.float32),
+      'input_ids': rng.integers(0, len(sd.tokenizer), (BATCH, 77)).astype(np.int32),
+  }
+  return config, sd, vision, batch
+
+
+def _run_step(config, sd, vision, batch, mesh):
+  models, step_config, optimizer, state, frozen, state_sh, frozen_sh, _ = (
+      training.setup_training(config, mesh, sd, vision))
+  frozen_before = jax.device_get(frozen)
+  gbatch = sharding.shard_batch(batch, mesh)
+  step = training.jit_train_step(models, step_config, optimizer, state_sh, frozen_sh,
+                                 sharding.batch_shardings(batch, mesh), mesh)
+  new_state, metrics = step(state, frozen, gbatch)
+  return jax.device_get(new_state), frozen_before, jax.device_get(frozen), new_state, metrics
+
+
+@pytest.mark.parametrize('data,fsdp', [(4, 2)])
+def test_sharded_step_matches_single_device(components, data, fsdp):
+  config, sd, vision, batch = components
+  mesh1 = sharding.create_mesh({'data': 1, 'fsdp': 1}, devices=jax.devices()[:1])
+  mesh8 = sharding.create_mesh({'data': data, 'fsdp': fsdp})
+  assert dict(mesh8.shape) == {'data': data, 'fsdp': fsdp}
+  one, _, _, _, m1 = _run_step(config, sd, vision, batch, mesh1)
+  many, frozen_before, frozen_after, live, m8 = _run_step(config, sd, vision, batch, mesh8)
+
+  np.testing.assert_allclose(float(m1['loss']), float(m8['loss']), rtol=1e-5)
+  assert int(many['step']) == 1
+  close = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), one['params'], many['params'])
+  assert max(jax.tree.leaves(close)) <= 1e-5, close
+  # The step really moved the adapter.
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), one['params'],
+                       jax.device_get(training.init_adapter(
+                           training.build_models(config, sd, vision)[0].model, sd.unet_params,
+                           jax.random.split(jax.random.PRNGKey(config.seed))[0],
+                           training.feature_shapes(sd, vision, config.resolution))))
+  assert max(jax.tree.leaves(moved)) > 0
+  # Frozen weights are bitwise untouched.
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, frozen_before, frozen_after)))
+  # With fsdp=2, some adapter leaves really are split over the 'fsdp' axis.
+  specs = [x.sharding.spec for x in jax.tree.leaves(live['params'])]
+  assert any(sharding.FSDP_AXIS in tuple(s) for s in specs)
+
+
+def test_optimizer_state_holds_only_adapter_leaves(components):
+  config, sd, vision, _ = components
+  mesh = sharding.create_mesh({'data': -1, 'fsdp': 1})
+  _, _, _, state, frozen, _, _, _ = training.setup_training(config, mesh, sd, vision)
+  params = state['params']
+  n_adapter = adapter_lib.count_params(params)
+  assert n_adapter > 0
+  # AdamW: mu and nu mirror the adapter tree; everything else is scalar counters.
+  opt_leaves = jax.tree.leaves(state['opt_state'])
+  assert adapter_lib.count_params(state['opt_state']) == 2 * n_adapter + sum(
+      1 for x in opt_leaves if x.ndim == 0)
+  adam = [s for s in jax.tree.leaves(state['opt_state'], is_leaf=lambda x: hasattr(x, 'mu'))
+          if hasattr(s, 'mu')]
+  assert len(adam) == 1
+  assert jax.tree.structure(adam[0].mu) == jax.tree.structure(params)
+  paths = [adapter_lib._key_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  assert paths and all(adapter_lib.is_adapter_path(p) for p in paths)
+  frozen_paths = [adapter_lib._key_names(p)[1:] for p, _ in
+                  jax.tree_util.tree_leaves_with_path(frozen['unet'])]
+  assert not any(adapter_lib.is_adapter_path(('unet',) + p) for p in frozen_paths)
+
+
+@pytest.mark.parametrize('batch,ok', [(8, True), (16, True), (6, False), (4, False)])
+def test_batch_must_divide_data_parallel_size(batch, ok):
+  mesh = sharding.create_mesh({'data': 4, 'fsdp': 2})
+  local = {'image': np.zeros((batch, 4, 4, 3), np.float32)}
+  if ok:
+    out = sharding.shard_batch(local, mesh)
+    assert out['image'].shape == (batch, 4, 4, 3)
+    assert out['image'].sharding.spec[0] == sharding.BATCH_AXES
+  else:
+    with pytest.raises(ValueError, match='data-parallel size 8'):
+      sharding.shard_batch(local, mesh)
+
+
+@pytest.mark.parametrize('data,fsdp,expect', [
+    (-1, 1, (8, 1)), (-1, 2, (4, 2)), (2, -1, (2, 4)), (8, 1, (8, 1))])
+def test_mesh_shape_infers_one_axis(data, fsdp, expect):
+  assert sharding.mesh_shape({'data': data, 'fsdp': fsdp}, 8) == expect
+
+
+@pytest.mark.parametrize('data,fsdp', [(-1, -1), (3, -1), (4, 4), (0, 8)])
+def test_bad_mesh_raises(data, fsdp):
+  with pytest.raises(ValueError):
+    sharding.mesh_shape({'data': data, 'fsdp': fsdp}, 8)
+
+
+def test_param_spec_shards_largest_divisible_dim():
+  assert sharding.param_spec((3, 8, 4), 2) == sharding.P(None, sharding.FSDP_AXIS, None)
+  assert sharding.param_spec((3, 5), 2) == sharding.P()
+  assert sharding.param_spec((), 2) == sharding.P()
+  assert sharding.param_spec((8, 4), 1) == sharding.P()

@@ -1,0 +1,85 @@
+"""Exports the latest checkpoint's adapter parameters to one safetensors file.
+
+  python -m train.export --workdir=/tmp/rc_tiny --out=adapter.safetensors
+
+The file's metadata holds the training config's `model` section as JSON ('model_config')
+and the checkpoint step ('step'); `weights.load_adapter` reads it back.
+"""
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+import orbax.checkpoint as ocp
+
+from realcustom_jax import weights
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Training workdir (with checkpoints/).')
+flags.DEFINE_string('out', None, 'Destination .safetensors file.')
+flags.DEFINE_integer('step', None, 'Checkpoint step to export; default the latest.')
+flags.mark_flags_as_required(['workdir', 'out'])
+
+CHECKPOINT_DIR = 'checkpoints'  # as train/train.py writes it
+
+
+def load_checkpoint_adapter(workdir: str, step: int | None = None) -> tuple[dict, int, dict]:
+  """Reads (adapter params as NumPy, step, config dict) from a training workdir.
+
+  Raises:
+    ValueError: no checkpoint directory, no checkpoint, or no such step.
+  """
+  ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise ValueError(f'no checkpoints in {workdir} ({ckpt_dir} does not exist)')
+  handlers = {'state': ocp.PyTreeCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(ckpt_dir, item_handlers=handlers,
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    steps = mngr.all_steps()
+    if not steps:
+      raise ValueError(f'no checkpoints in {ckpt_dir}')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise ValueError(f'no checkpoint for step {step} in {ckpt_dir}; have {sorted(steps)}')
+    # Restore as host NumPy arrays: export needs no devices and must not depend on the
+    # mesh the run was trained on.
+    meta = mngr.item_metadata(step)['state']
+    params_meta = dict(getattr(meta, 'tree', meta))['params']
+    restore_args = {'params': _numpy_restore_args(params_meta)}
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item={'params': params_meta},
+                                     restore_args=restore_args, partial_restore=True),
+        config=ocp.args.JsonRestore()))
+  return restored['state']['params'], step, restored['config']
+
+
+def _numpy_restore_args(tree):
+  if isinstance(tree, dict):
+    return {k: _numpy_restore_args(v) for k, v in tree.items()}
+  return ocp.RestoreArgs(restore_type=np.ndarray)
+
+
+def export(workdir: str, out: str, step: int | None = None) -> int:
+  """Writes the adapter of `step` (default latest) to `out`; returns the step."""
+  params, step, config = load_checkpoint_adapter(workdir, step)
+  metadata = {'model_config': json.dumps(config.get('model', {}), sort_keys=True),
+              'step': str(step)}
+  weights.save_adapter(out, params, metadata)
+  return step
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  try:
+    step = export(FLAGS.workdir, FLAGS.out, FLAGS.step)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'exported step {step} to {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,260 @@
+"""Trains the RealCustom adapter (Sec. 3.2) on a frozen Stable Diffusion: the loop.
+
+The step itself (Eqs. 1, 2, 10) and its setup live in `realcustom_jax.training`. This
+module adds what a run needs around it: config validation, loading the frozen
+components, the grain input pipeline, resumable orbax checkpoints (train state and
+data iterator), metrics in `metrics.jsonl` and a guard that stops on a NaN loss.
+
+Config keys read (besides the model/data ones): `config.train.*` (see
+`validate_config`), `config.mesh.{data,fsdp,distributed}`.
+"""
+import functools
+import json
+import os
+import time
+from typing import Mapping, Optional
+
+from absl import logging
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import sharding
+from realcustom_jax import tiny
+from realcustom_jax import weights
+from realcustom_jax.training import ConfigError
+from realcustom_jax.training import create_optimizer
+from realcustom_jax.training import DTYPES
+from realcustom_jax.training import jit_train_step
+from realcustom_jax.training import setup_training
+from realcustom_jax.training import State
+from train import input_pipeline
+
+CHECKPOINT_DIR = 'checkpoints'
+METRICS_FILE = 'metrics.jsonl'
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss (or gradient norm) became NaN/inf; the run stops, checkpoints stay."""
+
+
+# ---------------------------------------------------------------------------------
+# Config and frozen components
+# ---------------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the training keys up front, so mistakes are one-line errors, not traces.
+
+  Raises:
+    ConfigError: a missing section, an out-of-range value, or a missing data directory.
+  """
+  for section in ('model', 'data', 'train', 'mesh'):
+    if section not in config:
+      raise ConfigError(f'config has no `{section}` section')
+  t = config.train
+  for key in ('num_steps', 'checkpoint_every', 'log_every', 'max_to_keep'):
+    if int(t[key]) <= 0:
+      raise ConfigError(f'config.train.{key} must be positive, got {t[key]}')
+  if not 0.0 <= float(t.image_dropout) <= 1.0:
+    raise ConfigError(f'config.train.image_dropout must lie in [0, 1], got {t.image_dropout}')
+  low, high = (float(x) for x in t.gamma_num_range)
+  if not 0.0 <= low <= high <= 1.0:
+    raise ConfigError(f'config.train.gamma_num_range must satisfy 0 <= low <= high <= 1, '
+                      f'got {tuple(t.gamma_num_range)}')
+  if not float(t.learning_rate) > 0:
+    raise ConfigError(f'config.train.learning_rate must be positive, got {t.learning_rate}')
+  for key, value in (('train.frozen_dtype', t.frozen_dtype), ('model.dtype', config.model.dtype)):
+    if value not in DTYPES:
+      raise ConfigError(f'config.{key} must be one of {sorted(DTYPES)}, got {value!r}')
+  if int(config.data.batch_size) <= 0:
+    raise ConfigError(f'config.data.batch_size must be positive, got {config.data.batch_size}')
+  if not config.data.toy:
+    if not config.data.shards_dir:
+      raise ConfigError('config.data.shards_dir is empty and config.data.toy is False')
+    if not os.path.isdir(config.data.shards_dir):
+      raise ConfigError(f'config.data.shards_dir {config.data.shards_dir} does not exist')
+  if config.pretrained and not config.vision_encoder:
+    raise ConfigError('config.vision_encoder (a CLIP vision model directory) is required '
+                      'with config.pretrained')
+
+
+def load_components(config) -> tuple[weights.StableDiffusionComponents, weights.VisionEncoder]:
+  """The frozen SD components and CLIP vision encoder: from disk, or the tiny ones."""
+  try:
+    if config.pretrained:
+      sd = weights.load_stable_diffusion(config.pretrained, config.allow_pickle)
+      vision = weights.load_vision_encoder(config.vision_encoder, config.allow_pickle)
+    else:
+      sd, vision = tiny.build_tiny_components(config)
+      if config.vision_encoder:
+        vision = weights.load_vision_encoder(config.vision_encoder, config.allow_pickle)
+  except ValueError as e:  # CheckpointError and size mismatches are user mistakes
+    raise ConfigError(str(e)) from None
+  return sd, vision
+
+
+# ---------------------------------------------------------------------------------
+# Metrics and checkpoints
+# ---------------------------------------------------------------------------------
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`.
+
+  No TensorBoard writer works here without TensorFlow (clu, tensorboardX are not
+  installed); the JSON lines convert to TB events with a few lines of tensorboardX.
+  """
+
+  def __init__(self, workdir: str):
+    self._path = os.path.join(workdir, METRICS_FILE)
+    self._enabled = jax.process_index() == 0
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self._enabled:
+      return
+    with open(self._path, 'a') as f:
+      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in metrics.items()}})
+              + '\n')
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=int(config.train.max_to_keep),
+                                         create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+                               item_names=('state', 'data', 'config'), options=options)
+
+
+def _tokenize_caption(tokenizer, caption: str) -> np.ndarray:
+  """Caption -> fixed-length ids; long LAION captions are cut without a warning each."""
+  return tokenizer(caption, padding='max_length', max_length=tokenizer.model_max_length,
+                   truncation=True, return_tensors='np').input_ids[0].astype(np.int32)
+
+
+def _check_finite(pending: list[tuple[int, dict]], latest_ckpt: Optional[int]) -> None:
+  for step, m in pending:
+    if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+      raise NonFiniteLossError(
+          f'non-finite loss {m["loss"]} (grad norm {m["grad_norm"]}) at step {step}; '
+          f'stopping. Latest checkpoint: step {latest_ckpt}')
+
+
+# ---------------------------------------------------------------------------------
+# train_and_evaluate
+# ---------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
+  """Trains the adapter to `config.train.num_steps`, resuming from the latest checkpoint.
+
+  Args:
+    config: the experiment config.
+    workdir: checkpoints (`checkpoints/`), metrics (`metrics.jsonl`) and the prepared
+      data set (`tfds/`, unless `config.data.tfds_data_dir`).
+
+  Returns:
+    The final train state.
+
+  Raises:
+    ConfigError: a user mistake in the config.
+    NonFiniteLossError: the loss became NaN/inf; the checkpoints before it are kept.
+  """
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  t = config.train
+
+  # ---- Mesh ----
+  try:
+    mesh = sharding.create_mesh(config.mesh)
+    sharding.check_batch_size(int(config.data.batch_size), mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape),
+               jax.device_count(), jax.process_count())
+
+  # ---- Input ----
+  sd, vision = load_components(config)
+  try:
+    source = input_pipeline.get_data_source(config, workdir)
+    loader = input_pipeline.create_train_loader(
+        config, source, functools.partial(_tokenize_caption, sd.tokenizer))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  data_iter = iter(loader)
+
+  # ---- Model & optimizer, shard & transfer ----
+  t0 = time.perf_counter()
+  models, step_config, _, state, frozen, state_sh, frozen_sh, shapes = setup_training(
+      config, mesh, sd, vision)
+  logging.info('adapter: %d trainable parameters; frozen: %d; setup %.1fs',
+               adapter_lib.count_params(state['params']),
+               adapter_lib.count_params(frozen), time.perf_counter() - t0)
+  per_process = input_pipeline.per_process_batch_size(config.data.batch_size,
+                                                      jax.process_count())
+  local_shapes = {'image': ((per_process, config.resolution, config.resolution, 3), np.float32),
+                  'input_ids': ((per_process, shapes['text'][0]), np.int32)}
+  batch_sh = {k: sharding.batch_sharding(mesh, len(s)) for k, (s, _) in local_shapes.items()}
+  abstract_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + s[1:], d,
+                                            sharding=batch_sh[k])
+                    for k, (s, d) in local_shapes.items()}
+  step_fn = jit_train_step(models, step_config, create_optimizer(config), state_sh,
+                           frozen_sh, batch_sh, mesh)
+  t0 = time.perf_counter()
+  # Ahead-of-time compile: the compile time is visible, and a retrace would fail loudly.
+  compiled_step = step_fn.lower(state, frozen, abstract_batch).compile()
+  logging.info('train step compiled in %.1fs', time.perf_counter() - t0)
+
+  # ---- Restore ----
+  mngr = checkpoint_manager(workdir, config)
+  latest = mngr.latest_step()
+  if latest is not None:
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    restored = mngr.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    state = restored['state']
+    logging.info('resumed from step %d', latest)
+  start_step = int(jax.device_get(state['step']))
+
+  # ---- Loop ----
+  writer = MetricWriter(workdir)
+  debug_nan_step = int(t.get('debug_nan_step', -1))
+  config_json = json.loads(config.to_json_best_effort())
+  pending: list[tuple[int, dict]] = []
+  t_last, steps_since = time.perf_counter(), 0
+  try:
+    for step in range(start_step + 1, int(t.num_steps) + 1):
+      local = next(data_iter)
+      if step == debug_nan_step:
+        # Testing hook: a corrupt batch drives the real step to a NaN loss.
+        local = dict(local, image=np.full_like(local['image'], np.nan))
+      batch = sharding.shard_batch(local, mesh)
+      state, metrics = compiled_step(state, frozen, batch)
+      pending.append((step, metrics))
+      steps_since += 1
+      is_ckpt = step % int(t.checkpoint_every) == 0 or step == int(t.num_steps)
+      if step % int(t.log_every) == 0 or is_ckpt:
+        # One host sync per log/checkpoint interval, and never a checkpoint after a NaN.
+        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+        _check_finite(fetched, mngr.latest_step())
+        pending = []
+        rate = steps_since / (time.perf_counter() - t_last)
+        t_last, steps_since = time.perf_counter(), 0
+        for s, m in fetched:
+          writer.write(s, dict(m, steps_per_sec=rate))
+        logging.info('step %d  loss %.5f  grad_norm %.4f  %.2f steps/s', step,
+                     fetched[-1][1]['loss'], fetched[-1][1]['grad_norm'], rate)
+      if is_ckpt:
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config_json)))
+  finally:
+    # Also on a NaN: an in-flight async save of the last good step completes.
+    mngr.wait_until_finished()
+    mngr.close()
+  return state
