@@ -1,0 +1,192 @@
+"""Sampling cost of RealCustom against plain classifier-free guidance on the same UNet.
+
+Times only the jitted DDIM scan (UNet + scoring + influence scope), no VAE or
+encoders, so `ratio_vs_cfg` isolates the sampler: RealCustom makes three UNet passes
+per step against CFG's two, so 1.5 is the floor. Weights are random (nothing is read).
+
+  python -m benchmarks.sampling --config=configs/tiny.py                  # CPU, tiny
+  python -m benchmarks.sampling --config=configs/tiny.py --arch=sd15 \\
+      --dtype=bfloat16 --steps=50 --batch=1                               # accelerator
+
+The last line printed is one JSON object.
+"""
+import json
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from realcustom_jax import model as model_lib
+from realcustom_jax import sampler
+from realcustom_jax import tiny
+from realcustom_jax.unet import RealCustomUNet
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/tiny.py).')
+_ARCH = flags.DEFINE_enum('arch', 'tiny', ['tiny', 'sd15'],
+                          'tiny: config.tiny.unet; sd15: an SD 1.5-size UNet at 512 px.')
+_BATCH = flags.DEFINE_integer('batch', 1, 'Images per sampler call.')
+_STEPS = flags.DEFINE_integer('steps', None, 'DDIM steps (default config.sampler.num_steps).')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
+                           'UNet compute and weight dtype (default config.model.dtype).')
+_ATTENTION = flags.DEFINE_enum('attention_impl', None, ['xla', 'cudnn', 'auto'],
+                               'Self-attention implementation (default from the config).')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per sampler (median reported).')
+_COMPILE_STEPS = flags.DEFINE_list('compile_steps', ['10', '50'],
+                                   'Step counts whose compile time is reported.')
+
+# SD 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json, the fields we use).
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+    up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+    cross_attention_dim=768, use_linear_projection=False)
+SD15_TEXT_LEN, SD15_IMAGE_TOKENS, SD15_IMAGE_DIM = 77, 256, 1024  # CLIP ViT-L/14 @ 224
+
+
+def _setup(config, arch: str, dtype: str, attention_impl: str):
+  """The model, random params and the shapes of its inputs."""
+  if arch == 'sd15':
+    unet_cfg, text_len, n_i, c_i = SD15_UNET, SD15_TEXT_LEN, SD15_IMAGE_TOKENS, SD15_IMAGE_DIM
+  else:
+    unet_cfg = dict(config.tiny.unet)
+    vision = dict(tiny.DEFAULT_VISION)
+    vision.update(dict(config.tiny.get('vision', None) or {}))
+    text_len = 77
+    n_i, c_i = (vision['image_size'] // vision['patch_size']) ** 2, vision['hidden_size']
+  unet = RealCustomUNet.from_config(
+      unet_cfg, dtype=jnp.dtype(dtype), attention_impl=attention_impl,
+      mask_antialias=config.model.mask_antialias)
+  model = model_lib.RealCustom(unet=unet, scoring_hidden=config.model.scoring_hidden,
+                               fusion=config.model.fusion)
+  size = unet_cfg['sample_size']
+  # init_params jits the init, so the weights are created on the device.
+  params = model_lib.init_params(model, jax.random.PRNGKey(0), (4, size, size), text_len,
+                                 n_i, c_i)
+  if dtype != 'float32':
+    # Inference in half precision: the frozen UNet's weights too (the adapter stays f32).
+    params = dict(params, unet=jax.tree_util.tree_map(
+        lambda x: x.astype(dtype), params['unet']))
+  return model, params, (4, size, size), text_len, n_i, c_i
+
+
+def _inputs(model, batch, latent, text_len, n_i, c_i):
+  k = jax.random.split(jax.random.PRNGKey(1), 4)
+  c_t = model.unet.cross_attention_dim
+  word_weights = jnp.zeros((batch, text_len)).at[:, 2].set(1.0)
+  return dict(latents=jax.random.normal(k[0], (batch,) + latent),
+              text=jax.random.normal(k[1], (batch, text_len, c_t)),
+              uncond=jax.random.normal(k[2], (batch, text_len, c_t)),
+              image=jax.random.normal(k[3], (batch, n_i, c_i)),
+              word_weights=word_weights)
+
+
+def _rc_args(params, schedule, x, s):
+  f32 = jnp.float32
+  return (params, schedule, x['latents'], x['text'], x['uncond'], x['image'],
+          x['word_weights'], f32(s.guidance_text), f32(s.guidance_image),
+          f32(s.gamma_scope), f32(s.gamma_num))
+
+
+def _cfg_args(params, schedule, x, s):
+  return (params, schedule, x['latents'], x['text'], x['uncond'],
+          jnp.float32(s.guidance_text))
+
+
+def _compile(fn, args) -> tuple:
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _time_interleaved(runs, repeats: int) -> list[float]:
+  """Median seconds per call of each (compiled, args), alternating the calls so that
+  load from other processes hits both alike."""
+  for compiled, args in runs:
+    jax.block_until_ready(compiled(*args))  # warm-up (allocations, first transfers)
+  times = [[] for _ in runs]
+  for _ in range(repeats):
+    for (compiled, args), out in zip(runs, times):
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      out.append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times]
+
+
+def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None,
+              attention_impl=None, repeats: int = 5, compile_steps=(10, 50)) -> dict:
+  """Runs the benchmark and returns the result dict (see the module docstring).
+
+  Raises:
+    ValueError: for a non-positive batch, step or repeat count.
+  """
+  steps = config.sampler.num_steps if steps is None else steps
+  dtype = dtype or config.model.dtype
+  attention_impl = attention_impl or config.model.attention_impl
+  for name, value in (('batch', batch), ('steps', steps), ('repeats', repeats)):
+    if value < 1:
+      raise ValueError(f'--{name} must be positive, got {value}')
+  model, params, latent, text_len, n_i, c_i = _setup(config, arch, dtype, attention_impl)
+  x = _inputs(model, batch, latent, text_len, n_i, c_i)
+  s = config.sampler
+  scheduler_config = tiny.SCHEDULER_CONFIG
+  rc_fn = lambda *a: sampler._realcustom_loop(  # pylint: disable=protected-access
+      model, *a, binary_mask=bool(s.binary_mask), return_trajectory=False)
+  cfg_fn = lambda *a: sampler._cfg_loop(  # pylint: disable=protected-access
+      model, *a, return_trajectory=False)
+
+  # Compile times are part of the report: measure real compiles, not cache hits.
+  jax.config.update('jax_enable_compilation_cache', False)
+  compile_s, compiled = {}, {}
+  for n in sorted(set(compile_steps) | {steps}):
+    logging.info('compiling RealCustom for %d steps', n)
+    compiled[n], compile_s[n] = _compile(
+        rc_fn, _rc_args(params, sampler.ddim_schedule(scheduler_config, n), x, s))
+  rc = compiled[steps]
+  schedule = sampler.ddim_schedule(scheduler_config, steps)
+  logging.info('compiling plain CFG for %d steps', steps)
+  cfg, cfg_compile = _compile(cfg_fn, _cfg_args(params, schedule, x, s))
+  logging.info('timing (%d runs each)', repeats)
+  rc_s, cfg_s = _time_interleaved(
+      [(rc, _rc_args(params, schedule, x, s)), (cfg, _cfg_args(params, schedule, x, s))],
+      repeats)
+  device = jax.devices()[0]
+  result = dict(
+      benchmark='sampling', arch=arch, device_kind=device.device_kind,
+      platform=device.platform, dtype=dtype, attention_impl=attention_impl, batch=batch,
+      steps=steps, repeats=repeats,
+      realcustom_s_per_image=rc_s / batch, cfg_s_per_image=cfg_s / batch,
+      ratio_vs_cfg=rc_s / cfg_s,
+      realcustom_images_per_s=batch / rc_s, cfg_images_per_s=batch / cfg_s,
+      compile_s_cfg=cfg_compile)
+  for n in compile_steps:
+    result[f'compile_s_{n}_steps'] = compile_s[n]
+  return {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    sys.exit(2)
+  if _CONFIG.value is None:
+    print('error: --config is required (e.g. --config=configs/tiny.py)', file=sys.stderr)
+    sys.exit(2)
+  logging.set_verbosity(logging.INFO)
+  try:
+    compile_steps = tuple(int(n) for n in _COMPILE_STEPS.value)
+    result = benchmark(_CONFIG.value, _ARCH.value, _BATCH.value, _STEPS.value, _DTYPE.value,
+                       _ATTENTION.value, _REPEATS.value, compile_steps)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,366 @@
+"""RealCustom text-to-image customization pipeline: encoders, jitted sampler, VAE.
+
+  pipe = RealCustomPipeline.from_config(config)       # tiny embedded default or local SD
+  out = pipe([subject], ['a toy on the beach'], ['toy'], seed=0, return_masks=True)
+  out.images[0].save('out.png'); save_mask_grid(out, 'grid.png')
+
+Each stage (text encoder, vision encoder, sampler scan, VAE decoder) is jitted; jax.jit
+caches one executable per input shape, so repeated calls with the same batch size and
+step count compile nothing.
+"""
+import dataclasses
+import logging
+from typing import Any, Optional, Sequence
+import warnings
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import encoders
+from realcustom_jax import model as model_lib
+from realcustom_jax import sampler
+from realcustom_jax import weights
+from realcustom_jax.unet import RealCustomUNet
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# A fixed key for the untrained adapter's random parts (scoring, visual projection).
+_ADAPTER_INIT_SEED = 0
+
+
+@dataclasses.dataclass
+class RealCustomOutput:
+  """What the pipeline returns.
+
+  Attributes:
+    images: B generated PIL RGB images.
+    masks: (steps, B, H, W) float32 influence scope at every step (return_masks).
+    x0: (steps, B, res, res, 3) uint8 decoded x0 prediction at every step (return_masks).
+  """
+  images: list[Image.Image]
+  masks: Optional[np.ndarray] = None
+  x0: Optional[np.ndarray] = None
+
+
+def _default_config() -> ml_collections.ConfigDict:
+  from configs import tiny as tiny_config  # pylint: disable=g-import-not-at-top
+  return tiny_config.get_config()
+
+
+def build_model(unet_config: dict[str, Any], config) -> model_lib.RealCustom:
+  """The RealCustom module for a diffusers UNet config and `config.model`."""
+  dtype = config.model.dtype
+  if dtype not in _DTYPES:
+    raise ValueError(f'config.model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}')
+  unet = RealCustomUNet.from_config(
+      unet_config, dtype=_DTYPES[dtype], attention_impl=config.model.attention_impl,
+      mask_antialias=config.model.mask_antialias)
+  return model_lib.RealCustom(unet=unet, scoring_hidden=config.model.scoring_hidden,
+                              fusion=config.model.fusion)
+
+
+def _check_tree_like(got, expected, what: str) -> None:
+  """ValueError when `got` lacks, adds or reshapes any parameter of `expected`."""
+  flat_got = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(got)}
+  flat_exp = {jax.tree_util.keystr(p): v
+              for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+  missing = sorted(set(flat_exp) - set(flat_got))
+  extra = sorted(set(flat_got) - set(flat_exp))
+  if missing or extra:
+    raise ValueError(f'{what} does not fit this model: missing {missing[:3]}, unexpected '
+                     f'{extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)')
+  for key, value in flat_exp.items():
+    if tuple(flat_got[key].shape) != tuple(value.shape):
+      raise ValueError(f'{what}: {key} has shape {tuple(flat_got[key].shape)}, this '
+                       f'model needs {tuple(value.shape)}')
+
+
+class RealCustomPipeline:
+  """Frozen SD + CLIP components, the RealCustom adapter and the jitted sampler.
+
+  Attributes:
+    model: the RealCustom module.
+    params: its full parameter tree (base UNet merged with the adapter).
+    components: the Stable Diffusion components (VAE, text encoder, tokenizer, ...).
+    vision: the CLIP vision encoder.
+    config: the config (`config.sampler` gives the defaults of `__call__`).
+    resolution: output image side in pixels.
+  """
+
+  def __init__(self, components: weights.StableDiffusionComponents,
+               vision: weights.VisionEncoder, config=None, adapter_params=None):
+    """Builds the pipeline; `adapter_params=None` starts an untrained adapter (warned).
+
+    Args:
+      components: the loaded (or tiny) Stable Diffusion components.
+      vision: the CLIP vision encoder.
+      config: the ml_collections config; None: configs/tiny.py's defaults, with the
+        resolution of the UNet's sample size.
+      adapter_params: the trained adapter tree (scoring, visual_proj, visual K/V), as
+        `weights.load_adapter` returns it.
+    """
+    if config is None:
+      config = _default_config()
+      config.resolution = int(components.unet_config.get('sample_size', 64)
+                              * components.vae_scale_factor)
+    self.config = config
+    self.components = components
+    self.vision = vision
+    self.resolution = int(config.resolution)
+    factor = components.vae_scale_factor
+    if self.resolution % factor:
+      raise ValueError(f'resolution {self.resolution} is not a multiple of the VAE factor '
+                       f'{factor}')
+    self.latent_size = self.resolution // factor
+    self.model = build_model(components.unet_config, config)
+    self._check_latent_size()
+    self.params = self._full_params(adapter_params)
+    self._encode_text = jax.jit(
+        lambda p, ids: encoders.encode_text(components.text_encoder, p, ids))
+    self._encode_image = jax.jit(
+        lambda p, px: encoders.image_features(vision.model, p, px))
+    vae, scale = components.vae, components.scaling_factor
+
+    def decode(p, latents):
+      x = vae.apply({'params': p}, latents / scale, method=vae.decode).sample
+      # [-1, 1] NCHW -> [0, 255] NHWC uint8, on device.
+      x = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+      return jnp.round(jnp.transpose(x, (0, 2, 3, 1)) * 255).astype(jnp.uint8)
+    self._decode = jax.jit(decode)
+
+  # ---- Constructors ----
+
+  @classmethod
+  def tiny(cls, config=None, adapter_path: Optional[str] = None) -> 'RealCustomPipeline':
+    """The embedded default: tiny random SD + CLIP built in code (configs/tiny.py).
+
+    Args:
+      config: the config (default configs/tiny.py).
+      adapter_path: optional adapter file; None: untrained adapter (warned).
+    """
+    from realcustom_jax import tiny as tiny_lib  # pylint: disable=g-import-not-at-top
+    config = _default_config() if config is None else config
+    components, vision = tiny_lib.build_tiny_components(config)
+    adapter_params = weights.load_adapter(adapter_path) if adapter_path else None
+    return cls(components, vision, config, adapter_params)
+
+  @classmethod
+  def from_pretrained(cls, sd_dir: str, vision_dir: str, adapter_path: Optional[str] = None,
+                      config=None, allow_pickle: bool = False) -> 'RealCustomPipeline':
+    """Loads a local diffusers SD directory, a CLIP vision directory and an adapter.
+
+    Args:
+      sd_dir: diffusers-format Stable Diffusion 1.x/2.x directory.
+      vision_dir: transformers CLIP vision model directory.
+      adapter_path: `.safetensors` file from `weights.save_adapter`; None: an untrained
+        adapter (visual K/V copied from the text K/V), with a warning.
+      config: see `__init__`.
+      allow_pickle: accept torch `.bin` weights (unpickling runs code).
+
+    Returns:
+      The pipeline.
+    """
+    components = weights.load_stable_diffusion(sd_dir, allow_pickle=allow_pickle)
+    vision = weights.load_vision_encoder(vision_dir, allow_pickle=allow_pickle)
+    adapter_params = weights.load_adapter(adapter_path) if adapter_path else None
+    return cls(components, vision, config, adapter_params)
+
+  @classmethod
+  def from_config(cls, config) -> 'RealCustomPipeline':
+    """Tiny when `config.pretrained` is empty, else `from_pretrained` with the config's
+    `pretrained`, `vision_encoder`, `adapter` and `allow_pickle`."""
+    adapter_path = config.get('adapter', '') or None
+    if not config.pretrained:
+      return cls.tiny(config, adapter_path)
+    if not config.get('vision_encoder', ''):
+      raise ValueError('config.vision_encoder must name a CLIP vision model directory '
+                       'when config.pretrained is set')
+    return cls.from_pretrained(config.pretrained, config.vision_encoder, adapter_path,
+                               config, allow_pickle=bool(config.get('allow_pickle', False)))
+
+  # ---- Parameters ----
+
+  def _check_latent_size(self) -> None:
+    unet = self.model.unet
+    down = 2 ** (len(unet.block_out_channels) - 1)
+    if self.latent_size % down:
+      raise ValueError(f'latent size {self.latent_size} (resolution {self.resolution}) '
+                       f'must be a multiple of the UNet downsampling factor {down}')
+
+  def _init_shapes(self):
+    return ((4, self.latent_size, self.latent_size),
+            self.components.tokenizer.model_max_length, self.vision.num_patches,
+            self.vision.hidden_size)
+
+  def _random_adapter(self) -> dict:
+    """An untrained adapter: random scoring/projection, visual K/V = text K/V."""
+    latent, n_t, n_i, c_i = self._init_shapes()
+    full = model_lib.init_params(self.model, jax.random.PRNGKey(_ADAPTER_INIT_SEED),
+                                 latent, n_t, n_i, c_i)
+    _, adapter = adapter_lib.split_params(full)
+    return adapter
+
+  def _full_params(self, adapter_params) -> dict:
+    base = {'unet': self.components.unet_params}
+    if adapter_params is None:
+      warnings.warn('no adapter given: using an UNTRAINED adapter (visual K/V copied from '
+                    'the text K/V, random scoring module); outputs will not follow the '
+                    'subject', stacklevel=3)
+      return adapter_lib.init_visual_kv_from_text(
+          adapter_lib.merge_params(base, self._random_adapter()))
+    latent, n_t, n_i, c_i = self._init_shapes()
+    expected = jax.eval_shape(lambda: model_lib.init_params(
+        self.model, jax.random.PRNGKey(0), latent, n_t, n_i, c_i))
+    _, expected_adapter = adapter_lib.split_params(expected)
+    _check_tree_like(adapter_params, expected_adapter, 'adapter')
+    adapter_params = jax.tree_util.tree_map(jnp.asarray, adapter_params)
+    return adapter_lib.merge_params(base, adapter_params)
+
+  @property
+  def adapter_params(self) -> dict:
+    """The adapter part of `params` (what `weights.save_adapter` writes)."""
+    return adapter_lib.split_params(self.params)[1]
+
+  # ---- Generation ----
+
+  def _settings(self, num_steps, guidance_text, guidance_image, gamma_scope, gamma_num):
+    s = self.config.sampler
+    pick = lambda v, d: d if v is None else v
+    num_steps = pick(num_steps, s.num_steps)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+      raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
+    gamma_scope, gamma_num = pick(gamma_scope, s.gamma_scope), pick(gamma_num, s.gamma_num)
+    sampler.check_ratios(gamma_scope, gamma_num)
+    return (int(num_steps), pick(guidance_text, s.guidance_text),
+            pick(guidance_image, s.guidance_image), gamma_scope, gamma_num)
+
+  def encode_prompts(self, prompts: Sequence[str], words: Sequence[str]):
+    """Text features, empty-prompt features and word weights for B prompts.
+
+    Returns:
+      (text (B, L, c_t), uncond (B, L, c_t), word weights (B, L)).
+
+    Raises:
+      ValueError: a word not in its prompt (names both), or only in the truncated part.
+    """
+    tokenizer = self.components.tokenizer
+    word_weights = encoders.word_token_weights(tokenizer, list(prompts), list(words))
+    ids = encoders.tokenize(tokenizer, list(prompts))
+    uncond_ids = encoders.tokenize(tokenizer, [''])
+    text = self._encode_text(self.components.text_params, jnp.asarray(ids))
+    uncond = self._encode_text(self.components.text_params, jnp.asarray(uncond_ids))
+    uncond = jnp.broadcast_to(uncond, text.shape)
+    return text, uncond, jnp.asarray(word_weights)
+
+  def encode_subjects(self, subjects: Sequence[Image.Image], batch: int) -> jax.Array:
+    """(batch, n_i, c_i) CLIP patch features; one subject is shared by every row."""
+    pixels = encoders.preprocess_subject(list(subjects), self.vision)
+    feats = self._encode_image(self.vision.params, jnp.asarray(pixels))
+    return jnp.broadcast_to(feats, (batch,) + feats.shape[1:])
+
+  def initial_latents(self, seed: int, batch: int) -> jax.Array:
+    """z_T ~ N(0, 1) at the latent size (DDIM's init_noise_sigma is 1)."""
+    shape = (batch, self.model.unet.in_channels, self.latent_size, self.latent_size)
+    return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+
+  def decode(self, latents: jax.Array) -> np.ndarray:
+    """(B, C, h, w) latents -> (B, res, res, 3) uint8."""
+    return np.asarray(self._decode(self.components.vae_params, latents))
+
+  def __call__(self, subjects: Sequence[Image.Image], prompts: Sequence[str],
+               words: Sequence[str], *, seed: int = 0, num_steps: Optional[int] = None,
+               guidance_text: Optional[float] = None, guidance_image: Optional[float] = None,
+               gamma_scope: Optional[float] = None, gamma_num: Optional[float] = None,
+               return_masks: bool = False) -> RealCustomOutput:
+    """Generates one image per (subject, prompt, word) triple.
+
+    Args:
+      subjects: B subject images, or one shared by every prompt.
+      prompts: B prompts.
+      words: B target words, each occurring in its prompt.
+      seed: PRNG seed of z_T.
+      num_steps: DDIM steps (default config.sampler.num_steps).
+      guidance_text: w_t of Eq. 13 (default config.sampler.guidance_text).
+      guidance_image: w_i of Eq. 13 (default config.sampler.guidance_image).
+      gamma_scope: Eq. 11 ratio in [0, 1] (default config.sampler.gamma_scope).
+      gamma_num: Eq. 10 ratio in [0, 1] (default config.sampler.gamma_num).
+      return_masks: also return every step's scope and decoded x0 prediction.
+
+    Returns:
+      RealCustomOutput.
+
+    Raises:
+      ValueError: (before any tracing) for lists of different lengths, a word not in
+        its prompt, a gamma outside [0, 1] or a bad step count.
+    """
+    for name, value in (('subjects', subjects), ('prompts', prompts), ('words', words)):
+      if isinstance(value, (str, Image.Image)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f'{name} must be a non-empty list, got {value!r}')
+    b = len(prompts)
+    if len(words) != b:
+      raise ValueError(f'need one word per prompt: {b} prompts, {len(words)} words')
+    if len(subjects) not in (1, b):
+      raise ValueError(f'need one subject, or one per prompt: {b} prompts, '
+                       f'{len(subjects)} subjects')
+    num_steps, w_t, w_i, g_scope, g_num = self._settings(
+        num_steps, guidance_text, guidance_image, gamma_scope, gamma_num)
+
+    text, uncond, word_weights = self.encode_prompts(prompts, words)
+    feats = self.encode_subjects(subjects, b)
+    schedule = sampler.ddim_schedule(self.components.scheduler_config, num_steps)
+    latents = self.initial_latents(seed, b) * schedule.init_noise_sigma
+    logging.info('sampling %d image(s), %d DDIM steps (the first call of a shape compiles)',
+                 b, num_steps)
+    out = sampler.sample(
+        self.model, self.params, schedule, latents, text, uncond, feats, word_weights,
+        guidance_text=w_t, guidance_image=w_i, gamma_scope=g_scope, gamma_num=g_num,
+        binary_mask=bool(self.config.sampler.binary_mask), return_trajectory=return_masks)
+    jax.block_until_ready(out.latents)
+    logging.info('decoding with the VAE')
+    images = [Image.fromarray(x) for x in self.decode(out.latents)]
+    if not return_masks:
+      return RealCustomOutput(images)
+    # One decode call per step: the same shape, so one compile, and bounded memory.
+    x0 = np.stack([self.decode(out.x0[s]) for s in range(num_steps)])
+    return RealCustomOutput(images, np.asarray(out.masks), x0)
+
+
+def save_mask_grid(output: RealCustomOutput, path: str, steps: Optional[Sequence[int]] = None,
+                   index: int = 0, columns: int = 5) -> None:
+  """Writes a Fig. 6-style picture: the scope (grey, upsampled) above the x0 prediction.
+
+  Args:
+    output: a pipeline output made with `return_masks=True`.
+    path: the image file to write (e.g. .png).
+    steps: which steps to show; default `columns` steps evenly spaced, last included.
+    index: which batch row.
+    columns: number of steps when `steps` is None.
+
+  Raises:
+    ValueError: without masks, or for a step / row out of range.
+  """
+  if output.masks is None or output.x0 is None:
+    raise ValueError('the output has no masks: call the pipeline with return_masks=True')
+  n_steps, batch = output.masks.shape[:2]
+  if not 0 <= index < batch:
+    raise ValueError(f'row {index} out of range for batch {batch}')
+  if steps is None:
+    steps = sorted({int(round(s)) for s in np.linspace(0, n_steps - 1, min(columns, n_steps))})
+  for s in steps:
+    if not 0 <= s < n_steps:
+      raise ValueError(f'step {s} out of range for {n_steps} steps')
+  size = output.x0.shape[2]
+  tile = max(size, 64)  # tiny outputs are upscaled so the grid stays legible
+  grid = Image.new('RGB', (tile * len(steps), 2 * tile), 'white')
+  for col, s in enumerate(steps):
+    mask = np.clip(output.masks[s, index], 0.0, 1.0)
+    mask_img = Image.fromarray(np.round(mask * 255).astype(np.uint8), 'L').resize(
+        (tile, tile), Image.Resampling.NEAREST).convert('RGB')
+    x0_img = Image.fromarray(output.x0[s, index]).resize((tile, tile),
+                                                         Image.Resampling.BILINEAR)
+    grid.paste(mask_img, (col * tile, 0))
+    grid.paste(x0_img, (col * tile, tile))
+  grid.save(path)

@@ -1,0 +1,400 @@
+"""DDIM sampling with adaptive mask guidance (Sec. 3.3, Eqs. 11-13), jitted as one scan.
+
+Every DDIM step makes two model calls:
+  1. ONE batched call on [uncond, T2I] with the visual branch off. It gives eps(0) and
+     the T2I prediction, and the T2I half's target-word cross-attention maps.
+  2. The TI2I call with the subject, gated by the influence scope that the maps of
+     call 1 give (Eq. 11), then the guidance of Eq. 13 and a deterministic DDIM update.
+The whole loop is one `lax.scan` whose carry holds z_t and the latest scope. Guidance
+scales and both gammas are traced, so changing them never recompiles.
+
+`cfg_sample` is plain classifier-free guidance on the same UNet (one batched call per
+step): the baseline of the tests and of `benchmarks/sampling.py`.
+"""
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import chex
+import diffusers
+
+# Before the Flax scheduler loads: importing it logs a deprecation notice.
+diffusers.utils.logging.set_verbosity_error()
+
+from diffusers import FlaxDDIMScheduler
+from flax import struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from realcustom_jax import model as model_lib
+from realcustom_jax.mask import influence_scope
+from realcustom_jax.selection import check_unit_interval
+
+Array = jax.Array
+
+_PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
+
+
+# ---------------------------------------------------------------------------------
+# Schedule
+# ---------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Schedule:
+  """DDIM timesteps and cumulative alphas, computed once outside jit.
+
+  Attributes:
+    timesteps: (S,) int32 timesteps t, from the noisiest down.
+    alpha_bar: (S,) float32 abar_t at each timestep.
+    alpha_bar_prev: (S,) float32 abar of the next (less noisy) timestep; the scheduler's
+      final alpha after the last step.
+    init_noise_sigma: std of z_T (1 for DDIM).
+    prediction_type: what the UNet predicts ('epsilon', 'v_prediction', 'sample').
+    clip_sample: clip the x0 prediction to [-clip_sample_range, clip_sample_range].
+    clip_sample_range: the clip bound.
+  """
+  timesteps: Array
+  alpha_bar: Array
+  alpha_bar_prev: Array
+  init_noise_sigma: float = struct.field(pytree_node=False, default=1.0)
+  prediction_type: str = struct.field(pytree_node=False, default='epsilon')
+  clip_sample: bool = struct.field(pytree_node=False, default=False)
+  clip_sample_range: float = struct.field(pytree_node=False, default=1.0)
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.timesteps.shape[0])
+
+
+def ddim_schedule(scheduler_config: dict[str, Any], num_steps: int) -> Schedule:
+  """DDIM timesteps and alphas from a diffusers scheduler config (FlaxDDIMScheduler).
+
+  Args:
+    scheduler_config: scheduler/scheduler_config.json as a dict (SD 1.5: scaled_linear
+      betas, steps_offset=1, set_alpha_to_one=False).
+    num_steps: number of DDIM steps.
+
+  Returns:
+    The Schedule (concrete arrays; pass it into the jitted sampler).
+
+  Raises:
+    ValueError: for a non-positive step count, more steps than training timesteps, or an
+      unknown prediction type.
+  """
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
+  config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith('_')}
+  scheduler = FlaxDDIMScheduler.from_config(config)
+  train_steps = scheduler.config.num_train_timesteps
+  if num_steps > train_steps:
+    raise ValueError(f'num_steps={num_steps} exceeds the {train_steps} training timesteps')
+  prediction_type = scheduler.config.prediction_type
+  if prediction_type not in _PREDICTION_TYPES:
+    raise ValueError(f'unsupported prediction_type {prediction_type!r}')
+  state = scheduler.set_timesteps(scheduler.create_state(), int(num_steps))
+  timesteps = np.asarray(state.timesteps, np.int32)
+  alphas = np.asarray(state.common.alphas_cumprod, np.float32)
+  # The same previous-timestep rule as FlaxDDIMScheduler.step.
+  prev = timesteps - train_steps // int(num_steps)
+  final = np.float32(state.final_alpha_cumprod)
+  alpha_prev = np.where(prev >= 0, alphas[np.clip(prev, 0, None)], final).astype(np.float32)
+  return Schedule(
+      timesteps=jnp.asarray(timesteps), alpha_bar=jnp.asarray(alphas[timesteps]),
+      alpha_bar_prev=jnp.asarray(alpha_prev),
+      init_noise_sigma=float(state.init_noise_sigma),
+      prediction_type=prediction_type,
+      clip_sample=bool(scheduler.config.clip_sample),
+      clip_sample_range=float(scheduler.config.get('clip_sample_range', 1.0)))
+
+
+# ---------------------------------------------------------------------------------
+# Equations
+# ---------------------------------------------------------------------------------
+
+
+def adaptive_mask_guidance(eps_uncond: Array, eps_text: Array, eps_image: Array,
+                           w_t=7.5, w_i=12.5) -> Array:
+  """Eq. 13: classifier-free guidance extended with the TI2I branch.
+
+  z = eps(0) + w_t (eps_T2I - eps(0)) + w_i (eps_TI2I - eps_T2I).
+
+  Args:
+    eps_uncond: unconditional prediction eps(0).
+    eps_text: T2I branch prediction (visual input 0).
+    eps_image: TI2I branch prediction (subject, gated by the influence scope).
+    w_t: text guidance scale (7.5 in the paper); may be traced.
+    w_i: image guidance scale (12.5 in the paper); may be traced.
+
+  Returns:
+    The guided prediction.
+  """
+  return eps_uncond + w_t * (eps_text - eps_uncond) + w_i * (eps_image - eps_text)
+
+
+def classifier_free_guidance(eps_uncond: Array, eps_text: Array, w_t=7.5) -> Array:
+  """Plain classifier-free guidance: eps(0) + w_t (eps_T2I - eps(0)) (Eq. 13 with w_i=0)."""
+  return eps_uncond + w_t * (eps_text - eps_uncond)
+
+
+def ddim_step(sample: Array, model_output: Array, alpha_bar: Array, alpha_bar_prev: Array,
+              schedule: Schedule) -> tuple[Array, Array]:
+  """Deterministic DDIM update (eta = 0), as FlaxDDIMScheduler.step.
+
+  Args:
+    sample: (B, C, h, w) z_t.
+    model_output: (B, C, h, w) guided model prediction at t.
+    alpha_bar: scalar abar_t.
+    alpha_bar_prev: scalar abar of the next timestep.
+    schedule: supplies the (static) prediction type and clipping.
+
+  Returns:
+    (z_{t-1}, x0 prediction).
+  """
+  beta = 1.0 - alpha_bar
+  if schedule.prediction_type == 'epsilon':
+    x0 = (sample - jnp.sqrt(beta) * model_output) / jnp.sqrt(alpha_bar)
+    eps = model_output
+  elif schedule.prediction_type == 'v_prediction':
+    x0 = jnp.sqrt(alpha_bar) * sample - jnp.sqrt(beta) * model_output
+    eps = jnp.sqrt(alpha_bar) * model_output + jnp.sqrt(beta) * sample
+  else:
+    x0 = model_output
+    eps = (sample - jnp.sqrt(alpha_bar) * x0) / jnp.sqrt(beta)
+  if schedule.clip_sample:
+    x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+  prev = jnp.sqrt(alpha_bar_prev) * x0 + jnp.sqrt(1.0 - alpha_bar_prev) * eps
+  return prev, x0
+
+
+# ---------------------------------------------------------------------------------
+# The jitted loops
+# ---------------------------------------------------------------------------------
+
+
+class SampleOutput(NamedTuple):
+  """What the samplers return.
+
+  Attributes:
+    latents: (B, C, h, w) z_0.
+    mask: (B, H, W) the influence scope of the last step (None for `cfg_sample`).
+    masks: (S, B, H, W) the scope at every step, when the trajectory is asked for.
+    x0: (S, B, C, h, w) the x0 prediction at every step, when asked for.
+  """
+  latents: Array
+  mask: Optional[Array] = None
+  masks: Optional[Array] = None
+  x0: Optional[Array] = None
+
+
+def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
+                     text_emb: Array, uncond_emb: Array, image_feats: Array,
+                     word_weights: Array, guidance_text: Array, guidance_image: Array,
+                     gamma_scope: Array, gamma_num: Array, *, binary_mask: bool,
+                     return_trajectory: bool) -> SampleOutput:
+  """The RealCustom DDIM loop (traced once per static shape and flag set)."""
+  b = latents.shape[0]
+  # Everything derived from the conditions alone is built once, outside the scan body.
+  pair_text = jnp.concatenate([uncond_emb, text_emb], axis=0)
+  # Zero weights on the uncond half: its word maps are computed but never read.
+  pair_weights = jnp.concatenate([jnp.zeros_like(word_weights), word_weights], axis=0)
+
+  def text_branches(z, t):
+    """[uncond, T2I] in ONE call: eps(0), eps_T2I and the T2I word maps."""
+    eps, maps = model_lib.word_maps(
+        model, params, jnp.concatenate([z, z], axis=0), jnp.full((2 * b,), t),
+        pair_text, word_weights=pair_weights)
+    return eps[:b], eps[b:], [m[b:] for m in maps]
+
+  def step(carry, xs):
+    z, _ = carry
+    t, alpha_bar, alpha_bar_prev = xs
+    eps_uncond, eps_text, maps = text_branches(z, t)
+    # Eq. 11 from this step's T2I maps; it gates this step's TI2I branch (Eq. 12).
+    scope = influence_scope(maps, gamma_scope, binary=binary_mask,
+                            antialias=model.unet.mask_antialias)
+    eps_image = model.apply(
+        {'params': params}, z, jnp.full((b,), t), text_emb, image_feats,
+        sqrt_alpha_bar=jnp.full((b,), jnp.sqrt(alpha_bar)), gamma_num=gamma_num,
+        scope_mask=scope)
+    guided = adaptive_mask_guidance(eps_uncond, eps_text, eps_image,
+                                    guidance_text, guidance_image)
+    z_prev, x0 = ddim_step(z, guided, alpha_bar, alpha_bar_prev, schedule)
+    ys = (scope, x0) if return_trajectory else None
+    return (z_prev, scope), ys
+
+  # The scope's size is the largest word-map size, known only from the model.
+  map_shape = jax.eval_shape(lambda z: influence_scope(
+      text_branches(z, schedule.timesteps[0])[2], 0.5), latents)
+  init = (latents, jnp.zeros(map_shape.shape, jnp.float32))
+  xs = (schedule.timesteps, schedule.alpha_bar, schedule.alpha_bar_prev)
+  (z0, scope), ys = jax.lax.scan(step, init, xs)
+  if return_trajectory:
+    return SampleOutput(z0, scope, ys[0], ys[1])
+  return SampleOutput(z0, scope)
+
+
+def _cfg_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
+              text_emb: Array, uncond_emb: Array, guidance_text: Array, *,
+              return_trajectory: bool) -> SampleOutput:
+  """Plain classifier-free guidance DDIM loop on the same UNet (visual branch off)."""
+  b = latents.shape[0]
+  pair_text = jnp.concatenate([uncond_emb, text_emb], axis=0)
+
+  def step(z, xs):
+    t, alpha_bar, alpha_bar_prev = xs
+    eps = model.apply({'params': params}, jnp.concatenate([z, z], axis=0),
+                      jnp.full((2 * b,), t), pair_text)
+    guided = classifier_free_guidance(eps[:b], eps[b:], guidance_text)
+    z_prev, x0 = ddim_step(z, guided, alpha_bar, alpha_bar_prev, schedule)
+    return z_prev, (x0 if return_trajectory else None)
+
+  xs = (schedule.timesteps, schedule.alpha_bar, schedule.alpha_bar_prev)
+  z0, x0 = jax.lax.scan(step, latents, xs)
+  return SampleOutput(z0, x0=x0 if return_trajectory else None)
+
+
+def build_sampler(model: model_lib.RealCustom, *, binary_mask: bool = False,
+                  return_trajectory: bool = False,
+                  max_traces: Optional[int] = None) -> Callable[..., SampleOutput]:
+  """A jitted RealCustom sampler for one model and static flag set.
+
+  The returned function takes (params, schedule, latents, text_emb, uncond_emb,
+  image_feats, word_weights, guidance_text, guidance_image, gamma_scope, gamma_num),
+  all traced; jax.jit caches one executable per input shape. It does not validate:
+  use `sample`.
+
+  Args:
+    model: the RealCustom module.
+    binary_mask: binary influence scope (Table 2 ablation).
+    return_trajectory: also return the per-step scopes and x0 predictions.
+    max_traces: when set, fail on the (max_traces + 1)-th trace (chex), for tests.
+
+  Returns:
+    The jitted function.
+  """
+  def fn(*args):
+    return _realcustom_loop(model, *args, binary_mask=binary_mask,
+                            return_trajectory=return_trajectory)
+  if max_traces is not None:
+    fn = chex.assert_max_traces(fn, n=max_traces)
+  return jax.jit(fn)
+
+
+def build_cfg_sampler(model: model_lib.RealCustom, *, return_trajectory: bool = False,
+                      max_traces: Optional[int] = None) -> Callable[..., SampleOutput]:
+  """A jitted plain-CFG sampler: (params, schedule, latents, text_emb, uncond_emb, w_t)."""
+  def fn(*args):
+    return _cfg_loop(model, *args, return_trajectory=return_trajectory)
+  if max_traces is not None:
+    fn = chex.assert_max_traces(fn, n=max_traces)
+  return jax.jit(fn)
+
+
+# One jitted function per (model, flags); jax.jit itself caches per input shape.
+_cached_sampler = functools.lru_cache(maxsize=16)(
+    lambda model, binary_mask, return_trajectory: build_sampler(
+        model, binary_mask=binary_mask, return_trajectory=return_trajectory))
+_cached_cfg_sampler = functools.lru_cache(maxsize=16)(
+    lambda model, return_trajectory: build_cfg_sampler(
+        model, return_trajectory=return_trajectory))
+
+
+def _scalar(name: str, value) -> Array:
+  """A float32 scalar array, so Python floats and arrays share one trace."""
+  if isinstance(value, jax.core.Tracer):
+    return value
+  array = np.asarray(value, np.float32)
+  if array.shape != ():
+    raise ValueError(f'{name} must be a scalar, got shape {array.shape}')
+  if not np.isfinite(array):
+    raise ValueError(f'{name} must be finite, got {value!r}')
+  return jnp.asarray(array)
+
+
+def _check_common(model, schedule: Schedule, latents, text_emb, uncond_emb) -> None:
+  if not isinstance(schedule, Schedule):
+    raise ValueError(f'schedule must be a sampler.Schedule, got {type(schedule).__name__}')
+  if latents.ndim != 4 or latents.shape[1] != model.unet.in_channels:
+    raise ValueError(f'latents must be (B, {model.unet.in_channels}, h, w), got '
+                     f'{tuple(latents.shape)}')
+  if text_emb.ndim != 3 or text_emb.shape[0] != latents.shape[0]:
+    raise ValueError(f'text_emb must be (B={latents.shape[0]}, n_t, c_t), got '
+                     f'{tuple(text_emb.shape)}')
+  if tuple(uncond_emb.shape) != tuple(text_emb.shape):
+    raise ValueError(f'uncond_emb must have the text shape {tuple(text_emb.shape)}, got '
+                     f'{tuple(uncond_emb.shape)} (broadcast it first)')
+
+
+def sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
+           text_emb: Array, uncond_emb: Array, image_feats: Array, word_weights: Array, *,
+           guidance_text=7.5, guidance_image=12.5, gamma_scope=0.25, gamma_num=0.8,
+           binary_mask: bool = False, return_trajectory: bool = False) -> SampleOutput:
+  """RealCustom sampling (Sec. 3.3): DDIM with adaptive mask guidance, one jitted scan.
+
+  Inputs are checked here, before tracing. The number of steps is the schedule's length
+  (static); guidance scales and gammas are traced (no recompilation when they change).
+
+  Args:
+    model: the RealCustom module.
+    params: its full parameter tree (base + adapter).
+    schedule: from `ddim_schedule`.
+    latents: (B, C, h, w) z_T (already scaled by schedule.init_noise_sigma).
+    text_emb: (B, n_t, c_t) prompt features.
+    uncond_emb: (B, n_t, c_t) empty-prompt features.
+    image_feats: (B, n_i, c_i) subject CLIP patch features.
+    word_weights: (B, n_t) target-word token weights.
+    guidance_text: w_t of Eq. 13.
+    guidance_image: w_i of Eq. 13.
+    gamma_scope: Eq. 11 top-k ratio in [0, 1].
+    gamma_num: Eq. 10 top-k ratio in [0, 1].
+    binary_mask: binary scope (Table 2 ablation); static.
+    return_trajectory: also return per-step scopes and x0 predictions; static.
+
+  Returns:
+    SampleOutput (masks/x0 filled when return_trajectory).
+
+  Raises:
+    ValueError: for shapes that disagree or ratios outside [0, 1].
+  """
+  _check_common(model, schedule, latents, text_emb, uncond_emb)
+  model_lib.validate_inputs(model, text_emb, image_feats, word_weights, gamma_num,
+                            gamma_scope)
+  args = (_scalar('guidance_text', guidance_text), _scalar('guidance_image', guidance_image),
+          _scalar('gamma_scope', gamma_scope), _scalar('gamma_num', gamma_num))
+  fn = _cached_sampler(model, bool(binary_mask), bool(return_trajectory))
+  return fn(params, schedule, latents, text_emb, uncond_emb, image_feats,
+            jnp.asarray(word_weights, jnp.float32), *args)
+
+
+def cfg_sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
+               text_emb: Array, uncond_emb: Array, *, guidance_text=7.5,
+               return_trajectory: bool = False) -> SampleOutput:
+  """Plain classifier-free-guidance DDIM sampling on the same UNet (the baseline).
+
+  Args:
+    model: the RealCustom module (its visual branch stays off).
+    params: its parameters (the adapter part is unused).
+    schedule: from `ddim_schedule`.
+    latents: (B, C, h, w) z_T.
+    text_emb: (B, n_t, c_t) prompt features.
+    uncond_emb: (B, n_t, c_t) empty-prompt features.
+    guidance_text: w_t.
+    return_trajectory: also return per-step x0 predictions; static.
+
+  Returns:
+    SampleOutput with `latents` (and `x0`).
+  """
+  _check_common(model, schedule, latents, text_emb, uncond_emb)
+  model_lib.validate_inputs(model, text_emb)
+  fn = _cached_cfg_sampler(model, bool(return_trajectory))
+  return fn(params, schedule, latents, text_emb, uncond_emb,
+            _scalar('guidance_text', guidance_text))
+
+
+def check_ratios(gamma_scope=None, gamma_num=None) -> None:
+  """ValueError for a gamma outside [0, 1] (one line), for callers that check early."""
+  if gamma_scope is not None:
+    check_unit_interval('gamma_scope', gamma_scope)
+  if gamma_num is not None:
+    check_unit_interval('gamma_num', gamma_num)

@@ -1,0 +1,156 @@
+"""Generate one customized image from a subject image, a prompt and a target word.
+
+  python -m sample.main --config=configs/tiny.py --subject=toy.png \\
+      --prompt="a toy on the beach" --word=toy --out=out.png --mask_grid=grid.png
+
+  # A local Stable Diffusion + CLIP vision model and a trained adapter:
+  python -m sample.main --config=configs/tiny.py --pretrained=/models/sd15 \\
+      --vision_encoder=/models/clip-vit-l14 --adapter=adapter.safetensors \\
+      --config.resolution=512 --config.sampler.num_steps=50 ...
+
+User mistakes (missing or unreadable subject, a word not in the prompt, a gamma outside
+[0, 1], an unwritable output path, unusable weights) end with a one-line message on
+stderr and exit status 2.
+"""
+import os
+import sys
+import time
+import warnings
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/tiny.py).')
+_SUBJECT = flags.DEFINE_string('subject', None, 'Subject image file.')
+_PROMPT = flags.DEFINE_string('prompt', None, 'Prompt, containing --word.')
+_WORD = flags.DEFINE_string('word', None, 'Target real word in the prompt (e.g. "toy").')
+_OUT = flags.DEFINE_string('out', None, 'Output image file (.png, .jpg).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the initial noise.')
+_PRETRAINED = flags.DEFINE_string('pretrained', None,
+                                  'Local diffusers Stable Diffusion directory '
+                                  '(overrides config.pretrained).')
+_VISION = flags.DEFINE_string('vision_encoder', None, 'Local CLIP vision model directory '
+                              '(overrides config.vision_encoder).')
+_ADAPTER = flags.DEFINE_string('adapter', None, 'Trained adapter .safetensors file.')
+_ALLOW_PICKLE = flags.DEFINE_bool('allow_pickle', False,
+                                  'Accept torch .bin weights (unpickling runs code).')
+_MASK_GRID = flags.DEFINE_string('mask_grid', None, 'Also write a Fig. 6-style grid of '
+                                 'the influence scope and x0 prediction per step.')
+
+
+class UsageError(ValueError):
+  """A mistake in the command line."""
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+  """Warnings (untrained adapter, truncated prompt) as one log line each."""
+  del filename, lineno, file, line
+  logging.warning('%s: %s', category.__name__, message)
+
+
+def _check_output(path: str, flag: str) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in Image.registered_extensions():
+    raise UsageError(f'--{flag}={path}: unknown image extension {ext!r} (use .png or .jpg)')
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise UsageError(f'--{flag}={path}: directory {folder} does not exist')
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise UsageError(f'--{flag}={path}: directory {folder} is not writable')
+  if os.path.isdir(path) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise UsageError(f'--{flag}={path}: not a writable file')
+
+
+def _apply_flags(config) -> None:
+  """Command-line paths override the config's."""
+  with config.unlocked():
+    if _PRETRAINED.value is not None:
+      config.pretrained = _PRETRAINED.value
+    if _VISION.value is not None:
+      config.vision_encoder = _VISION.value
+    if _ADAPTER.value is not None:
+      config.adapter = _ADAPTER.value
+    if _ALLOW_PICKLE.value:
+      config.allow_pickle = True
+
+
+def _check_word(config, prompt: str, word: str) -> None:
+  """Fails fast on a word not in the prompt, before any model is loaded."""
+  from realcustom_jax import encoders  # pylint: disable=g-import-not-at-top
+  if config.pretrained:
+    tok_dir = os.path.join(config.pretrained, 'tokenizer')
+    if not os.path.isfile(os.path.join(tok_dir, 'vocab.json')):
+      return  # the weight loader reports the broken directory with its own message
+    from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+  else:
+    from realcustom_jax import tiny  # pylint: disable=g-import-not-at-top
+    tokenizer = tiny.build_tokenizer()
+  encoders.word_token_indices(tokenizer, prompt, word)
+
+
+def run(config) -> None:
+  """Validates the inputs, then loads, samples, decodes and writes the image(s)."""
+  for flag in (_SUBJECT, _PROMPT, _WORD, _OUT):
+    if not flag.value:
+      raise UsageError(f'--{flag.name} is required')
+  _apply_flags(config)
+  s = config.sampler
+  for name in ('gamma_scope', 'gamma_num'):
+    value = s[name]
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+      raise UsageError(f'config.sampler.{name} must lie in [0, 1], got {value!r}')
+  if not isinstance(s.num_steps, int) or s.num_steps < 1:
+    raise UsageError(f'config.sampler.num_steps must be a positive integer, got {s.num_steps!r}')
+  _check_output(_OUT.value, 'out')
+  if _MASK_GRID.value:
+    _check_output(_MASK_GRID.value, 'mask_grid')
+
+  from realcustom_jax import images  # pylint: disable=g-import-not-at-top
+  subject = images.load_subject_image(_SUBJECT.value)
+  logging.info('subject %s: %dx%d', _SUBJECT.value, *subject.size)
+  _check_word(config, _PROMPT.value, _WORD.value)
+
+  from realcustom_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  logging.info('loading models (%s)', config.pretrained or 'tiny embedded default')
+  pipe = pipeline_lib.RealCustomPipeline.from_config(config)
+  logging.info('loaded in %.1f s', time.perf_counter() - start)
+
+  start = time.perf_counter()
+  out = pipe([subject], [_PROMPT.value], [_WORD.value], seed=_SEED.value,
+             return_masks=bool(_MASK_GRID.value))
+  logging.info('generated in %.1f s (compile included)', time.perf_counter() - start)
+  try:
+    out.images[0].save(_OUT.value)
+    logging.info('wrote %s', _OUT.value)
+    if _MASK_GRID.value:
+      pipeline_lib.save_mask_grid(out, _MASK_GRID.value)
+      logging.info('wrote %s', _MASK_GRID.value)
+  except OSError as e:
+    raise UsageError(f'cannot write output: {e}') from None
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _CONFIG.value is None:
+    _fail('--config is required (e.g. --config=configs/tiny.py)')
+  warnings.showwarning = _show_warning
+  logging.set_verbosity(logging.INFO)
+  try:
+    run(_CONFIG.value)
+  except ValueError as e:  # UsageError, ImageInputError, CheckpointError, bad words/gammas
+    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,162 @@
+"""RealCustomPipeline end to end on the tiny embedded models (and a real on-disk layout)."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import tiny as tiny_config
+from realcustom_jax import pipeline as pipeline_lib
+from realcustom_jax import testing
+from realcustom_jax import weights
+
+STEPS = 3
+PROMPTS = ['a toy on the beach', 'a photo of a red dog in the park']
+WORDS = ['toy', 'dog']
+
+
+def _subject(seed=0, size=(40, 56)):
+  rng = np.random.RandomState(seed)
+  return Image.fromarray((rng.rand(size[0], size[1], 3) * 255).astype(np.uint8))
+
+
+def _pixels(out):
+  return np.stack([np.asarray(im) for im in out.images])
+
+
+@pytest.fixture(scope='module')
+def config():
+  c = tiny_config.get_config()
+  c.sampler.num_steps = STEPS
+  return c
+
+
+@pytest.fixture(scope='module')
+def pipe(config):
+  with pytest.warns(UserWarning, match='UNTRAINED adapter'):
+    return pipeline_lib.RealCustomPipeline.tiny(config)
+
+
+@pytest.fixture(scope='module')
+def first(pipe):
+  return pipe([_subject()], PROMPTS, WORDS, seed=0, return_masks=True)
+
+
+def test_generates_images_and_masks(pipe, config, first):
+  assert len(first.images) == len(PROMPTS)
+  for im in first.images:
+    assert im.mode == 'RGB' and im.size == (config.resolution, config.resolution)
+  latent = config.resolution // pipe.components.vae_scale_factor
+  assert first.masks.shape == (STEPS, len(PROMPTS), latent, latent)
+  assert first.x0.shape == (STEPS, len(PROMPTS), config.resolution, config.resolution, 3)
+  assert first.x0.dtype == np.uint8
+  k = int(config.sampler.gamma_scope * latent * latent)
+  assert np.all(np.count_nonzero(first.masks, axis=(2, 3)) == k)
+  # The two prompts give two different images (not a broadcast of one row).
+  assert not np.array_equal(*_pixels(first))
+
+
+def test_deterministic_per_seed(pipe, first):
+  again = pipe([_subject()], PROMPTS, WORDS, seed=0, return_masks=True)
+  np.testing.assert_array_equal(_pixels(again), _pixels(first))
+  other = pipe([_subject()], PROMPTS, WORDS, seed=1, return_masks=True)
+  assert not np.array_equal(_pixels(other), _pixels(first))
+
+
+def test_subject_changes_output_and_broadcasts(pipe, first):
+  # One subject per prompt, the same one twice, equals one shared subject.
+  pair = pipe([_subject(), _subject()], PROMPTS, WORDS, seed=0, return_masks=True)
+  np.testing.assert_array_equal(_pixels(pair), _pixels(first))
+  other = pipe([_subject(7)], PROMPTS, WORDS, seed=0, return_masks=True)
+  assert not np.array_equal(_pixels(other), _pixels(first))
+
+
+def test_save_mask_grid(first, tmp_path):
+  path = tmp_path / 'grid.png'
+  pipeline_lib.save_mask_grid(first, str(path), steps=[0, STEPS - 1])
+  grid = Image.open(path)
+  assert grid.size == (2 * 64, 2 * 64)  # tiles upscaled to 64 px: 2 steps x (mask, x0)
+  # The top-left tile is the step-0 mask: grey levels with black outside the scope.
+  top = np.asarray(grid)[:64, :64, 0]
+  assert top.min() == 0 and top.max() == 255
+  with pytest.raises(ValueError, match='return_masks'):
+    pipeline_lib.save_mask_grid(pipeline_lib.RealCustomOutput(first.images), str(path))
+
+
+def test_word_not_in_prompt(pipe):
+  with pytest.raises(ValueError, match=r"'cat'.*'a toy on the beach'"):
+    pipe([_subject()], ['a toy on the beach'], ['cat'])
+
+
+@pytest.mark.parametrize('subjects,prompts,words', [
+    (1, PROMPTS, ['toy']),
+    (3, PROMPTS, WORDS),
+])
+def test_mismatched_lengths(pipe, subjects, prompts, words):
+  with pytest.raises(ValueError, match='need one'):
+    pipe([_subject()] * subjects, prompts, words)
+
+
+def test_bad_gamma(pipe):
+  with pytest.raises(ValueError, match='gamma_scope'):
+    pipe([_subject()], PROMPTS, WORDS, gamma_scope=1.2)
+
+
+def _perturbed_adapter(pipe):
+  """A stand-in for a trained adapter: every adapter weight moved by noise."""
+  adapter = pipe.adapter_params
+  leaves, tree = jax.tree_util.tree_flatten(adapter)
+  keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [x + 0.5 * jnp.std(x) * jax.random.normal(k, x.shape) + 0.05
+             for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope='module')
+def adapter_file(pipe, tmp_path_factory):
+  """A stand-in for a trained adapter, saved with weights.save_adapter."""
+  path = str(tmp_path_factory.mktemp('adapter') / 'adapter.safetensors')
+  trained = _perturbed_adapter(pipe)
+  weights.save_adapter(path, trained, {'note': 'test'})
+  return path, trained
+
+
+def test_adapter_file_round_trip(pipe, config, first, adapter_file):
+  path, trained = adapter_file
+  in_memory = pipeline_lib.RealCustomPipeline(pipe.components, pipe.vision, config,
+                                              adapter_params=trained)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # a given adapter means no "untrained" warning
+    loaded = pipeline_lib.RealCustomPipeline(pipe.components, pipe.vision, config,
+                                             adapter_params=weights.load_adapter(path))
+  a = loaded([_subject()], PROMPTS, WORDS, seed=0, return_masks=True)
+  b = in_memory([_subject()], PROMPTS, WORDS, seed=0, return_masks=True)
+  np.testing.assert_array_equal(_pixels(a), _pixels(b))
+  assert not np.array_equal(_pixels(a), _pixels(first))
+
+
+def test_adapter_that_does_not_fit(pipe, config, tmp_path):
+  path = str(tmp_path / 'bad.safetensors')
+  weights.save_adapter(path, {'scoring': {'w': np.zeros((3,), np.float32)}})
+  with pytest.raises(ValueError, match='adapter does not fit'):
+    pipeline_lib.RealCustomPipeline(pipe.components, pipe.vision, config,
+                                    adapter_params=weights.load_adapter(path))
+
+
+def test_from_pretrained_on_disk_layout(config, adapter_file, tmp_path_factory):
+  sd_dir, vision_dir = testing.save_tiny_pretrained(
+      str(tmp_path_factory.mktemp('pretrained')), config)
+  with pytest.warns(UserWarning, match='UNTRAINED'):
+    untrained = pipeline_lib.RealCustomPipeline.from_pretrained(sd_dir, vision_dir,
+                                                                config=config)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    trained = pipeline_lib.RealCustomPipeline.from_pretrained(
+        sd_dir, vision_dir, adapter_path=adapter_file[0], config=config)
+  a = untrained([_subject()], PROMPTS[:1], WORDS[:1], seed=3)
+  b = trained([_subject()], PROMPTS[:1], WORDS[:1], seed=3)
+  assert len(a.images) == 1 and a.images[0].size == (config.resolution,) * 2
+  assert np.asarray(a.images[0]).std() > 0  # not a blank image
+  assert not np.array_equal(_pixels(a), _pixels(b))

@@ -1,0 +1,74 @@
+"""`python -m sample.main`: success writes the images; user mistakes exit 2 in one line."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=240):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(ROOT, '.jax_cache'))
+  env.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  return subprocess.run([sys.executable, '-m', 'sample.main', '--config=configs/tiny.py',
+                         *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def subject(tmp_path_factory):
+  path = tmp_path_factory.mktemp('subject') / 'toy.png'
+  rng = np.random.RandomState(0)
+  Image.fromarray((rng.rand(40, 30, 4) * 255).astype(np.uint8), 'RGBA').save(path)
+  return str(path)
+
+
+def _assert_one_line_error(proc, *needles):
+  assert proc.returncode == 2, proc.stderr
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ')
+  for needle in needles:
+    assert needle in last, last
+
+
+def test_writes_image_and_mask_grid(subject, tmp_path):
+  out, grid = tmp_path / 'out.png', tmp_path / 'grid.png'
+  proc = _run(f'--subject={subject}', '--prompt=a toy on the beach', '--word=toy',
+              f'--out={out}', f'--mask_grid={grid}', '--seed=3',
+              '--config.sampler.num_steps=3')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  image = Image.open(out)
+  assert image.size == (32, 32) and image.mode == 'RGB'
+  assert Image.open(grid).size == (3 * 64, 2 * 64)  # 3 steps x (mask, x0)
+  assert 'UNTRAINED adapter' in proc.stderr and 'wrote' in proc.stderr
+
+
+def test_missing_subject(tmp_path):
+  proc = _run(f'--subject={tmp_path}/nope.png', '--prompt=a toy', '--word=toy',
+              f'--out={tmp_path}/o.png')
+  _assert_one_line_error(proc, 'nope.png', 'does not exist')
+  assert len(proc.stderr.strip().splitlines()) == 1  # nothing else was printed
+
+
+def test_word_not_in_prompt(subject, tmp_path):
+  proc = _run(f'--subject={subject}', '--prompt=a toy on the beach', '--word=cat',
+              f'--out={tmp_path}/o.png')
+  _assert_one_line_error(proc, "'cat'", "'a toy on the beach'")
+  assert not os.path.exists(tmp_path / 'o.png')
+
+
+def test_gamma_out_of_range(subject, tmp_path):
+  proc = _run(f'--subject={subject}', '--prompt=a toy', '--word=toy',
+              f'--out={tmp_path}/o.png', '--config.sampler.gamma_scope=1.5')
+  _assert_one_line_error(proc, 'gamma_scope', '1.5')
+
+
+def test_unwritable_output(subject, tmp_path):
+  proc = _run(f'--subject={subject}', '--prompt=a toy', '--word=toy',
+              f'--out={tmp_path}/missing_dir/o.png')
+  _assert_one_line_error(proc, 'missing_dir', 'does not exist')
