@@ -21,8 +21,21 @@ $(STAMP): setup.cfg requirements-lock.txt
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# Embedded default end to end: train the adapter on the toy shapes, export it, sample
+# with it (image + Fig. 6-style mask grid). Rerunning resumes / reuses the checkpoints.
+DEMO_STEPS ?= 300
 demo: $(STAMP)
-	$(PY) -m train.demo --out_dir=$(DEMO_DIR)
+	mkdir -p $(DEMO_DIR)
+	$(PY) -m train.main --config=configs/tiny.py --workdir=$(DEMO_DIR)/workdir \
+	    --config.train.num_steps=$(DEMO_STEPS) --config.train.checkpoint_every=100 \
+	    --config.train.log_every=50
+	$(PY) -m train.export --workdir=$(DEMO_DIR)/workdir --out=$(DEMO_DIR)/adapter.safetensors
+	$(PY) -c "from PIL import Image, ImageDraw; im = Image.new('RGB', (64, 64), 'blue'); \
+	    ImageDraw.Draw(im).ellipse((14, 14, 50, 50), fill='red'); im.save('$(DEMO_DIR)/subject.png')"
+	$(PY) -m sample.main --config=configs/tiny.py --adapter=$(DEMO_DIR)/adapter.safetensors \
+	    --subject=$(DEMO_DIR)/subject.png --prompt="a red circle on a green background" \
+	    --word=circle --seed=0 --out=$(DEMO_DIR)/sample.png --mask_grid=$(DEMO_DIR)/mask_grid.png
+	@echo "demo: wrote $(DEMO_DIR)/sample.png and $(DEMO_DIR)/mask_grid.png"
 
 clean:
 	rm -rf $(VENV) .jax_cache $(DEMO_DIR)

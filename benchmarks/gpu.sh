@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the SD1.5-size benchmarks on one GPU, each printing a JSON line, into $OUT (or ./gpu_out).
+# Usage: benchmarks/gpu.sh [all|sampling|train]. Runs the SD1.5-size benchmarks on one GPU, each printing a JSON line, into $OUT (or ./gpu_out).
 # On a machine without the pins, install wheels first (diffusers 0.39.0, transformers 4.57.6,
 # huggingface_hub 0.36.2, tokenizers 0.22.2, ml_collections 1.1.0) from ./.whl if present.
 set -u
@@ -16,7 +16,14 @@ run() {  # name, timeout seconds, command...
   local name=$1 limit=$2; shift 2
   echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v '^W\|^I0' | tail -4
 }
-run sampling_bf16 200 python3 -m benchmarks.sampling --config=configs/tiny.py --arch=sd15 --dtype=bfloat16
-run train_bf16_xla 120 python3 -m benchmarks.train_step --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --batch=8 --peak_tflops=989
-run train_bf16_cudnn 120 python3 -m benchmarks.train_step --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --batch=8 --peak_tflops=989 --attention_impl=cudnn
+WHAT=${1:-all}  # all | sampling | train
+if [ "$WHAT" != train ]; then
+  run sampling_bf16_b1 200 python3 -m benchmarks.sampling --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --batch=1
+  run sampling_bf16_b4 200 python3 -m benchmarks.sampling --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --batch=4 --compile_steps=50
+fi
+if [ "$WHAT" != sampling ]; then
+  TRAIN="python3 -m benchmarks.train_step --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --batch=8 --peak_tflops=989 --steps=8"
+  run train_bf16_xla ${TRAIN_LIMIT:-110} $TRAIN
+  run train_bf16_cudnn ${TRAIN_LIMIT:-110} $TRAIN --attention_impl=cudnn
+fi
 grep -h '^{' "$OUT"/*.log > "$OUT/results.jsonl"; cat "$OUT/results.jsonl"

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from benchmarks import common
 from realcustom_jax import model as model_lib
 from realcustom_jax import sampler
-from realcustom_jax import tiny
+from realcustom_jax import tiny  # DDIM scheduler config of SD 1.5
 from realcustom_jax.unet import RealCustomUNet
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/tiny.py).')
@@ -40,40 +41,20 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per sampler (median re
 _COMPILE_STEPS = flags.DEFINE_list('compile_steps', ['10', '50'],
                                    'Step counts whose compile time is reported.')
 
-# SD 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json, the fields we use).
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
-    up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-    cross_attention_dim=768, use_linear_projection=False)
-SD15_TEXT_LEN, SD15_IMAGE_TOKENS, SD15_IMAGE_DIM = 77, 256, 1024  # CLIP ViT-L/14 @ 224
-
-
-def _setup(config, arch: str, dtype: str, attention_impl: str):
+def _setup(config, arch_name: str, dtype: str, attention_impl: str):
   """The model, random params and the shapes of its inputs."""
-  if arch == 'sd15':
-    unet_cfg, text_len, n_i, c_i = SD15_UNET, SD15_TEXT_LEN, SD15_IMAGE_TOKENS, SD15_IMAGE_DIM
-  else:
-    unet_cfg = dict(config.tiny.unet)
-    vision = dict(tiny.DEFAULT_VISION)
-    vision.update(dict(config.tiny.get('vision', None) or {}))
-    text_len = 77
-    n_i, c_i = (vision['image_size'] // vision['patch_size']) ** 2, vision['hidden_size']
+  a = common.arch(config, arch_name)
   unet = RealCustomUNet.from_config(
-      unet_cfg, dtype=jnp.dtype(dtype), attention_impl=attention_impl,
+      a.unet, dtype=jnp.dtype(dtype), attention_impl=attention_impl,
       mask_antialias=config.model.mask_antialias)
   model = model_lib.RealCustom(unet=unet, scoring_hidden=config.model.scoring_hidden,
                                fusion=config.model.fusion)
-  size = unet_cfg['sample_size']
-  # init_params jits the init, so the weights are created on the device.
-  params = model_lib.init_params(model, jax.random.PRNGKey(0), (4, size, size), text_len,
-                                 n_i, c_i)
+  params = common.random_params(model, a, jax.random.PRNGKey(0))
   if dtype != 'float32':
     # Inference in half precision: the frozen UNet's weights too (the adapter stays f32).
     params = dict(params, unet=jax.tree_util.tree_map(
         lambda x: x.astype(dtype), params['unet']))
-  return model, params, (4, size, size), text_len, n_i, c_i
+  return model, params, a.latent, a.text[0], a.image[0], a.image[1]
 
 
 def _inputs(model, batch, latent, text_len, n_i, c_i):

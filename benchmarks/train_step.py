@@ -19,11 +19,13 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import optax
 
+from benchmarks import common
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import tiny
 from realcustom_jax import training
@@ -44,27 +46,6 @@ flags.DEFINE_bool('remat', False, 'Rematerialise transformer blocks (UNet remat)
 flags.DEFINE_enum('attention_impl', None, ['xla', 'cudnn'],
                   'Self-attention kernel; default config.model.attention_impl.')
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
-    up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-    cross_attention_dim=768, use_linear_projection=False)
-SD15_TEXT = (77, 768)
-SD15_IMAGE = (256, 1024)  # CLIP ViT-L/14 at 224 px, penultimate patch tokens
-
-
-def _arch(config, arch: str):
-  """(unet config, latent side, (text len, dim), (image tokens, dim))."""
-  if arch == 'sd15':
-    return SD15_UNET, 64, SD15_TEXT, SD15_IMAGE
-  unet = dict(config.tiny.unet)
-  vision = tiny.vision_config(config)
-  tokens = (vision.image_size // vision.patch_size) ** 2
-  return (unet, unet['sample_size'], (77, unet['cross_attention_dim']),
-          (tokens, vision.hidden_size))
-
-
 def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
@@ -76,8 +57,9 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
         peak_tflops: float, remat: bool, attention_impl: str) -> dict:
   """Builds, compiles and times the step; returns the result dict."""
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[dtype_name]
-  unet_cfg, side, (n_t, c_t), (n_i, c_i) = _arch(config, arch)
-  unet = RealCustomUNet.from_config(unet_cfg, dtype=dtype, remat=remat,
+  a = common.arch(config, arch)
+  (_, side, _), (n_t, c_t), (n_i, c_i) = a.latent, a.text, a.image
+  unet = RealCustomUNet.from_config(a.unet, dtype=dtype, remat=remat,
                                     attention_impl=attention_impl)
   model = RealCustom(unet=unet, scoring_hidden=int(config.model.scoring_hidden),
                      fusion=config.model.fusion)
@@ -85,19 +67,15 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
                            scaling_factor=1.0, vision_resize=0, vision_size=0,
                            vision_mean=(0.0,) * 3, vision_std=(1.0,) * 3)
   step_config = training.StepConfig(
-      alphas_cumprod=tuple(float(a) for a in training.alphas_cumprod(tiny.SCHEDULER_CONFIG)))
+      alphas_cumprod=tuple(float(x) for x in training.alphas_cumprod(tiny.SCHEDULER_CONFIG)))
   t = config.get('train', {})
   optimizer = optax.adamw(t.get('learning_rate', 1e-4), weight_decay=t.get('weight_decay', 0.01))
 
-  # ---- Random weights, built on the device ----
-  def init(rng):
-    params = model.init(rng, jnp.zeros((1, 4, side, side)), jnp.zeros((1,), jnp.int32),
-                        jnp.zeros((1, n_t, c_t)), jnp.zeros((1, n_i, c_i)),
-                        sqrt_alpha_bar=jnp.ones((1,)))['params']
-    params = adapter_lib.init_visual_kv_from_text(params)
-    base, adapter = adapter_lib.split_params(params)
-    return training.cast_floating(base['unet'], dtype), adapter
-  unet_params, adapter = jax.jit(init)(jax.random.PRNGKey(0))
+  # ---- Random weights, built on the device (no model.init compile) ----
+  params = adapter_lib.init_visual_kv_from_text(
+      common.random_params(model, a, jax.random.PRNGKey(0)))
+  base, adapter = adapter_lib.split_params(params)
+  unet_params = training.cast_floating(base['unet'], dtype)
   state = training.create_train_state(adapter, optimizer, jax.random.PRNGKey(1))
 
   keys = jax.random.split(jax.random.PRNGKey(2), 4)
@@ -110,10 +88,12 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
     return training.adapter_step(state, unet_params, latents, text, image, rng,
                                  models=models, step_config=step_config, optimizer=optimizer)
 
+  logging.info('compiling the train step (%s, batch %d)', arch, batch)
   t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0,)).lower(
       state, unet_params, latents, text, image).compile()
   compile_s = time.perf_counter() - t0
+  logging.info('compiled in %.1f s; timing %d steps', compile_s, steps)
   flops = _flops(compiled)
 
   for _ in range(warmup):

@@ -71,7 +71,9 @@ def init_visual_kv_from_text(params: Mapping) -> dict:
         if text['kernel'].shape != v['kernel'].shape:
           raise ValueError(f'{"/".join(path + (k,))}: shape {v["kernel"].shape} differs '
                            f'from the text projection {text["kernel"].shape}')
-        out[k] = {'kernel': text['kernel']}
+        # A copy, not an alias: the adapter is donated to the train step while the
+        # frozen tree (holding the text kernel) is passed beside it.
+        out[k] = {'kernel': text['kernel'].copy()}
       elif isinstance(v, Mapping):
         out[k] = visit(v, path + (k,))
       else:

@@ -1,0 +1,65 @@
+"""What both benchmarks share: the architectures and cheap random weights."""
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from realcustom_jax import model as model_lib
+from realcustom_jax import tiny
+
+# SD 1.5's UNet (stable-diffusion-v1-5 unet/config.json, the fields we use).
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+    up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+    cross_attention_dim=768, use_linear_projection=False)
+
+
+class Arch(NamedTuple):
+  unet: dict  # diffusers UNet config
+  latent: tuple[int, int, int]  # (C, H, W)
+  text: tuple[int, int]  # (tokens, width)
+  image: tuple[int, int]  # (tokens, width)
+
+
+def arch(config, name: str) -> Arch:
+  """'sd15': SD 1.5 at 512 px with CLIP ViT-L/14 tokens; 'tiny': the config's tiny models."""
+  if name == 'sd15':
+    return Arch(SD15_UNET, (4, 64, 64), (77, 768), (256, 1024))
+  unet = dict(config.tiny.unet)
+  vision = tiny.vision_config(config)
+  side = unet['sample_size']
+  return Arch(unet, (unet['in_channels'], side, side), (77, unet['cross_attention_dim']),
+              ((vision.image_size // vision.patch_size) ** 2, vision.hidden_size))
+
+
+def random_params(model: model_lib.RealCustom, a: Arch, rng: jax.Array) -> Any:
+  """Random weights of the right shapes without running (or compiling) `model.init`.
+
+  An SD 1.5 init traces and compiles the whole forward pass; timing needs only weights
+  of the right shapes and a sane scale: kernels ~ N(0, 1/fan_in), norm scales 1,
+  biases 0. The shapes come from `jax.eval_shape`, which costs no FLOPs.
+  """
+  c, h, w = a.latent
+  shapes = jax.eval_shape(lambda r: model.init(
+      r, jnp.zeros((1, c, h, w)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,) + a.text),
+      jnp.zeros((1,) + a.image), sqrt_alpha_bar=jnp.ones((1,)),
+      scope_mask=jnp.ones((1, h, w)))['params'], rng)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+
+  def fill(rng):
+    out = []
+    for (path, leaf), key in zip(leaves, jax.random.split(rng, len(leaves))):
+      name = getattr(path[-1], 'key', '')
+      if name == 'scale':
+        out.append(jnp.ones(leaf.shape, leaf.dtype))
+      elif name == 'bias':
+        out.append(jnp.zeros(leaf.shape, leaf.dtype))
+      else:
+        fan_in = math.prod(leaf.shape[:-1]) or 1
+        out.append(jax.random.normal(key, leaf.shape, leaf.dtype) / math.sqrt(fan_in))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  return jax.jit(fill)(rng)
