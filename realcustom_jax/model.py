@@ -16,6 +16,9 @@ from realcustom_jax.unet import RealCustomUNet
 
 Array = jax.Array
 
+# config.model.dtype / config.train.frozen_dtype names.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
 
 class VisualProjection(nn.Module):
   """Maps CLIP image tokens (c_i) to the UNet's cross-attention width (c_t).
@@ -92,6 +95,21 @@ class RealCustom(nn.Module):
     return self.unet(latents, timesteps, text_features,
                      visual_tokens=self.visual_proj(scored.features),
                      visual_token_mask=selected, scope_mask=scope_mask, word_weights=word_weights)
+
+
+def build_model(config, unet_config) -> RealCustom:
+  """The RealCustom module over a diffusers UNet config, with `config.model`'s settings.
+
+  Raises:
+    ValueError: for an unknown `config.model.dtype` or an unsupported UNet.
+  """
+  m = config.model
+  if m.dtype not in DTYPES:
+    raise ValueError(f'config.model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}')
+  unet = RealCustomUNet.from_config(
+      unet_config, dtype=DTYPES[m.dtype], remat=bool(m.get('remat', False)),
+      attention_impl=m.attention_impl, mask_antialias=bool(m.mask_antialias))
+  return RealCustom(unet=unet, scoring_hidden=int(m.scoring_hidden), fusion=m.fusion)
 
 
 def word_maps(model: RealCustom, params, *args, **kwargs) -> tuple[Array, list[Array]]:

@@ -24,9 +24,7 @@ from realcustom_jax import encoders
 from realcustom_jax import model as model_lib
 from realcustom_jax import sampler
 from realcustom_jax import weights
-from realcustom_jax.unet import RealCustomUNet
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # A fixed key for the untrained adapter's random parts (scoring, visual projection).
 _ADAPTER_INIT_SEED = 0
 
@@ -48,18 +46,6 @@ class RealCustomOutput:
 def _default_config() -> ml_collections.ConfigDict:
   from configs import tiny as tiny_config  # pylint: disable=g-import-not-at-top
   return tiny_config.get_config()
-
-
-def build_model(unet_config: dict[str, Any], config) -> model_lib.RealCustom:
-  """The RealCustom module for a diffusers UNet config and `config.model`."""
-  dtype = config.model.dtype
-  if dtype not in _DTYPES:
-    raise ValueError(f'config.model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}')
-  unet = RealCustomUNet.from_config(
-      unet_config, dtype=_DTYPES[dtype], attention_impl=config.model.attention_impl,
-      mask_antialias=config.model.mask_antialias)
-  return model_lib.RealCustom(unet=unet, scoring_hidden=config.model.scoring_hidden,
-                              fusion=config.model.fusion)
 
 
 def _check_tree_like(got, expected, what: str) -> None:
@@ -115,7 +101,7 @@ class RealCustomPipeline:
       raise ValueError(f'resolution {self.resolution} is not a multiple of the VAE factor '
                        f'{factor}')
     self.latent_size = self.resolution // factor
-    self.model = build_model(components.unet_config, config)
+    self.model = model_lib.build_model(config, components.unet_config)
     self._check_latent_size()
     self.params = self._full_params(adapter_params)
     self._encode_text = jax.jit(

@@ -302,9 +302,10 @@ _cached_cfg_sampler = functools.lru_cache(maxsize=16)(
 
 def _scalar(name: str, value) -> Array:
   """A float32 scalar array, so Python floats and arrays share one trace."""
-  if isinstance(value, jax.core.Tracer):
-    return value
-  array = np.asarray(value, np.float32)
+  try:
+    array = np.asarray(value, np.float32)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return value  # already traced (a caller's own jit)
   if array.shape != ():
     raise ValueError(f'{name} must be a scalar, got shape {array.shape}')
   if not np.isfinite(array):

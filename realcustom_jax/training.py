@@ -32,13 +32,12 @@ from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import encoders
 from realcustom_jax import sharding
 from realcustom_jax import weights
+from realcustom_jax import model as model_lib
 from realcustom_jax.model import RealCustom
-from realcustom_jax.unet import RealCustomUNet
 
 Array = jax.Array
 State = dict[str, Any]  # {'step', 'params' (adapter), 'opt_state', 'rng'}
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class ConfigError(ValueError):
@@ -90,15 +89,6 @@ class StepConfig:
   image_dropout: float = 0.1
 
 
-def build_model(config, unet_config: Mapping[str, Any]) -> RealCustom:
-  """The RealCustom module over the UNet of `unet_config` (config.model settings)."""
-  m = config.model
-  unet = RealCustomUNet.from_config(
-      unet_config, dtype=DTYPES[m.dtype], remat=bool(m.get('remat', False)),
-      attention_impl=m.attention_impl, mask_antialias=bool(m.mask_antialias))
-  return RealCustom(unet=unet, scoring_hidden=int(m.scoring_hidden), fusion=m.fusion)
-
-
 def build_models(config, sd: weights.StableDiffusionComponents,
                  vision: weights.VisionEncoder) -> tuple[Models, StepConfig]:
   """The step's modules and hyper-parameters from the config and the frozen components.
@@ -111,7 +101,7 @@ def build_models(config, sd: weights.StableDiffusionComponents,
   if prediction_type not in ('epsilon', 'v_prediction'):
     raise ConfigError(f'unsupported prediction_type {prediction_type!r}')
   models = Models(
-      model=build_model(config, sd.unet_config), vae=sd.vae, text_encoder=sd.text_encoder,
+      model=model_lib.build_model(config, sd.unet_config), vae=sd.vae, text_encoder=sd.text_encoder,
       vision_model=vision.model, scaling_factor=float(sd.scaling_factor),
       vision_resize=int(vision.resize_size), vision_size=int(vision.image_size),
       vision_mean=tuple(vision.mean), vision_std=tuple(vision.std))
@@ -315,7 +305,7 @@ def setup_training(config, mesh, sd: weights.StableDiffusionComponents,
   models, step_config = build_models(config, sd, vision)
   shapes = feature_shapes(sd, vision, config.resolution)
   optimizer = create_optimizer(config)
-  frozen_dtype = DTYPES[config.train.frozen_dtype]
+  frozen_dtype = model_lib.DTYPES[config.train.frozen_dtype]
   # Adapter first: its visual K/V start as copies of the full-precision text K/V.
   rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng = jax.random.split(rng)

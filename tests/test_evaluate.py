@@ -242,3 +242,23 @@ def test_prompt_limit_and_subject_image_index(tmp_path, scorers):
   assert [c[0] for c in gen.calls] == [(30, 40)]
   assert [r['prompt'] for r in res['rows']] == ['a backpack in the jungle']
   assert any('dog: subject_image_index 2 out of range' in s for s in res['skipped'])
+
+
+def test_cli_end_to_end_with_the_real_tiny_pipeline(tmp_path):
+  """The whole harness through `RealCustomPipeline` (tiny random models, 2 DDIM steps)."""
+  bench_dir, out = _make_bench(tmp_path / 'db'), tmp_path / 'out'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'sample.evaluate', '--config=configs/tiny.py',
+       f'--bench_dir={bench_dir}', f'--out_dir={out}', '--config.sampler.num_steps=2',
+       '--config.eval.prompt_limit=1'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = _read_csv(out / ev.SCORES_CSV)
+  # prompt_limit=1 per list: backpack (object) and dog (live), 1 image each.
+  assert sorted(r['subject'] for r in rows) == ['backpack', 'dog']
+  for r in rows:
+    with Image.open(out / r['path']) as img:
+      assert img.size == (32, 32)  # configs/tiny.py resolution
+    assert all(-1.0 <= float(r[m]) <= 1.0 for m in ev.METRICS)
+  assert (out / ev.SUMMARY_CSV).is_file()

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import jax
 import ml_collections
@@ -17,39 +16,9 @@ from train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The training keys, applied on top of configs/tiny.py (setdefault: the lead's config
-# file may already carry them; the values a test depends on are set explicitly).
-TRAIN_KEYS = textwrap.dedent('''
-    import ml_collections
-    from configs import tiny
-
-    def extend(c):
-      defaults = dict(
-          data=dict(toy=True, toy_num_images=32, shards_dir='', tfds_data_dir='',
-                    aesthetic_field='aesthetic', min_aesthetic=0.0, batch_size=8,
-                    shuffle_seed=0, worker_count=0),
-          train=dict(num_steps=4, learning_rate=1e-4, weight_decay=0.01, warmup_steps=0,
-                     grad_clip_norm=0.0, gamma_num_range=(0.3, 1.0), image_dropout=0.1,
-                     frozen_dtype='float32', checkpoint_every=2, max_to_keep=3,
-                     log_every=1, debug_nan_step=-1),
-          mesh=dict(data=-1, fsdp=1, distributed=False))
-      for section, values in defaults.items():
-        if section not in c:
-          c[section] = ml_collections.ConfigDict()
-        for k, v in values.items():
-          if k not in c[section]:
-            c[section][k] = v
-      return c
-
-    def get_config():
-      return extend(tiny.get_config())
-''')
-_ns = {}
-exec(TRAIN_KEYS, _ns)  # pylint: disable=exec-used
-
 
 def _config(data_dir, **train_overrides) -> ml_collections.ConfigDict:
-  c = _ns['extend'](tiny_config.get_config())
+  c = tiny_config.get_config()
   c.data.toy, c.data.toy_num_images, c.data.batch_size = True, 32, 8
   c.data.tfds_data_dir = str(data_dir)  # prepare the toy set once for every test
   c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 4, 2, 1
@@ -87,6 +56,8 @@ def test_straight_run_writes_checkpoints_and_metrics(straight_run):
   metrics = _read_metrics(workdir)
   assert [m['step'] for m in metrics] == [1, 2, 3, 4]
   assert all(np.isfinite(m['loss']) and m['steps_per_sec'] > 0 for m in metrics)
+  events = os.listdir(os.path.join(workdir, train.TENSORBOARD_DIR))
+  assert any(e.startswith('events.out.tfevents') for e in events)
   # The adapter moved away from its init (the step-2 checkpoint holds other values).
   at2, _, _ = export.load_checkpoint_adapter(workdir, step=2)
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), at2, params))
@@ -126,10 +97,8 @@ def test_export_matches_checkpoint(straight_run, tmp_path):
 
 
 def test_main_bad_shards_dir_exits_2_with_one_line(tmp_path):
-  cfg = tmp_path / 'cfg.py'
-  cfg.write_text(TRAIN_KEYS)
   proc = subprocess.run(
-      [sys.executable, '-m', 'train.main', f'--config={cfg}',
+      [sys.executable, '-m', 'train.main', '--config=configs/tiny.py',
        f'--workdir={tmp_path / "w"}', '--config.data.toy=False',
        f'--config.data.shards_dir={tmp_path / "no_such_dir"}'],
       cwd=REPO, capture_output=True, text=True, timeout=120,

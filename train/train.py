@@ -27,7 +27,7 @@ from realcustom_jax import tiny
 from realcustom_jax import weights
 from realcustom_jax.training import ConfigError
 from realcustom_jax.training import create_optimizer
-from realcustom_jax.training import DTYPES
+from realcustom_jax.model import DTYPES
 from realcustom_jax.training import jit_train_step
 from realcustom_jax.training import setup_training
 from realcustom_jax.training import State
@@ -35,6 +35,7 @@ from train import input_pipeline
 
 CHECKPOINT_DIR = 'checkpoints'
 METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -103,22 +104,33 @@ def load_components(config) -> tuple[weights.StableDiffusionComponents, weights.
 
 
 class MetricWriter:
-  """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`.
+  """Writes each logged step's metrics as TensorBoard events and as a JSON line.
 
-  No TensorBoard writer works here without TensorFlow (clu, tensorboardX are not
-  installed); the JSON lines convert to TB events with a few lines of tensorboardX.
+  Events go to `<workdir>/tensorboard` through tensorboardX (TensorFlow-free);
+  `<workdir>/metrics.jsonl` is the same data for scripts. Only process 0 writes.
   """
 
   def __init__(self, workdir: str):
     self._path = os.path.join(workdir, METRICS_FILE)
     self._enabled = jax.process_index() == 0
+    self._tb = None
+    if self._enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self._enabled:
       return
+    values = {k: float(v) for k, v in metrics.items()}
     with open(self._path, 'a') as f:
-      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in metrics.items()}})
-              + '\n')
+      f.write(json.dumps({'step': int(step), **values}) + '\n')
+    for name, value in values.items():
+      self._tb.add_scalar(f'train/{name}', value, int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -257,4 +269,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     # Also on a NaN: an in-flight async save of the last good step completes.
     mngr.wait_until_finished()
     mngr.close()
+    writer.close()
   return state
