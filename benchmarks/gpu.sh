@@ -23,7 +23,7 @@ if [ "$WHAT" != train ]; then
 fi
 if [ "$WHAT" != sampling ]; then
   TRAIN="python3 -m benchmarks.train_step --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --batch=8 --peak_tflops=989 --steps=8"
-  run train_bf16_xla ${TRAIN_LIMIT:-110} $TRAIN
-  run train_bf16_cudnn ${TRAIN_LIMIT:-110} $TRAIN --attention_impl=cudnn
+  run train_bf16_xla ${TRAIN_LIMIT:-400} $TRAIN
+  run train_bf16_cudnn ${TRAIN_LIMIT:-400} $TRAIN --attention_impl=cudnn
 fi
 grep -h '^{' "$OUT"/*.log > "$OUT/results.jsonl"; cat "$OUT/results.jsonl"
