@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from realcustom_jax.attention import resize_scope
+from realcustom_jax.scoring import FUSIONS
 from realcustom_jax.scoring import AdaptiveScoring
 from realcustom_jax.selection import check_unit_interval
 from realcustom_jax.unet import RealCustomUNet
@@ -97,15 +98,32 @@ class RealCustom(nn.Module):
                      visual_token_mask=selected, scope_mask=scope_mask, word_weights=word_weights)
 
 
+ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+
+
+def check_model_config(m) -> None:
+  """ValueError (one line) for a bad `config.model` value, before anything is built."""
+  if m.dtype not in DTYPES:
+    raise ValueError(f'config.model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}')
+  if m.fusion not in FUSIONS:
+    raise ValueError(f'config.model.fusion must be one of {FUSIONS}, got {m.fusion!r}')
+  if isinstance(m.scoring_hidden, bool) or not isinstance(m.scoring_hidden, int) \
+      or m.scoring_hidden < 0:
+    raise ValueError('config.model.scoring_hidden must be an integer >= 0 (0: image '
+                     f'feature width), got {m.scoring_hidden!r}')
+  if m.attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f'config.model.attention_impl must be one of {ATTENTION_IMPLS}, got '
+                     f'{m.attention_impl!r}')
+
+
 def build_model(config, unet_config) -> RealCustom:
   """The RealCustom module over a diffusers UNet config, with `config.model`'s settings.
 
   Raises:
-    ValueError: for an unknown `config.model.dtype` or an unsupported UNet.
+    ValueError: for a bad `config.model` value or an unsupported UNet.
   """
   m = config.model
-  if m.dtype not in DTYPES:
-    raise ValueError(f'config.model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}')
+  check_model_config(m)
   unet = RealCustomUNet.from_config(
       unet_config, dtype=DTYPES[m.dtype], remat=bool(m.get('remat', False)),
       attention_impl=m.attention_impl, mask_antialias=bool(m.mask_antialias))

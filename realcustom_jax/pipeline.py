@@ -9,6 +9,7 @@ caches one executable per input shape, so repeated calls with the same batch siz
 step count compile nothing.
 """
 import dataclasses
+import json
 import logging
 from typing import Any, Optional, Sequence
 import warnings
@@ -48,6 +49,28 @@ def _default_config() -> ml_collections.ConfigDict:
   return tiny_config.get_config()
 
 
+def _read_adapter(path: Optional[str]) -> tuple[Optional[dict], dict]:
+  """The adapter tree and the training `config.model` stored with it (empty if none)."""
+  if not path:
+    return None, {}
+  metadata = weights.load_adapter_metadata(path)
+  trained = json.loads(metadata['model_config']) if 'model_config' in metadata else {}
+  return weights.load_adapter(path), trained
+
+
+def _check_adapter_config(trained: dict, config) -> None:
+  """ValueError when the adapter was trained with a different scoring set-up.
+
+  The tree shapes cannot tell an Eq. 8 fusion ablation ('text', 'mean', ...) from the
+  default, so the training config that `train.export` stores is compared here.
+  """
+  for key in ('fusion', 'scoring_hidden'):
+    if key in trained and trained[key] != config.model.get(key):
+      raise ValueError(f'the adapter was trained with model.{key}={trained[key]!r} but the '
+                       f'config has {config.model.get(key)!r}; set '
+                       f'--config.model.{key}={trained[key]}')
+
+
 def _check_tree_like(got, expected, what: str) -> None:
   """ValueError when `got` lacks, adds or reshapes any parameter of `expected`."""
   flat_got = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(got)}
@@ -77,7 +100,8 @@ class RealCustomPipeline:
   """
 
   def __init__(self, components: weights.StableDiffusionComponents,
-               vision: weights.VisionEncoder, config=None, adapter_params=None):
+               vision: weights.VisionEncoder, config=None, adapter_params=None,
+               adapter_config: Optional[dict] = None):
     """Builds the pipeline; `adapter_params=None` starts an untrained adapter (warned).
 
     Args:
@@ -87,6 +111,8 @@ class RealCustomPipeline:
         resolution of the UNet's sample size.
       adapter_params: the trained adapter tree (scoring, visual_proj, visual K/V), as
         `weights.load_adapter` returns it.
+      adapter_config: the `config.model` the adapter was trained with (stored by
+        `train.export`); a different fusion or score-net width is refused.
     """
     if config is None:
       config = _default_config()
@@ -102,6 +128,7 @@ class RealCustomPipeline:
                        f'{factor}')
     self.latent_size = self.resolution // factor
     self.model = model_lib.build_model(config, components.unet_config)
+    _check_adapter_config(adapter_config or {}, config)
     self._check_latent_size()
     self.params = self._full_params(adapter_params)
     self._encode_text = jax.jit(
@@ -130,8 +157,8 @@ class RealCustomPipeline:
     from realcustom_jax import tiny as tiny_lib  # pylint: disable=g-import-not-at-top
     config = _default_config() if config is None else config
     components, vision = tiny_lib.build_tiny_components(config)
-    adapter_params = weights.load_adapter(adapter_path) if adapter_path else None
-    return cls(components, vision, config, adapter_params)
+    adapter_params, trained = _read_adapter(adapter_path)
+    return cls(components, vision, config, adapter_params, trained)
 
   @classmethod
   def from_pretrained(cls, sd_dir: str, vision_dir: str, adapter_path: Optional[str] = None,
@@ -151,8 +178,8 @@ class RealCustomPipeline:
     """
     components = weights.load_stable_diffusion(sd_dir, allow_pickle=allow_pickle)
     vision = weights.load_vision_encoder(vision_dir, allow_pickle=allow_pickle)
-    adapter_params = weights.load_adapter(adapter_path) if adapter_path else None
-    return cls(components, vision, config, adapter_params)
+    adapter_params, trained = _read_adapter(adapter_path)
+    return cls(components, vision, config, adapter_params, trained)
 
   @classmethod
   def from_config(cls, config) -> 'RealCustomPipeline':

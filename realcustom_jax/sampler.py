@@ -223,10 +223,9 @@ def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, la
     ys = (scope, x0) if return_trajectory else None
     return (z_prev, scope), ys
 
-  # The scope's size is the largest word-map size, known only from the model.
-  map_shape = jax.eval_shape(lambda z: influence_scope(
-      text_branches(z, schedule.timesteps[0])[2], 0.5), latents)
-  init = (latents, jnp.zeros(map_shape.shape, jnp.float32))
+  # The scope has the size of the largest word map (Eq. 11).
+  map_size = model.unet.word_map_size(*latents.shape[2:])
+  init = (latents, jnp.zeros((b,) + map_size, jnp.float32))
   xs = (schedule.timesteps, schedule.alpha_bar, schedule.alpha_bar_prev)
   (z0, scope), ys = jax.lax.scan(step, init, xs)
   if return_trajectory:

@@ -321,6 +321,19 @@ class RealCustomUNet(nn.Module):
              for i, t in enumerate(self.up_block_types) if t.startswith('CrossAttn'))
     return down + up + depth[-1]
 
+  def word_map_size(self, height: int, width: int) -> tuple[int, int]:
+    """(h, w) of the largest cross-attention map for (height, width) latents.
+
+    The size of the influence scope (Eq. 11), known without tracing the UNet.
+    """
+    n = len(self.block_out_channels)
+    levels = [i for i, t in enumerate(self.down_block_types) if t == 'CrossAttnDownBlock2D']
+    levels += [n - 1 - i for i, t in enumerate(self.up_block_types)
+               if t == 'CrossAttnUpBlock2D']
+    for _ in range(min(levels + [n - 1])):  # n - 1: the mid block
+      height, width = (height + 1) // 2, (width + 1) // 2  # stride-2, pad-1 convs
+    return height, width
+
   @nn.compact
   def __call__(self, sample: Array, timesteps: Array, encoder_hidden_states: Array, *,
                visual_tokens: Optional[Array] = None,

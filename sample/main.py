@@ -87,7 +87,7 @@ def _check_word(config, prompt: str, word: str) -> None:
   from realcustom_jax import encoders  # pylint: disable=g-import-not-at-top
   if config.pretrained:
     tok_dir = os.path.join(config.pretrained, 'tokenizer')
-    if not os.path.isfile(os.path.join(tok_dir, 'vocab.json')):
+    if not all(os.path.isfile(os.path.join(tok_dir, f)) for f in ('vocab.json', 'merges.txt')):
       return  # the weight loader reports the broken directory with its own message
     from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
@@ -110,6 +110,8 @@ def run(config) -> None:
       raise UsageError(f'config.sampler.{name} must lie in [0, 1], got {value!r}')
   if not isinstance(s.num_steps, int) or s.num_steps < 1:
     raise UsageError(f'config.sampler.num_steps must be a positive integer, got {s.num_steps!r}')
+  if not 0 <= _SEED.value < 2**32:
+    raise UsageError(f'--seed must lie in [0, 2**32), got {_SEED.value}')
   _check_output(_OUT.value, 'out')
   if _MASK_GRID.value:
     _check_output(_MASK_GRID.value, 'mask_grid')

@@ -1,4 +1,5 @@
 """RealCustomPipeline end to end on the tiny embedded models (and a real on-disk layout)."""
+import json
 import warnings
 
 import jax
@@ -160,3 +161,12 @@ def test_from_pretrained_on_disk_layout(config, adapter_file, tmp_path_factory):
   assert len(a.images) == 1 and a.images[0].size == (config.resolution,) * 2
   assert np.asarray(a.images[0]).std() > 0  # not a blank image
   assert not np.array_equal(_pixels(a), _pixels(b))
+
+
+def test_adapter_trained_with_another_fusion_is_refused(pipe, config, tmp_path):
+  """Shapes cannot tell a Table 3 fusion ablation apart: the stored config must."""
+  path = str(tmp_path / 'text_fusion.safetensors')
+  model_config = json.dumps({'fusion': 'text', 'scoring_hidden': config.model.scoring_hidden})
+  weights.save_adapter(path, pipe.adapter_params, {'model_config': model_config})
+  with pytest.raises(ValueError, match="model.fusion='text'"):
+    pipeline_lib.RealCustomPipeline.tiny(config, adapter_path=path)

@@ -72,3 +72,9 @@ def test_unwritable_output(subject, tmp_path):
   proc = _run(f'--subject={subject}', '--prompt=a toy', '--word=toy',
               f'--out={tmp_path}/missing_dir/o.png')
   _assert_one_line_error(proc, 'missing_dir', 'does not exist')
+
+
+def test_seed_out_of_range(subject, tmp_path):
+  proc = _run(f'--subject={subject}', '--prompt=a toy', '--word=toy',
+              f'--out={tmp_path}/o.png', f'--seed={2**40}')
+  _assert_one_line_error(proc, '--seed', str(2**40))

@@ -107,3 +107,22 @@ def test_main_bad_shards_dir_exits_2_with_one_line(tmp_path):
   errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
   assert len(errors) == 1 and 'shards_dir' in errors[0] and 'no_such_dir' in errors[0]
   assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('fusion', 'avg', 'config.model.fusion'),
+    ('scoring_hidden', -1, 'config.model.scoring_hidden'),
+    ('attention_impl', 'flash', 'config.model.attention_impl'),
+])
+def test_bad_model_keys_are_config_errors(data_dir, tmp_path, key, value, message):
+  config = _config(data_dir)
+  config.model[key] = value
+  with pytest.raises(train.ConfigError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_unusable_workdir_is_a_config_error(data_dir, tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  with pytest.raises(train.ConfigError, match='cannot create --workdir'):
+    train.train_and_evaluate(_config(data_dir), str(blocker / 'run'))

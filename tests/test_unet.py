@@ -105,6 +105,12 @@ def test_word_maps_are_sown_per_cross_attention_layer(setup):
                                           mutable=['intermediates']))(full)
   maps = jax.tree_util.tree_leaves(state['intermediates'])
   assert len(maps) == ours.num_cross_attention_layers
+  assert max(m.shape[1:] for m in maps) == ours.word_map_size(8, 8)
+  # A config whose first block has no cross-attention: the largest map is 4 x 4.
+  no_first = RealCustomUNet.from_config(
+      {**cfg, 'down_block_types': ('DownBlock2D',) + tuple(cfg['down_block_types'][1:]),
+       'up_block_types': tuple(cfg['up_block_types'][:-1]) + ('UpBlock2D',)})
+  assert no_first.word_map_size(8, 8) == (4, 4) and no_first.word_map_size(9, 7) == (5, 4)
   sizes = {m.shape[1:] for m in maps}
   assert (8, 8) in sizes
   for m in maps:

@@ -28,6 +28,7 @@ from realcustom_jax import weights
 from realcustom_jax.training import ConfigError
 from realcustom_jax.training import create_optimizer
 from realcustom_jax.model import DTYPES
+from realcustom_jax.model import check_model_config
 from realcustom_jax.training import jit_train_step
 from realcustom_jax.training import setup_training
 from realcustom_jax.training import State
@@ -68,9 +69,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f'got {tuple(t.gamma_num_range)}')
   if not float(t.learning_rate) > 0:
     raise ConfigError(f'config.train.learning_rate must be positive, got {t.learning_rate}')
-  for key, value in (('train.frozen_dtype', t.frozen_dtype), ('model.dtype', config.model.dtype)):
-    if value not in DTYPES:
-      raise ConfigError(f'config.{key} must be one of {sorted(DTYPES)}, got {value!r}')
+  if t.frozen_dtype not in DTYPES:
+    raise ConfigError(f'config.train.frozen_dtype must be one of {sorted(DTYPES)}, got '
+                      f'{t.frozen_dtype!r}')
+  try:
+    check_model_config(config.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if int(config.data.batch_size) <= 0:
     raise ConfigError(f'config.data.batch_size must be positive, got {config.data.batch_size}')
   if not config.data.toy:
@@ -175,7 +180,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     NonFiniteLossError: the loss became NaN/inf; the checkpoints before it are kept.
   """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'cannot create --workdir {workdir}: {e.strerror}') from None
   t = config.train
 
   # ---- Mesh ----
