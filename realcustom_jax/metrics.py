@@ -15,9 +15,7 @@ read with `from_pt=True`, which needs no torch, or `flax_model.msgpack`); nothin
 downloaded. Image preprocessing follows the directory's `preprocessor_config.json`.
 """
 import dataclasses
-import json
 import os
-import tempfile
 from typing import Any, Callable, Sequence
 
 import jax
@@ -27,6 +25,8 @@ from PIL import Image
 import transformers
 
 transformers.logging.set_verbosity_error()
+
+from realcustom_jax import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -275,30 +275,17 @@ def _dino_processor(size: int):
 
 # ---- Tiny random models (used when no model directory is configured) ----
 
-def tiny_clip_tokenizer(model_max_length: int = 77) -> transformers.CLIPTokenizer:
-  """A byte-level CLIP tokenizer with no merges (514 tokens), built without downloads.
+def tiny_clip_config(tokenizer: transformers.CLIPTokenizer) -> transformers.CLIPConfig:
+  """Two-layer CLIP, width 32, 32 px images in 8 px patches, over `tokenizer`'s vocab.
 
-  Ids: 256 byte symbols, the same 256 with '</w>', then <|startoftext|>, and
-  <|endoftext|> last, because Flax CLIP pools at the highest id when eos_token_id is 2.
+  `tokenizer` is `tiny.build_tokenizer()`, whose end token has the highest id, as Flax
+  CLIP's pooling expects when eos_token_id is the legacy 2.
   """
-  byte_syms = list(transformers.models.clip.tokenization_clip.bytes_to_unicode().values())
-  vocab = byte_syms + [s + '</w>' for s in byte_syms] + ['<|startoftext|>',
-                                                         '<|endoftext|>']
-  with tempfile.TemporaryDirectory() as d:
-    with open(os.path.join(d, 'vocab.json'), 'w', encoding='utf-8') as f:
-      json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(d, 'merges.txt'), 'w', encoding='utf-8') as f:
-      f.write('#version: 0.2\n')
-    return transformers.CLIPTokenizer(
-        os.path.join(d, 'vocab.json'), os.path.join(d, 'merges.txt'),
-        model_max_length=model_max_length, pad_token='<|endoftext|>')
-
-
-def tiny_clip_config(max_length: int = 77) -> transformers.CLIPConfig:
-  """Two-layer CLIP, width 32, 32 px images in 8 px patches; vocab of the tiny tokenizer."""
-  text = dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=2, max_position_embeddings=max_length,
-              bos_token_id=512, eos_token_id=513, pad_token_id=513)
+  text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=2,
+              max_position_embeddings=tokenizer.model_max_length,
+              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id)
   vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, image_size=32, patch_size=8)
   return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
@@ -333,13 +320,13 @@ def _lecun_reinit(params, seed: int):
 
 def tiny_clip(seed: int = 0) -> ClipScorer:
   """Random-init tiny CLIP with a fixed seed (plumbing checks only, scores meaningless)."""
-  config = tiny_clip_config()
+  tokenizer = tiny.build_tokenizer()
+  config = tiny_clip_config(tokenizer)
   model = transformers.FlaxCLIPModel(config, seed=seed)
   model.params = _lecun_reinit(model.params, seed)
   size = config.vision_config.image_size
   processor = transformers.CLIPImageProcessor(
       size={'shortest_edge': size}, crop_size={'height': size, 'width': size})
-  tokenizer = tiny_clip_tokenizer(config.text_config.max_position_embeddings)
   return ClipScorer(model=model, params=model.params, processor=processor,
                     tokenizer=tokenizer)
 

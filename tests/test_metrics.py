@@ -8,6 +8,7 @@ import pytest
 import transformers
 
 from realcustom_jax import metrics
+from realcustom_jax import tiny
 
 transformers.logging.set_verbosity_error()
 
@@ -31,12 +32,13 @@ def saved(tmp_path_factory):
   root = tmp_path_factory.mktemp('models')
   clip_dir, dino_dir = str(root / 'clip'), str(root / 'dino')
   torch.manual_seed(0)
-  config = metrics.tiny_clip_config()
+  tokenizer = tiny.build_tokenizer()
+  config = metrics.tiny_clip_config(tokenizer)
   for c in (config, config.text_config, config.vision_config):
     c.initializer_factor = 5.0  # so that different images get different embeddings
   pt_clip = transformers.CLIPModel(config).eval()
   pt_clip.save_pretrained(clip_dir)
-  metrics.tiny_clip_tokenizer(77).save_pretrained(clip_dir)
+  tokenizer.save_pretrained(clip_dir)
   transformers.CLIPImageProcessor(
       size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32}
   ).save_pretrained(clip_dir)
