@@ -25,6 +25,7 @@ from realcustom_jax import encoders
 from realcustom_jax import model as model_lib
 from realcustom_jax import sampler
 from realcustom_jax import weights
+from realcustom_jax.selection import check_unit_interval
 
 # A fixed key for the untrained adapter's random parts (scoring, visual projection).
 _ADAPTER_INIT_SEED = 0
@@ -246,7 +247,8 @@ class RealCustomPipeline:
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
       raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
     gamma_scope, gamma_num = pick(gamma_scope, s.gamma_scope), pick(gamma_num, s.gamma_num)
-    sampler.check_ratios(gamma_scope, gamma_num)
+    check_unit_interval('gamma_scope', gamma_scope)
+    check_unit_interval('gamma_num', gamma_num)
     return (int(num_steps), pick(guidance_text, s.guidance_text),
             pick(guidance_image, s.guidance_image), gamma_scope, gamma_num)
 

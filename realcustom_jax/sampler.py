@@ -28,7 +28,6 @@ import numpy as np
 
 from realcustom_jax import model as model_lib
 from realcustom_jax.mask import influence_scope
-from realcustom_jax.selection import check_unit_interval
 
 Array = jax.Array
 
@@ -390,11 +389,3 @@ def cfg_sample(model: model_lib.RealCustom, params, schedule: Schedule, latents:
   fn = _cached_cfg_sampler(model, bool(return_trajectory))
   return fn(params, schedule, latents, text_emb, uncond_emb,
             _scalar('guidance_text', guidance_text))
-
-
-def check_ratios(gamma_scope=None, gamma_num=None) -> None:
-  """ValueError for a gamma outside [0, 1] (one line), for callers that check early."""
-  if gamma_scope is not None:
-    check_unit_interval('gamma_scope', gamma_scope)
-  if gamma_num is not None:
-    check_unit_interval('gamma_num', gamma_num)

@@ -104,10 +104,9 @@ def run(config) -> None:
       raise UsageError(f'--{flag.name} is required')
   _apply_flags(config)
   s = config.sampler
+  from realcustom_jax.selection import check_unit_interval  # pylint: disable=g-import-not-at-top
   for name in ('gamma_scope', 'gamma_num'):
-    value = s[name]
-    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-      raise UsageError(f'config.sampler.{name} must lie in [0, 1], got {value!r}')
+    check_unit_interval(f'config.sampler.{name}', s[name])
   if not isinstance(s.num_steps, int) or s.num_steps < 1:
     raise UsageError(f'config.sampler.num_steps must be a positive integer, got {s.num_steps!r}')
   if not 0 <= _SEED.value < 2**32:
