@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from realcustom_jax import adapter as adapter_lib
 from realcustom_jax.attention import resize_scope
 from realcustom_jax.scoring import FUSIONS
 from realcustom_jax.scoring import AdaptiveScoring
@@ -170,14 +171,36 @@ def validate_inputs(model: RealCustom, text_features, image_features=None,
     check_unit_interval('gamma_scope', gamma_scope)
 
 
+def _init_fn(model: RealCustom, latent_shape, text_len: int, image_tokens: int,
+             image_dim: int):
+  """rng -> the full parameter tree (base + adapter), for one sample of these shapes."""
+  c, h, w = latent_shape
+  args = (jnp.zeros((1, c, h, w)), jnp.zeros((1,), jnp.int32),
+          jnp.zeros((1, text_len, model.unet.cross_attention_dim)),
+          jnp.zeros((1, image_tokens, image_dim)))
+  return lambda r: model.init(r, *args, sqrt_alpha_bar=jnp.ones((1,)),
+                              scope_mask=jnp.ones((1, h, w)))['params']
+
+
 def init_params(model: RealCustom, rng: Array, latent_shape, text_len: int,
                 image_tokens: int, image_dim: int) -> dict:
   """Random init of the full tree (base + adapter), jitted."""
-  b = 1
-  c, h, w = latent_shape
-  args = (jnp.zeros((b, c, h, w)), jnp.zeros((b,), jnp.int32),
-          jnp.zeros((b, text_len, model.unet.cross_attention_dim)),
-          jnp.zeros((b, image_tokens, image_dim)))
-  init = lambda r: model.init(r, *args, sqrt_alpha_bar=jnp.ones((b,)),
-                              scope_mask=jnp.ones((b, h, w)))['params']
-  return jax.jit(init)(rng)
+  return jax.jit(_init_fn(model, latent_shape, text_len, image_tokens, image_dim))(rng)
+
+
+def param_shapes(model: RealCustom, latent_shape, text_len: int, image_tokens: int,
+                 image_dim: int) -> dict:
+  """The full tree's shapes and dtypes (`jax.eval_shape`: no FLOPs, no memory)."""
+  init = _init_fn(model, latent_shape, text_len, image_tokens, image_dim)
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def init_adapter_params(model: RealCustom, rng: Array, latent_shape, text_len: int,
+                        image_tokens: int, image_dim: int) -> dict:
+  """Random adapter (scoring, visual projection, visual K/V) only.
+
+  The jitted init returns just the adapter subtree, so XLA drops the random UNet it
+  would otherwise build (860M parameters for SD 1.5).
+  """
+  init = _init_fn(model, latent_shape, text_len, image_tokens, image_dim)
+  return jax.jit(lambda r: adapter_lib.split_params(init(r))[1])(rng)

@@ -211,11 +211,8 @@ class RealCustomPipeline:
 
   def _random_adapter(self) -> dict:
     """An untrained adapter: random scoring/projection, visual K/V = text K/V."""
-    latent, n_t, n_i, c_i = self._init_shapes()
-    full = model_lib.init_params(self.model, jax.random.PRNGKey(_ADAPTER_INIT_SEED),
-                                 latent, n_t, n_i, c_i)
-    _, adapter = adapter_lib.split_params(full)
-    return adapter
+    return model_lib.init_adapter_params(
+        self.model, jax.random.PRNGKey(_ADAPTER_INIT_SEED), *self._init_shapes())
 
   def _full_params(self, adapter_params) -> dict:
     base = {'unet': self.components.unet_params}
@@ -225,9 +222,7 @@ class RealCustomPipeline:
                     'subject', stacklevel=3)
       return adapter_lib.init_visual_kv_from_text(
           adapter_lib.merge_params(base, self._random_adapter()))
-    latent, n_t, n_i, c_i = self._init_shapes()
-    expected = jax.eval_shape(lambda: model_lib.init_params(
-        self.model, jax.random.PRNGKey(0), latent, n_t, n_i, c_i))
+    expected = model_lib.param_shapes(self.model, *self._init_shapes())
     _, expected_adapter = adapter_lib.split_params(expected)
     _check_tree_like(adapter_params, expected_adapter, 'adapter')
     adapter_params = jax.tree_util.tree_map(jnp.asarray, adapter_params)

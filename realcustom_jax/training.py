@@ -161,23 +161,18 @@ def init_adapter(model: RealCustom, unet_params: Mapping, rng: Array,
   Raises:
     ConfigError: the pretrained UNet's parameter tree differs from the model's.
   """
-  args = tuple(jnp.zeros((1,) + shapes[k]) for k in ('latents', 'text', 'image'))
-  def init(r):
-    params = model.init(r, args[0], jnp.zeros((1,), jnp.int32), args[1], args[2],
-                        sqrt_alpha_bar=jnp.ones((1,)))['params']
-    return params
-  abstract_base, _ = adapter_lib.split_params(jax.eval_shape(init, rng))
+  sizes = (shapes['latents'], shapes['text'][0]) + tuple(shapes['image'])
+  abstract_base, _ = adapter_lib.split_params(model_lib.param_shapes(model, *sizes))
   expected = jax.tree.map(lambda x: x.shape, abstract_base['unet'])
   got = jax.tree.map(lambda x: tuple(x.shape), dict(unet_params))
   if expected != got:
     raise ConfigError('the pretrained UNet parameters do not match the UNet built from its '
                       'config (different tree or shapes)')
-  adapter = jax.jit(lambda r: adapter_lib.split_params(init(r))[1])(rng)
+  adapter = model_lib.init_adapter_params(model, rng, *sizes)
   full = adapter_lib.init_visual_kv_from_text(
       adapter_lib.merge_params({'unet': unet_params}, adapter))
-  # Real copies: the visual K/V must not share buffers with the frozen text K/V, or
-  # donating the train state would also donate those frozen weights.
-  return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True),
+  # The adapter trains in float32 even when the frozen text K/V it copies are bf16.
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
                       adapter_lib.split_params(full)[1])
 
 
