@@ -4,6 +4,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from realcustom_jax import model as model_lib
 from realcustom_jax import tiny
@@ -35,31 +36,32 @@ def arch(config, name: str) -> Arch:
               ((vision.image_size // vision.patch_size) ** 2, vision.hidden_size))
 
 
-def random_params(model: model_lib.RealCustom, a: Arch, rng: jax.Array) -> Any:
+def random_params(model: model_lib.RealCustom, a: Arch, seed: int = 0) -> Any:
   """Random weights of the right shapes without running (or compiling) `model.init`.
 
   An SD 1.5 init traces and compiles the whole forward pass; timing needs only weights
   of the right shapes and a sane scale: kernels ~ N(0, 1/fan_in), norm scales 1,
-  biases 0. The shapes come from `jax.eval_shape`, which costs no FLOPs.
+  biases 0. The shapes come from `jax.eval_shape`, which costs no FLOPs, and the values
+  from NumPy on the host: drawing them in one jitted function made XLA:GPU compile for
+  over four minutes (it fuses the random-number generator into every one of the ~700
+  outputs), whatever the draw was split into.
   """
   c, h, w = a.latent
   shapes = jax.eval_shape(lambda r: model.init(
       r, jnp.zeros((1, c, h, w)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,) + a.text),
       jnp.zeros((1,) + a.image), sqrt_alpha_bar=jnp.ones((1,)),
-      scope_mask=jnp.ones((1, h, w)))['params'], rng)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+      scope_mask=jnp.ones((1, h, w)))['params'], jax.random.PRNGKey(0))
+  rng = np.random.default_rng(seed)
 
-  def fill(rng):
-    out = []
-    for (path, leaf), key in zip(leaves, jax.random.split(rng, len(leaves))):
-      name = getattr(path[-1], 'key', '')
-      if name == 'scale':
-        out.append(jnp.ones(leaf.shape, leaf.dtype))
-      elif name == 'bias':
-        out.append(jnp.zeros(leaf.shape, leaf.dtype))
-      else:
-        fan_in = math.prod(leaf.shape[:-1]) or 1
-        out.append(jax.random.normal(key, leaf.shape, leaf.dtype) / math.sqrt(fan_in))
-    return jax.tree_util.tree_unflatten(treedef, out)
+  def fill(path, leaf):
+    name = getattr(path[-1], 'key', '')
+    if name == 'scale':
+      value = np.ones(leaf.shape, np.float32)
+    elif name == 'bias':
+      value = np.zeros(leaf.shape, np.float32)
+    else:
+      value = rng.standard_normal(leaf.shape, np.float32)
+      value *= np.float32(1 / math.sqrt(math.prod(leaf.shape[:-1]) or 1))
+    return jax.device_put(value.astype(leaf.dtype))
 
-  return jax.jit(fill)(rng)
+  return jax.tree_util.tree_map_with_path(fill, shapes)

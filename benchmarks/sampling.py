@@ -49,7 +49,7 @@ def _setup(config, arch_name: str, dtype: str, attention_impl: str):
       mask_antialias=config.model.mask_antialias)
   model = model_lib.RealCustom(unet=unet, scoring_hidden=config.model.scoring_hidden,
                                fusion=config.model.fusion)
-  params = common.random_params(model, a, jax.random.PRNGKey(0))
+  params = common.random_params(model, a, seed=0)
   if dtype != 'float32':
     # Inference in half precision: the frozen UNet's weights too (the adapter stays f32).
     params = dict(params, unet=jax.tree_util.tree_map(

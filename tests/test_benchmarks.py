@@ -4,9 +4,20 @@ They run as subprocesses: each script defines absl flags (`--config`) at import,
 sample.evaluate does, and one pytest process cannot hold both.
 """
 import json
+import math
 import os
 import subprocess
 import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from benchmarks import trace_summary
+import configs.tiny
+from realcustom_jax.model import RealCustom
+from realcustom_jax.unet import RealCustomUNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,9 +48,74 @@ def test_sampling_benchmark_rejects_bad_flags():
   assert bad.returncode == 2 and 'batch' in bad.stderr and 'Traceback' not in bad.stderr
 
 
-def test_train_step_benchmark_counts_flops_and_mfu():
-  r = _last_json(_run('benchmarks.train_step', '--steps=2', '--warmup=1', '--peak_tflops=1'))
+def test_train_step_benchmark_counts_flops_and_mfu_and_writes_a_trace(tmp_path):
+  prof = tmp_path / 'prof'
+  r = _last_json(_run('benchmarks.train_step', '--steps=2', '--warmup=1', '--peak_tflops=1',
+                      f'--profile_dir={prof}'))
   assert r['benchmark'] == 'train_step' and r['encoders'] == 'excluded'
   assert r['flops_per_step'] > 0 and r['steps_per_sec'] > 0
   assert abs(r['mfu'] - r['tflops_per_sec'] / 1.0) < 1e-3
+  assert abs(r['tflops_per_sec'] - r['flops_per_step'] * r['steps_per_sec'] / 1e12) < 1e-3
   assert r['adapter_params'] > 0 and r['frozen_unet_params'] > r['adapter_params']
+  # The traced steps summarise into op kinds whose shares add up to the whole.
+  s = _last_json(subprocess.run([sys.executable, '-m', 'benchmarks.trace_summary', str(prof),
+                                 '--top=1000'], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120))
+  assert s['busy_us'] > 0 and s['top']
+  assert abs(sum(k['share'] for k in s['top']) - 1.0) < 1e-2
+
+
+def test_train_step_benchmark_rejects_bad_flags():
+  bad = _run('benchmarks.train_step', '--steps=0')
+  assert bad.returncode == 2 and 'steps' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+def test_trace_summary_rejects_a_directory_without_a_trace(tmp_path):
+  bad = subprocess.run([sys.executable, '-m', 'benchmarks.trace_summary', str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and 'no perfetto_trace' in bad.stderr
+  assert 'Traceback' not in bad.stderr
+
+
+def test_summarize_groups_ops_by_kind_and_module():
+  def op(name, dur, module='jit_step'):
+    return {'ph': 'X', 'dur': dur, 'name': 'kernel',
+            'args': {'hlo_op': name, 'hlo_module': module}}
+  events = [op('fusion.1', 30.0), op('fusion.2', 10.0), op('gemm.3.1', 60.0),
+            op('fusion.4', 500.0, module='jit_other'),
+            {'ph': 'X', 'dur': 1000.0, 'name': 'host work', 'args': {}},
+            {'ph': 'M', 'name': 'process_name', 'args': {'name': '/device:GPU:0'}}]
+  s = trace_summary.summarize(events, module='jit_step')
+  assert s['busy_us'] == 100.0
+  assert [(k['op'], k['us'], k['count']) for k in s['kinds']] == [('gemm', 60.0, 1),
+                                                                 ('fusion', 40.0, 2)]
+  assert [k['share'] for k in s['kinds']] == [0.6, 0.4]
+  by_op = trace_summary.summarize(events, module='', by='op')
+  assert by_op['kinds'][0]['op'] == 'fusion.4' and by_op['busy_us'] == 600.0
+
+
+def test_random_params_match_init_shapes_and_scales():
+  config = configs.tiny.get_config()
+  a = common.arch(config, 'tiny')
+  model = RealCustom(unet=RealCustomUNet.from_config(a.unet),
+                     scoring_hidden=int(config.model.scoring_hidden), fusion=config.model.fusion)
+  params = common.random_params(model, a, seed=0)
+  c, h, w = a.latent
+  want = jax.eval_shape(lambda r: model.init(
+      r, jnp.zeros((1, c, h, w)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,) + a.text),
+      jnp.zeros((1,) + a.image), sqrt_alpha_bar=jnp.ones((1,)),
+      scope_mask=jnp.ones((1, h, w)))['params'], jax.random.PRNGKey(0))
+  assert jax.tree.structure(params) == jax.tree.structure(want)
+  assert ([(p.shape, p.dtype) for p in jax.tree.leaves(params)] ==
+          [(s.shape, s.dtype) for s in jax.tree.leaves(want)])
+  unet = params['unet']
+  np.testing.assert_array_equal(unet['conv_norm_out']['scale'], 1.0)
+  np.testing.assert_array_equal(unet['conv_norm_out']['bias'], 0.0)
+  kernel = np.asarray(unet['conv_in']['kernel'])  # N(0, 1/fan_in), fan_in = 3*3*C_in
+  fan_in = math.prod(kernel.shape[:-1])
+  assert abs(kernel.std() * math.sqrt(fan_in) - 1.0) < 0.15
+  assert np.all(np.isfinite(kernel))
+  # Seeded: the same seed gives the same weights, another seed others.
+  conv_in = lambda seed: common.random_params(model, a, seed=seed)['unet']['conv_in']['kernel']
+  np.testing.assert_array_equal(conv_in(0), kernel)
+  assert not np.array_equal(conv_in(1), kernel)

@@ -134,6 +134,22 @@ def test_remat_gives_the_same_output():
   chex.assert_trees_all_close(g1, g2, atol=1e-5)
 
 
+def test_auto_attention_matches_xla_in_value_and_gradient():
+  # 'auto' hands self-attention to jax.nn.dot_product_attention, which picks cuDNN's
+  # flash attention on a GPU that allows it; on CPU it runs JAX's own implementation, so
+  # this checks the layout and scaling of the call (a swapped axis or scale breaks it).
+  cfg = SD1_LIKE
+  x, t, ctx, vis = _inputs(cfg)
+  xla = RealCustomUNet.from_config(cfg)
+  auto = RealCustomUNet.from_config(cfg, attention_impl='auto')
+  params = jax.jit(xla.init)(jax.random.PRNGKey(0), x, t, ctx, visual_tokens=vis)['params']
+  loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x, t, ctx, visual_tokens=vis) ** 2)
+  v1, g1 = jax.jit(jax.value_and_grad(loss(xla)))(params)
+  v2, g2 = jax.jit(jax.value_and_grad(loss(auto)))(params)
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  chex.assert_trees_all_close(g1, g2, atol=1e-4)
+
+
 @pytest.mark.parametrize('bad, message', [
     (dict(addition_embed_type='text_time'), 'addition_embed_type'),
     (dict(down_block_types=('CrossAttnDownBlock2D', 'AttnDownBlock2D')), 'AttnDownBlock2D'),
