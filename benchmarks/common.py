@@ -42,9 +42,8 @@ def random_params(model: model_lib.RealCustom, a: Arch, seed: int = 0) -> Any:
   An SD 1.5 init traces and compiles the whole forward pass; timing needs only weights
   of the right shapes and a sane scale: kernels ~ N(0, 1/fan_in), norm scales 1,
   biases 0. The shapes come from `jax.eval_shape`, which costs no FLOPs, and the values
-  from NumPy on the host: drawing them in one jitted function made XLA:GPU compile for
-  over four minutes (it fuses the random-number generator into every one of the ~700
-  outputs), whatever the draw was split into.
+  from NumPy on the host: drawing them in one jitted function (a draw per leaf, or one
+  flat draw sliced into the ~700 leaves) took XLA:GPU over four minutes to compile.
   """
   c, h, w = a.latent
   shapes = jax.eval_shape(lambda r: model.init(

@@ -2,13 +2,13 @@
 
   python -m benchmarks.train_step --config=configs/tiny.py
   python -m benchmarks.train_step --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 \
-      --batch=8 --peak_tflops=989 [--remat] [--attention_impl=cudnn]
+      --batch=8 --peak_tflops=989 [--remat] [--attention_impl=cudnn] [--profile_dir=DIR]
 
 The step is `training.adapter_step`: noising (Eq. 2), the frozen UNet forward with the
 visual branch, the backward pass to the adapter and one AdamW update, on pre-computed
-latents / text / image features with RANDOM weights built on the device (no files). The
-frozen encoders (VAE, CLIP text / vision) are excluded ("encoders": "excluded" in the
-JSON). The frozen UNet is held and computed in `--dtype`; adapter params and optimizer
+latents / text / image features with RANDOM weights (`common.random_params`, no
+files). The frozen encoders (VAE, CLIP text / vision) are excluded ("encoders":
+"excluded" in the JSON). The frozen UNet is held and computed in `--dtype`; adapter params and optimizer
 state stay float32. FLOPs come from XLA's cost analysis of the lowered step (before XLA's
 passes, which hand convolutions and matmuls to library calls it does not count); MFU is
 achieved FLOP/s over `--peak_tflops` (e.g. 989 for H100 SXM bf16 dense; 0 = no MFU).
@@ -91,7 +91,7 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
   t = config.get('train', {})
   optimizer = optax.adamw(t.get('learning_rate', 1e-4), weight_decay=t.get('weight_decay', 0.01))
 
-  # ---- Random weights, built on the device (no model.init compile) ----
+  # ---- Random weights drawn on the host (no model.init compile) ----
   params = adapter_lib.init_visual_kv_from_text(
       common.random_params(model, a, seed=0))
   base, adapter = adapter_lib.split_params(params)
