@@ -29,7 +29,8 @@ def get_config():
   config.model.scoring_hidden = 0  # width of the two score-net MLPs; 0 = image feature width
   config.model.fusion = 'timestep'  # Eq. 8; 'text', 'visual', 'mean' for Table 3 ablations
   config.model.dtype = 'float32'  # compute dtype of the frozen UNet ('bfloat16' on accelerators)
-  config.model.attention_impl = 'xla'  # 'xla' | 'cudnn' | 'auto' (self-attention only)
+  # 'xla' | 'cudnn' | 'auto' (cuDNN where it accepts the head width); self-attention only.
+  config.model.attention_impl = 'xla'
   # Torch resizes the mask without antialiasing; jax.image.resize antialiases when it
   # downsamples unless told not to. False follows the authors (see README).
   config.model.mask_antialias = False

@@ -1,4 +1,6 @@
 """Our UNet against diffusers' FlaxUNet2DConditionModel, and its visual branch."""
+import types
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 from diffusers import FlaxUNet2DConditionModel
 
+from realcustom_jax import attention
 from realcustom_jax.unet import RealCustomUNet
 from tests.unet_configs import SD1_LIKE, SD2_LIKE
 
@@ -134,20 +137,49 @@ def test_remat_gives_the_same_output():
   chex.assert_trees_all_close(g1, g2, atol=1e-5)
 
 
-def test_auto_attention_matches_xla_in_value_and_gradient():
-  # 'auto' hands self-attention to jax.nn.dot_product_attention, which picks cuDNN's
-  # flash attention on a GPU that allows it; on CPU it runs JAX's own implementation, so
-  # this checks the layout and scaling of the call (a swapped axis or scale breaks it).
+def test_fused_attention_call_matches_xla_in_value_and_gradient(monkeypatch):
+  # The 'cudnn' path calls jax.nn.dot_product_attention (B, T, N, H layout). cuDNN needs
+  # a GPU, so here the layer is told to take that path and JAX runs its own XLA kernel
+  # behind the same call: a swapped axis or a wrong scale breaks the match.
   cfg = SD1_LIKE
   x, t, ctx, vis = _inputs(cfg)
   xla = RealCustomUNet.from_config(cfg)
-  auto = RealCustomUNet.from_config(cfg, attention_impl='auto')
+  fused = RealCustomUNet.from_config(cfg, attention_impl='cudnn')
   params = jax.jit(xla.init)(jax.random.PRNGKey(0), x, t, ctx, visual_tokens=vis)['params']
   loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x, t, ctx, visual_tokens=vis) ** 2)
   v1, g1 = jax.jit(jax.value_and_grad(loss(xla)))(params)
-  v2, g2 = jax.jit(jax.value_and_grad(loss(auto)))(params)
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def on_cpu(*args, implementation=None, **kwargs):
+    calls.append(implementation)
+    return real(*args, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
+  v2, g2 = jax.jit(jax.value_and_grad(loss(fused)))(params)
+  assert calls and set(calls) == {'cudnn'}
   np.testing.assert_allclose(v1, v2, rtol=1e-5)
   chex.assert_trees_all_close(g1, g2, atol=1e-4)
+
+
+def _device(platform='gpu', kind='NVIDIA H100 80GB HBM3', cc='9.0'):
+  return types.SimpleNamespace(platform=platform, device_kind=kind, compute_capability=cc)
+
+
+@pytest.mark.parametrize('requested, head_dim, device, want', [
+    ('auto', 160, _device(), 'cudnn'),  # Hopper: widths up to 256
+    ('auto', 160, _device(kind='NVIDIA A100-SXM4-80GB', cc='8.0'), 'xla'),  # > 128
+    ('auto', 80, _device(kind='NVIDIA A100-SXM4-80GB', cc='8.0'), 'cudnn'),
+    ('auto', 36, _device(), 'xla'),  # not a multiple of 8
+    ('auto', 64, _device(kind='Tesla T4', cc='7.5'), 'xla'),  # before Ampere
+    ('auto', 64, _device(platform='cpu', kind='cpu', cc=None), 'xla'),
+    ('auto', 64, _device(platform='tpu', kind='TPU v5 lite', cc=None), 'xla'),
+    ('xla', 64, _device(), 'xla'),
+    ('cudnn', 160, _device(kind='NVIDIA A100-SXM4-80GB', cc='8.0'), 'cudnn'),  # as asked
+])
+def test_auto_picks_cudnn_only_where_it_accepts_the_head_width(requested, head_dim, device,
+                                                              want):
+  assert attention.self_attention_impl(requested, head_dim, device) == want
 
 
 @pytest.mark.parametrize('bad, message', [
