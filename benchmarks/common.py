@@ -1,6 +1,10 @@
-"""What both benchmarks share: the architectures and cheap random weights."""
+"""What both benchmarks share: the architectures, cheap random weights, the CLI ending."""
+import json
 import math
-from typing import Any, NamedTuple
+import sys
+from typing import Any, Callable, NamedTuple
+
+from absl import logging
 
 import jax
 import jax.numpy as jnp
@@ -64,3 +68,23 @@ def random_params(model: model_lib.RealCustom, a: Arch, seed: int = 0) -> Any:
     return jax.device_put(value.astype(leaf.dtype))
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def report(argv: list[str], compute: Callable[[], dict]) -> None:
+  """A benchmark's `main`: runs `compute` and prints its result as the last line (JSON).
+
+  Bad arguments, and any ValueError `compute` raises for a bad flag, end in a one-line
+  error and exit status 2. Compile times are part of the reports, so the persistent
+  compilation cache is turned off first: they time real compiles, not cache hits.
+  """
+  if len(argv) > 1:
+    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    sys.exit(2)
+  logging.set_verbosity(logging.INFO)
+  jax.config.update('jax_enable_compilation_cache', False)  # before the first compile
+  try:
+    result = compute()
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(result), flush=True)

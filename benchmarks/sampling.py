@@ -10,9 +10,7 @@ per step against CFG's two, so 1.5 is the floor. Weights are random (nothing is 
 
 The last line printed is one JSON object.
 """
-import json
 import statistics
-import sys
 import time
 
 from absl import app
@@ -26,6 +24,7 @@ from benchmarks import common
 from realcustom_jax import model as model_lib
 from realcustom_jax import sampler
 from realcustom_jax import tiny  # DDIM scheduler config of SD 1.5
+from realcustom_jax import training
 from realcustom_jax.unet import RealCustomUNet
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/tiny.py).')
@@ -52,8 +51,7 @@ def _setup(config, arch_name: str, dtype: str, attention_impl: str):
   params = common.random_params(model, a, seed=0)
   if dtype != 'float32':
     # Inference in half precision: the frozen UNet's weights too (the adapter stays f32).
-    params = dict(params, unet=jax.tree_util.tree_map(
-        lambda x: x.astype(dtype), params['unet']))
+    params = dict(params, unet=training.cast_floating(params['unet'], dtype))
   return model, params, a.latent, a.text[0], a.image[0], a.image[1]
 
 
@@ -152,25 +150,16 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
   return {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
-    sys.exit(2)
+def _from_flags() -> dict:
   if _CONFIG.value is None:
-    print('error: --config is required (e.g. --config=configs/tiny.py)', file=sys.stderr)
-    sys.exit(2)
-  logging.set_verbosity(logging.INFO)
-  # Compile times are part of the report: measure real compiles, not persistent-cache
-  # hits. Set before the first compile (the weights' init), which opens the cache.
-  jax.config.update('jax_enable_compilation_cache', False)
-  try:
-    compile_steps = tuple(int(n) for n in _COMPILE_STEPS.value)
-    result = benchmark(_CONFIG.value, _ARCH.value, _BATCH.value, _STEPS.value, _DTYPE.value,
-                       _ATTENTION.value, _REPEATS.value, compile_steps)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps(result), flush=True)
+    raise ValueError('--config is required (e.g. --config=configs/tiny.py)')
+  compile_steps = tuple(int(n) for n in _COMPILE_STEPS.value)
+  return benchmark(_CONFIG.value, _ARCH.value, _BATCH.value, _STEPS.value, _DTYPE.value,
+                   _ATTENTION.value, _REPEATS.value, compile_steps)
+
+
+def main(argv) -> None:
+  common.report(argv, _from_flags)
 
 
 if __name__ == '__main__':

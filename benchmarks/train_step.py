@@ -8,15 +8,13 @@ The step is `training.adapter_step`: noising (Eq. 2), the frozen UNet forward wi
 visual branch, the backward pass to the adapter and one AdamW update, on pre-computed
 latents / text / image features with RANDOM weights (`common.random_params`, no
 files). The frozen encoders (VAE, CLIP text / vision) are excluded ("encoders":
-"excluded" in the JSON). The frozen UNet is held and computed in `--dtype`; adapter params and optimizer
-state stay float32. FLOPs come from XLA's cost analysis of the lowered step (before XLA's
+"excluded" in the JSON). The frozen UNet is held and computed in `--dtype`; adapter
+params and optimizer state stay float32. FLOPs come from XLA's cost analysis of the lowered step (before XLA's
 passes, which hand convolutions and matmuls to library calls it does not count); MFU is
 achieved FLOP/s over `--peak_tflops` (e.g. 989 for H100 SXM bf16 dense; 0 = no MFU).
 
 The LAST line printed is the JSON result.
 """
-import json
-import sys
 import time
 
 from absl import app
@@ -154,23 +152,16 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
   }
 
 
-def main(argv):
-  if len(argv) > 1:
-    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
-    sys.exit(2)
+def _from_flags() -> dict:
   config = FLAGS.config
   batch = FLAGS.batch if FLAGS.batch is not None else (8 if FLAGS.arch == 'sd15' else 2)
-  logging.set_verbosity(logging.INFO)
-  # compile_s is part of the report: time a real compile, not a persistent-cache hit.
-  jax.config.update('jax_enable_compilation_cache', False)
-  try:
-    result = run(config, FLAGS.arch, FLAGS.dtype or config.model.dtype, batch, FLAGS.steps,
-                 FLAGS.warmup, FLAGS.peak_tflops, FLAGS.remat,
-                 FLAGS.attention_impl or config.model.attention_impl, FLAGS.profile_dir)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps(result), flush=True)
+  return run(config, FLAGS.arch, FLAGS.dtype or config.model.dtype, batch, FLAGS.steps,
+             FLAGS.warmup, FLAGS.peak_tflops, FLAGS.remat,
+             FLAGS.attention_impl or config.model.attention_impl, FLAGS.profile_dir)
+
+
+def main(argv):
+  common.report(argv, _from_flags)
 
 
 if __name__ == '__main__':
