@@ -40,6 +40,14 @@ def arch(config, name: str) -> Arch:
               ((vision.image_size // vision.patch_size) ** 2, vision.hidden_size))
 
 
+def build_model(config, a: Arch, **model_overrides) -> model_lib.RealCustom:
+  """`model_lib.build_model` over the arch's UNet, with `config.model` keys overridden
+  (the benchmarks' --dtype, --attention_impl, --remat)."""
+  config = config.copy_and_resolve_references()
+  config.model.update(model_overrides)
+  return model_lib.build_model(config, a.unet)
+
+
 def random_params(model: model_lib.RealCustom, a: Arch, seed: int = 0) -> Any:
   """Random weights of the right shapes without running (or compiling) `model.init`.
 

@@ -25,7 +25,6 @@ from realcustom_jax import model as model_lib
 from realcustom_jax import sampler
 from realcustom_jax import tiny  # DDIM scheduler config of SD 1.5
 from realcustom_jax import training
-from realcustom_jax.unet import RealCustomUNet
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/tiny.py).')
 _ARCH = flags.DEFINE_enum('arch', 'tiny', ['tiny', 'sd15'],
@@ -43,11 +42,7 @@ _COMPILE_STEPS = flags.DEFINE_list('compile_steps', ['10', '50'],
 def _setup(config, arch_name: str, dtype: str, attention_impl: str):
   """The model, random params and the shapes of its inputs."""
   a = common.arch(config, arch_name)
-  unet = RealCustomUNet.from_config(
-      a.unet, dtype=jnp.dtype(dtype), attention_impl=attention_impl,
-      mask_antialias=config.model.mask_antialias)
-  model = model_lib.RealCustom(unet=unet, scoring_hidden=config.model.scoring_hidden,
-                               fusion=config.model.fusion)
+  model = common.build_model(config, a, dtype=dtype, attention_impl=attention_impl)
   params = common.random_params(model, a, seed=0)
   if dtype != 'float32':
     # Inference in half precision: the frozen UNet's weights too (the adapter stays f32).

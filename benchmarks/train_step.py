@@ -29,8 +29,6 @@ from benchmarks import common
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import tiny
 from realcustom_jax import training
-from realcustom_jax.model import RealCustom
-from realcustom_jax.unet import RealCustomUNet
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
@@ -77,10 +75,8 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[dtype_name]
   a = common.arch(config, arch)
   (_, side, _), (n_t, c_t), (n_i, c_i) = a.latent, a.text, a.image
-  unet = RealCustomUNet.from_config(a.unet, dtype=dtype, remat=remat,
-                                    attention_impl=attention_impl)
-  model = RealCustom(unet=unet, scoring_hidden=int(config.model.scoring_hidden),
-                     fusion=config.model.fusion)
+  model = common.build_model(config, a, dtype=dtype_name, remat=remat,
+                             attention_impl=attention_impl)
   models = training.Models(model=model, vae=None, text_encoder=None, vision_model=None,
                            scaling_factor=1.0, vision_resize=0, vision_size=0,
                            vision_mean=(0.0,) * 3, vision_std=(1.0,) * 3)

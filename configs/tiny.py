@@ -28,6 +28,11 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   config.model.scoring_hidden = 0  # width of the two score-net MLPs; 0 = image feature width
   config.model.fusion = 'timestep'  # Eq. 8; 'text', 'visual', 'mean' for Table 3 ablations
+  # 'adaptive' (Eqs. 5-10) | 'none' (Table 3 ID-2: every image token, no scores, no top-k)
+  config.model.scoring = 'adaptive'
+  # 'torch': the numerics SD checkpoints were trained with (exact GELU in GEGLU, GroupNorm
+  # eps 1e-6 in the transformer blocks); 'diffusers_flax': diffusers' Flax UNet's.
+  config.model.numerics = 'torch'
   config.model.dtype = 'float32'  # compute dtype of the frozen UNet ('bfloat16' on accelerators)
   # 'xla' | 'cudnn' | 'auto' (cuDNN where it accepts the head width); self-attention only.
   config.model.attention_impl = 'xla'

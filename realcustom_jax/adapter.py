@@ -11,6 +11,31 @@ import numpy as np
 VISUAL_KV = ('to_k_visual', 'to_v_visual')
 ADAPTER_MODULES = ('scoring', 'visual_proj')
 
+# What the adapter's parameters mean, written into checkpoints and exported files.
+# Layout 1 applied Eq. 9 to the CLIP tokens *before* the visual projection, whose
+# LayerNorm erased it; layout 2 applies it to the projected tokens. The trees have the
+# same shapes, so only this number tells them apart.
+ADAPTER_LAYOUT = 2
+_LAYOUTS = {1: 'Eq. 9 before the visual projection', 2: 'Eq. 9 after the visual projection'}
+
+
+def check_layout(layout, what: str) -> None:
+  """ValueError (one line) unless `layout` is ADAPTER_LAYOUT; None counts as layout 1.
+
+  Args:
+    layout: the stored layout number (int or str), None when the file predates it.
+    what: the file or directory, for the message.
+  """
+  try:
+    layout = 1 if layout is None else int(layout)
+  except (TypeError, ValueError):
+    raise ValueError(f'{what}: unreadable adapter layout {layout!r}') from None
+  if layout != ADAPTER_LAYOUT:
+    raise ValueError(
+        f'{what} holds an adapter of layout {layout} '
+        f'({_LAYOUTS.get(layout, "unknown")}); this version needs layout {ADAPTER_LAYOUT} '
+        f'({_LAYOUTS[ADAPTER_LAYOUT]}): retrain the adapter')
+
 
 def is_adapter_path(path: tuple[str, ...]) -> bool:
   """True for parameters that train (Sec. 3.2: scoring module and W_Ki, W_Vi)."""
@@ -87,11 +112,12 @@ def count_params(tree) -> int:
 
 
 def expected_adapter_size(unet, image_dim: int, latent_channels: int, text_dim: int,
-                          scoring_hidden: int = 0) -> int:
+                          scoring_hidden: int = 0, scoring: str = 'adaptive') -> int:
   """Adapter parameter count from the config, for checks and the README.
 
   Per attn2: W_Ki and W_Vi, each text_dim x inner (inner = the block's channels).
-  Scoring: W_a^t (c_t), W_a^v (c), two MLPs [c_i + ctx] -> hidden -> 1 with biases.
+  Scoring: W_a^t (c_t), W_a^v (c), two MLPs [c_i + ctx] -> hidden -> 1 with biases
+  (none with scoring='none').
   Projection: c_i x c_t + bias, LayerNorm scale + bias.
   """
   hidden = scoring_hidden or image_dim
@@ -107,6 +133,6 @@ def expected_adapter_size(unet, image_dim: int, latent_channels: int, text_dim: 
       kv += (unet.layers_per_block + 1) * depth[n - 1 - i] * 2 * text_dim * channels[n - 1 - i]
   kv += depth[-1] * 2 * text_dim * channels[-1]
   mlp = lambda ctx: (image_dim + ctx) * hidden + hidden + hidden + 1
-  scoring = text_dim + latent_channels + mlp(text_dim) + mlp(latent_channels)
+  score_nets = text_dim + latent_channels + mlp(text_dim) + mlp(latent_channels)
   proj = image_dim * text_dim + text_dim + 2 * text_dim
-  return kv + scoring + proj
+  return kv + (score_nets if scoring == 'adaptive' else 0) + proj

@@ -13,7 +13,7 @@ def aggregate_word_maps(maps: Sequence[Array], antialias: bool = False) -> Array
   """Resizes every layer's (B, h, w) word map to the largest size and averages them.
 
   The paper resizes all layers' maps "to the same resolution (the same as the largest
-  map size)"; the plain mean over layers is our reading (DESIGN.md).
+  map size)"; the plain mean over layers is our reading (README, "What the paper leaves open").
 
   Args:
     maps: per-layer (B, h, w) word maps (any order).

@@ -1,7 +1,14 @@
 """RealCustom: the frozen SD UNet plus the trainable adapter (scoring + visual K/V).
 
 Parameter tree: {'unet': <diffusers' UNet tree + to_k_visual/to_v_visual in each attn2>,
-'scoring': <AdaptiveScoring>, 'visual_proj': <Dense + LayerNorm>}.
+'scoring': <AdaptiveScoring> (absent with scoring='none'), 'visual_proj': <Dense +
+LayerNorm>}.
+
+The order of the visual path is a deliberate deviation from a literal reading of the
+paper (README, "What the paper leaves open"): the CLIP tokens are projected to the text
+width first and Eq. 9's (1 + S) scales the *projected* tokens, right before the bias-free
+visual K/V. Scaling before the projection's LayerNorm (adapter layout 1) was erased by
+the normalisation, and with it every gradient to the score nets.
 """
 from typing import Any, Optional
 
@@ -12,8 +19,10 @@ import jax.numpy as jnp
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax.attention import resize_scope
 from realcustom_jax.scoring import FUSIONS
+from realcustom_jax.scoring import SCORINGS
 from realcustom_jax.scoring import AdaptiveScoring
 from realcustom_jax.selection import check_unit_interval
+from realcustom_jax.unet import NUMERICS
 from realcustom_jax.unet import RealCustomUNet
 
 Array = jax.Array
@@ -28,7 +37,8 @@ class VisualProjection(nn.Module):
   The paper feeds f_ci straight into W_Ki / W_Vi; with SD 1.5 (c_t = 768) and CLIP
   ViT-L/14 (c_i = 1024) the widths differ, so, as IP-Adapter does, a trainable linear
   map + LayerNorm comes first. The visual K/V then have the text K/V's shapes and can
-  start as their copies (`adapter.init_visual_kv_from_text`).
+  start as their copies (`adapter.init_visual_kv_from_text`). The LayerNorm is why
+  Eq. 9 is applied to this module's output, not to its input.
   """
   width: int
 
@@ -45,13 +55,19 @@ class RealCustom(nn.Module):
     unet: the UNet (its config decides the cross-attention width).
     scoring_hidden: width of the score nets (0: image feature width).
     fusion: score fusion (Eq. 8 or a Table 3 ablation).
+    scoring_mode: 'adaptive' (Eqs. 5-10) or 'none' (Table 3 ID-2: every image token
+      enters the visual attention unscored; the tree has no 'scoring').
   """
   unet: RealCustomUNet
   scoring_hidden: int = 0
   fusion: str = 'timestep'
+  scoring_mode: str = 'adaptive'
 
   def setup(self):
-    self.scoring = AdaptiveScoring(self.scoring_hidden, self.fusion)
+    if self.scoring_mode not in SCORINGS:
+      raise ValueError(f'scoring must be one of {SCORINGS}, got {self.scoring_mode!r}')
+    if self.scoring_mode == 'adaptive':
+      self.scoring = AdaptiveScoring(self.scoring_hidden, self.fusion)
     self.visual_proj = VisualProjection(self.unet.cross_attention_dim)
 
   def __call__(self, latents: Array, timesteps: Array, text_features: Array,
@@ -70,7 +86,7 @@ class RealCustom(nn.Module):
       image_features: (B, n_i, c_i) CLIP patch tokens f_ci; None: text only (T2I /
         unconditional branches, Sec. 3.3).
       sqrt_alpha_bar: (B,) sqrt(abar_t), the Eq. 8 fusion weight.
-      gamma_num: top-k ratio of Eq. 10 (traced is fine).
+      gamma_num: top-k ratio of Eq. 10 (traced is fine; unused with scoring 'none').
       scope_mask: (B, H0, W0) influence scope (Eq. 11): multiplies z_t before scoring and
         gates the visual attention output (Eq. 12). None: no gating (training).
       image_keep: (B,) bool; False drops the subject for that row (condition dropout
@@ -85,17 +101,22 @@ class RealCustom(nn.Module):
       return self.unet(latents, timesteps, text_features, word_weights=word_weights)
     if sqrt_alpha_bar is None:
       raise ValueError('sqrt_alpha_bar is required with image_features (Eq. 8)')
-    scored_latents = latents
-    if scope_mask is not None:
-      h, w = latents.shape[2:]
-      scored_latents = latents * resize_scope(scope_mask, h, w)[:, None].astype(latents.dtype)
-    scored = self.scoring(text_features, scored_latents, sqrt_alpha_bar, image_features,
-                          gamma_num)
-    selected = scored.selected
+    tokens = self.visual_proj(image_features)
+    if self.scoring_mode == 'adaptive':
+      scored_latents = latents
+      if scope_mask is not None:
+        h, w = latents.shape[2:]
+        scored_latents = latents * resize_scope(scope_mask, h, w)[:, None].astype(latents.dtype)
+      # The score nets read the CLIP tokens; Eq. 9 scales the projected ones, whose
+      # scale reaches the bias-free visual K/V (and so the loss) intact.
+      scored = self.scoring(text_features, scored_latents, sqrt_alpha_bar, image_features,
+                            gamma_num, tokens=tokens)
+      tokens, selected = scored.features, scored.selected
+    else:
+      selected = jnp.ones(tokens.shape[:2], bool)
     if image_keep is not None:
       selected = selected & image_keep[:, None]
-    return self.unet(latents, timesteps, text_features,
-                     visual_tokens=self.visual_proj(scored.features),
+    return self.unet(latents, timesteps, text_features, visual_tokens=tokens,
                      visual_token_mask=selected, scope_mask=scope_mask, word_weights=word_weights)
 
 
@@ -106,6 +127,10 @@ def check_model_config(m) -> None:
   """ValueError (one line) for a bad `config.model` value, before anything is built."""
   if m.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}')
+  if m.get('scoring', 'adaptive') not in SCORINGS:
+    raise ValueError(f'config.model.scoring must be one of {SCORINGS}, got {m.scoring!r}')
+  if m.get('numerics', 'torch') not in NUMERICS:
+    raise ValueError(f'config.model.numerics must be one of {NUMERICS}, got {m.numerics!r}')
   if m.fusion not in FUSIONS:
     raise ValueError(f'config.model.fusion must be one of {FUSIONS}, got {m.fusion!r}')
   if isinstance(m.scoring_hidden, bool) or not isinstance(m.scoring_hidden, int) \
@@ -127,8 +152,10 @@ def build_model(config, unet_config) -> RealCustom:
   check_model_config(m)
   unet = RealCustomUNet.from_config(
       unet_config, dtype=DTYPES[m.dtype], remat=bool(m.get('remat', False)),
-      attention_impl=m.attention_impl, mask_antialias=bool(m.mask_antialias))
-  return RealCustom(unet=unet, scoring_hidden=int(m.scoring_hidden), fusion=m.fusion)
+      attention_impl=m.attention_impl, mask_antialias=bool(m.mask_antialias),
+      numerics=m.get('numerics', 'torch'))
+  return RealCustom(unet=unet, scoring_hidden=int(m.scoring_hidden), fusion=m.fusion,
+                    scoring_mode=m.get('scoring', 'adaptive'))
 
 
 def word_maps(model: RealCustom, params, *args, **kwargs) -> tuple[Array, list[Array]]:

@@ -50,11 +50,27 @@ def _default_config() -> ml_collections.ConfigDict:
   return tiny_config.get_config()
 
 
+def paper_config(components: weights.StableDiffusionComponents) -> ml_collections.ConfigDict:
+  """The paper's settings (Sec. 4.1, configs/laion.py) for weights given without a config.
+
+  DDIM 50 steps, w_t 7.5, w_i 12.5, gamma_scope 0.25, gamma_num 0.8; the resolution is
+  the UNet's sample size times the VAE factor (512 px for SD 1.5); the UNet computes in
+  bfloat16 on accelerators and float32 on CPU (where XLA's bfloat16 is slow).
+  """
+  from configs import laion  # pylint: disable=g-import-not-at-top
+  config = laion.get_config()
+  config.resolution = int(components.unet_config.get('sample_size', 64)
+                          * components.vae_scale_factor)
+  config.model.dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  return config
+
+
 def _read_adapter(path: Optional[str]) -> tuple[Optional[dict], dict]:
   """The adapter tree and the training `config.model` stored with it (empty if none)."""
   if not path:
     return None, {}
   metadata = weights.load_adapter_metadata(path)
+  adapter_lib.check_layout(metadata.get('adapter_layout'), f'adapter file {path}')
   trained = json.loads(metadata['model_config']) if 'model_config' in metadata else {}
   return weights.load_adapter(path), trained
 
@@ -65,8 +81,9 @@ def _check_adapter_config(trained: dict, config) -> None:
   The tree shapes cannot tell an Eq. 8 fusion ablation ('text', 'mean', ...) from the
   default, so the training config that `train.export` stores is compared here.
   """
-  for key in ('fusion', 'scoring_hidden'):
-    if key in trained and trained[key] != config.model.get(key):
+  defaults = {'scoring': 'adaptive'}  # files from before the key existed
+  for key in ('fusion', 'scoring_hidden', 'scoring'):
+    if key in trained and trained[key] != config.model.get(key, defaults.get(key)):
       raise ValueError(f'the adapter was trained with model.{key}={trained[key]!r} but the '
                        f'config has {config.model.get(key)!r}; set '
                        f'--config.model.{key}={trained[key]}')
@@ -108,17 +125,15 @@ class RealCustomPipeline:
     Args:
       components: the loaded (or tiny) Stable Diffusion components.
       vision: the CLIP vision encoder.
-      config: the ml_collections config; None: configs/tiny.py's defaults, with the
-        resolution of the UNet's sample size.
+      config: the ml_collections config; None: the paper's settings (`paper_config`:
+        50 DDIM steps, w_t 7.5, w_i 12.5, gamma_scope 0.25, gamma_num 0.8).
       adapter_params: the trained adapter tree (scoring, visual_proj, visual K/V), as
         `weights.load_adapter` returns it.
       adapter_config: the `config.model` the adapter was trained with (stored by
         `train.export`); a different fusion or score-net width is refused.
     """
     if config is None:
-      config = _default_config()
-      config.resolution = int(components.unet_config.get('sample_size', 64)
-                              * components.vae_scale_factor)
+      config = paper_config(components)
     self.config = config
     self.components = components
     self.vision = vision
@@ -171,7 +186,7 @@ class RealCustomPipeline:
       vision_dir: transformers CLIP vision model directory.
       adapter_path: `.safetensors` file from `weights.save_adapter`; None: an untrained
         adapter (visual K/V copied from the text K/V), with a warning.
-      config: see `__init__`.
+      config: see `__init__` (None: the paper's settings).
       allow_pickle: accept torch `.bin` weights (unpickling runs code).
 
     Returns:

@@ -1,5 +1,5 @@
 """Adaptive scoring module (Sec. 3.2, Fig. 4, Eqs. 5-10)."""
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -10,6 +10,8 @@ from realcustom_jax.selection import top_fraction_mask
 Array = jax.Array
 
 FUSIONS = ('timestep', 'text', 'visual', 'mean')
+# 'adaptive': Eqs. 5-10; 'none': Table 3 ID-2, every image token, unscored.
+SCORINGS = ('adaptive', 'none')
 
 
 def context_pooling(features: Array, logits: Array) -> Array:
@@ -53,7 +55,12 @@ def fuse_scores(text_scores: Array, visual_scores: Array, sqrt_alpha_bar: Array,
 
 
 def modulate_features(image_features: Array, scores: Array) -> Array:
-  """Eq. 9: f_ci <- f_ci * (1 + S), which lets the score nets learn through the UNet."""
+  """Eq. 9: f_ci <- f_ci * (1 + S), which lets the score nets learn through the UNet.
+
+  The top-k of Eq. 10 has no gradient, so this product is the score nets' only path to
+  the loss. Whatever follows it must keep a per-token scale: a per-token normalisation
+  (LayerNorm) after it would erase S and with it the gradient (see `model.RealCustom`).
+  """
   return image_features * (1.0 + scores[..., None]).astype(image_features.dtype)
 
 
@@ -71,7 +78,7 @@ class ScoreNet(nn.Module):
 
 
 class ScoringOutput(NamedTuple):
-  features: Array  # (B, n_i, c_i) modulated image features (Eq. 9)
+  features: Array  # (B, n_i, c) the modulated tokens (Eq. 9)
   selected: Array  # (B, n_i) bool, the top gamma_num fraction (Eq. 10)
   scores: Array  # (B, n_i) softmax-normalised fused scores S
 
@@ -88,15 +95,18 @@ class AdaptiveScoring(nn.Module):
 
   @nn.compact
   def __call__(self, text_features: Array, latents: Array, sqrt_alpha_bar: Array,
-               image_features: Array, gamma_num) -> ScoringOutput:
+               image_features: Array, gamma_num, tokens: Optional[Array] = None
+               ) -> ScoringOutput:
     """Runs Eqs. 5-10.
 
     Args:
       text_features: (B, n_t, c_t) f_ct.
       latents: (B, c, h, w) current latents z_t (times the scope at inference).
       sqrt_alpha_bar: (B,) sqrt(abar_t).
-      image_features: (B, n_i, c_i) f_ci.
+      image_features: (B, n_i, c_i) f_ci, what the score nets read.
       gamma_num: top-k ratio, scalar or (B,), may be traced (Eq. 10).
+      tokens: (B, n_i, c) what Eq. 9 scales, one row per image token; default
+        `image_features`. The model passes the projected tokens (see `model.RealCustom`).
 
     Returns:
       ScoringOutput.
@@ -113,5 +123,6 @@ class AdaptiveScoring(nn.Module):
     visual_scores = ScoreNet(hidden, name='visual_score_net')(image_features, visual_context)
     fused = fuse_scores(text_scores, visual_scores, sqrt_alpha_bar, self.fusion)
     scores = jax.nn.softmax(fused, axis=-1)
-    return ScoringOutput(modulate_features(image_features, scores),
+    tokens = image_features if tokens is None else tokens
+    return ScoringOutput(modulate_features(tokens, scores),
                          top_fraction_mask(scores, gamma_num), scores)

@@ -1,7 +1,7 @@
 """Stable Diffusion 1.x / 2.x UNet with RealCustom's visual cross-attention.
 
-Our own linen module because diffusers' Flax UNet cannot be extended from outside
-(DESIGN.md). Its parameter tree has exactly the names and shapes of diffusers'
+Our own linen module because diffusers' Flax UNet cannot be extended from outside (no
+attention processors, attention modules built inside its setup). Its parameter tree has exactly the names and shapes of diffusers'
 `FlaxUNet2DConditionModel` (0.39.0) plus `to_k_visual` / `to_v_visual` in every `attn2`,
 so real SD checkpoints load unchanged and diffusers' model can check ours (tests).
 
@@ -18,6 +18,11 @@ import jax.numpy as jnp
 from realcustom_jax.attention import Attention
 
 Array = jax.Array
+
+# 'torch': the numerics SD checkpoints were trained with (PyTorch: exact erf GELU in
+# GEGLU, GroupNorm eps 1e-6 in Transformer2DModel). 'diffusers_flax': diffusers' Flax
+# UNet (tanh GELU, eps 1e-5), kept so that model can check ours exactly.
+NUMERICS = ('torch', 'diffusers_flax')
 
 _SUPPORTED_DOWN = ('CrossAttnDownBlock2D', 'DownBlock2D')
 _SUPPORTED_UP = ('CrossAttnUpBlock2D', 'UpBlock2D')
@@ -55,27 +60,30 @@ class ResnetBlock(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """GEGLU feed-forward (`net_0` = proj to 2 x 4 dim, `net_2` back), as diffusers' Flax."""
+  """GEGLU feed-forward (`net_0` = proj to 2 x 4 dim, `net_2` back), diffusers' names."""
   dim: int
+  exact_gelu: bool = True
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     # Module nesting reproduces diffusers' names: ff/net_0/proj, ff/net_2.
-    h = _GegluProj(self.dim * 4, self.dtype, name='net_0')(x)
+    h = _GegluProj(self.dim * 4, self.exact_gelu, self.dtype, name='net_0')(x)
     return nn.Dense(self.dim, dtype=self.dtype, name='net_2')(h)
 
 
 class _GegluProj(nn.Module):
   inner: int
+  exact_gelu: bool
   dtype: jnp.dtype
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     h = nn.Dense(self.inner * 2, dtype=self.dtype, name='proj')(x)
     linear, gate = jnp.split(h, 2, axis=-1)
-    # diffusers' Flax GEGLU uses flax's default tanh-approximate gelu; kept for parity.
-    return linear * nn.gelu(gate)
+    # Torch's GEGLU (what SD was trained with) uses the exact erf GELU; diffusers' Flax
+    # port uses flax's tanh approximation.
+    return linear * nn.gelu(gate, approximate=not self.exact_gelu)
 
 
 class TransformerBlock(nn.Module):
@@ -85,6 +93,7 @@ class TransformerBlock(nn.Module):
   only_cross_attention: bool = False
   attention_impl: str = 'xla'
   mask_antialias: bool = False
+  exact_gelu: bool = True
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -100,7 +109,7 @@ class TransformerBlock(nn.Module):
     else:
       x = x + attn('attn1', False, self.attention_impl)(h)
     x = x + attn('attn2', True)(norm('norm2')(x), context, spatial=spatial, **visual)
-    return x + FeedForward(self.dim, self.dtype, name='ff')(norm('norm3')(x))
+    return x + FeedForward(self.dim, self.exact_gelu, self.dtype, name='ff')(norm('norm3')(x))
 
 
 class Transformer2D(nn.Module):
@@ -112,13 +121,16 @@ class Transformer2D(nn.Module):
   attention_impl: str = 'xla'
   mask_antialias: bool = False
   remat: bool = False
+  numerics: str = 'torch'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, context: Array, visual: Mapping[str, Any]) -> Array:
     b, h, w, c = x.shape
     residual = x
-    x = nn.GroupNorm(num_groups=32, epsilon=1e-5, name='norm')(x)
+    # Torch's Transformer2DModel hard-codes eps 1e-6 here (the resnets use 1e-5).
+    eps = 1e-6 if self.numerics == 'torch' else 1e-5
+    x = nn.GroupNorm(num_groups=32, epsilon=eps, name='norm')(x)
     proj = lambda name: (nn.Dense(c, dtype=self.dtype, name=name) if self.use_linear_projection
                          else nn.Conv(c, (1, 1), padding='VALID', dtype=self.dtype, name=name))
     if self.use_linear_projection:
@@ -128,8 +140,8 @@ class Transformer2D(nn.Module):
     block_cls = nn.remat(TransformerBlock, static_argnums=(3,)) if self.remat else TransformerBlock
     for i in range(self.depth):
       x = block_cls(c, self.heads, c // self.heads, self.only_cross_attention,
-                    self.attention_impl, self.mask_antialias, self.dtype,
-                    name=f'transformer_blocks_{i}')(x, context, (h, w), visual)
+                    self.attention_impl, self.mask_antialias, self.numerics == 'torch',
+                    self.dtype, name=f'transformer_blocks_{i}')(x, context, (h, w), visual)
     if self.use_linear_projection:
       x = proj('proj_out')(x).reshape(b, h, w, c)
     else:
@@ -154,6 +166,7 @@ class _AttnSettings:
   attention_impl: str
   mask_antialias: bool
   remat: bool
+  numerics: str
 
 
 class DownBlock(nn.Module):
@@ -224,7 +237,7 @@ def _transformer(block, name: str) -> Transformer2D:
   s = block.settings
   return Transformer2D(block.channels, block.heads, block.depth, s.use_linear_projection,
                        block.only_cross_attention, s.attention_impl, s.mask_antialias,
-                       s.remat, block.dtype, name=name)
+                       s.remat, s.numerics, block.dtype, name=name)
 
 
 class _Downsample(nn.Module):
@@ -277,6 +290,7 @@ class RealCustomUNet(nn.Module):
   attention_impl: str = 'xla'
   mask_antialias: bool = False
   remat: bool = False
+  numerics: str = 'torch'  # see NUMERICS
   dtype: jnp.dtype = jnp.float32
 
   @classmethod
@@ -361,8 +375,10 @@ class RealCustomUNet(nn.Module):
     only_cross = self._per_block(self.only_cross_attention)
     channels = tuple(self.block_out_channels)
     n = len(channels)
+    if self.numerics not in NUMERICS:
+      raise ValueError(f'numerics must be one of {NUMERICS}, got {self.numerics!r}')
     settings = _AttnSettings(self.use_linear_projection, self.attention_impl,
-                             self.mask_antialias, self.remat)
+                             self.mask_antialias, self.remat, self.numerics)
     visual = dict(visual_tokens=visual_tokens, visual_token_mask=visual_token_mask,
                   scope_mask=scope_mask, word_weights=word_weights)
     context = encoder_hidden_states.astype(self.dtype)

@@ -31,6 +31,8 @@ import transformers
 
 transformers.logging.set_verbosity_error()
 
+from realcustom_jax import adapter as adapter_lib
+
 from transformers import CLIPTextConfig
 from transformers import CLIPTokenizer
 from transformers import CLIPVisionConfig
@@ -438,7 +440,7 @@ def save_adapter(path: str, adapter_params: Params,
     path: destination, must end in `.safetensors`.
     adapter_params: nested dict of arrays; keys become '/'-joined tree paths.
     metadata: optional str -> str pairs (e.g. the model config as JSON) stored in the
-      safetensors header.
+      safetensors header. 'adapter_layout' defaults to `adapter.ADAPTER_LAYOUT`.
   """
   path = os.fspath(path)
   if not path.endswith('.safetensors'):
@@ -447,6 +449,7 @@ def save_adapter(path: str, adapter_params: Params,
   if not flat:
     raise ValueError(f'refusing to write an empty adapter to {path}')
   metadata = dict(metadata or {})
+  metadata.setdefault('adapter_layout', str(adapter_lib.ADAPTER_LAYOUT))
   bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
   if bad:
     raise ValueError(f'adapter metadata must map str to str; bad entries: {bad}')

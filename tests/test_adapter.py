@@ -34,6 +34,25 @@ def test_adapter_size_matches_formula(built):
   assert adapter.count_params(trainable) == expected
 
 
+def test_adapter_size_without_scoring():
+  model = RealCustom(RealCustomUNet.from_config(SD1_LIKE), scoring_mode='none')
+  params = init_params(model, jax.random.PRNGKey(0), (4, 8, 8), NT, NI, CI)
+  _, trainable = adapter.split_params(params)
+  assert 'scoring' not in trainable
+  assert adapter.count_params(trainable) == adapter.expected_adapter_size(
+      model.unet, image_dim=CI, latent_channels=4, text_dim=SD1_LIKE['cross_attention_dim'],
+      scoring='none')
+
+
+@pytest.mark.parametrize('layout', [None, 1, '1', 3, 'x'])
+def test_other_adapter_layouts_are_refused_by_name(layout):
+  with pytest.raises(ValueError, match='layout') as e:
+    adapter.check_layout(layout, 'adapter.safetensors')
+  assert '\n' not in str(e.value) and 'adapter.safetensors' in str(e.value)
+  adapter.check_layout(adapter.ADAPTER_LAYOUT, 'x')
+  adapter.check_layout(str(adapter.ADAPTER_LAYOUT), 'x')
+
+
 def test_split_and_merge_round_trip(built):
   _, _, params = built
   base, trainable = adapter.split_params(params)

@@ -163,6 +163,50 @@ def test_from_pretrained_on_disk_layout(config, adapter_file, tmp_path_factory):
   assert not np.array_equal(_pixels(a), _pixels(b))
 
 
+def test_without_a_config_real_weights_get_the_paper_settings(config, tmp_path_factory):
+  sd_dir, vision_dir = testing.save_tiny_pretrained(
+      str(tmp_path_factory.mktemp('pretrained_paper')), config)
+  with pytest.warns(UserWarning, match='UNTRAINED'):
+    pipe = pipeline_lib.RealCustomPipeline.from_pretrained(sd_dir, vision_dir)
+  s = pipe.config.sampler
+  assert (s.num_steps, s.guidance_text, s.guidance_image, s.gamma_scope, s.gamma_num) == (
+      50, 7.5, 12.5, 0.25, 0.8)
+  # What a call without overrides uses, and the UNet sample size times the VAE factor.
+  assert pipe._settings(None, None, None, None, None) == (50, 7.5, 12.5, 0.25, 0.8)
+  assert pipe.resolution == config.resolution
+  assert pipe.config.model.dtype == 'float32'  # CPU
+
+
+def _write_old_adapter(path, params, metadata):
+  """An adapter file as versions before the layout number wrote them."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  safetensors.numpy.save_file({k: np.asarray(v) for k, v in flat.items()}, path,
+                              metadata=metadata)
+
+
+@pytest.mark.parametrize('layout', [None, '1'])
+def test_adapter_of_the_old_layout_is_refused(pipe, config, tmp_path, layout):
+  """Layout 1 (Eq. 9 before the LayerNorm) has the same shapes: only its number tells."""
+  path = str(tmp_path / 'old.safetensors')
+  metadata = {'model_config': json.dumps(dict(config.model))}
+  if layout is not None:
+    metadata['adapter_layout'] = layout
+  _write_old_adapter(path, pipe.adapter_params, metadata)
+  with pytest.raises(ValueError, match='layout 1 .Eq. 9 before the visual projection'):
+    pipeline_lib.RealCustomPipeline.tiny(config, adapter_path=path)
+
+
+def test_adapter_trained_without_scoring_is_refused_by_an_adaptive_config(pipe, config,
+                                                                         tmp_path):
+  path = str(tmp_path / 'none.safetensors')
+  weights.save_adapter(path, pipe.adapter_params,
+                       {'model_config': json.dumps({'scoring': 'none'})})
+  with pytest.raises(ValueError, match="model.scoring='none'"):
+    pipeline_lib.RealCustomPipeline.tiny(config, adapter_path=path)
+
+
 def test_adapter_trained_with_another_fusion_is_refused(pipe, config, tmp_path):
   """Shapes cannot tell a Table 3 fusion ablation apart: the stored config must."""
   path = str(tmp_path / 'text_fusion.safetensors')

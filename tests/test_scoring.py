@@ -42,6 +42,19 @@ def test_shapes_normalisation_and_selection(module_and_params):
                              np.asarray(image * (1 + out.scores[..., None])), rtol=1e-6)
 
 
+def test_eq9_scales_the_tokens_it_is_given(module_and_params):
+  """The model passes the projected tokens: Eq. 9 scales them, the nets read f_ci."""
+  module, params = module_and_params
+  text, latents, image = _inputs()
+  tokens = jax.random.normal(jax.random.PRNGKey(7), (B, NI, 6))
+  out = module.apply({'params': params}, text, latents, jnp.full((B,), 0.5), image, 0.8,
+                     tokens=tokens)
+  plain = module.apply({'params': params}, text, latents, jnp.full((B,), 0.5), image, 0.8)
+  np.testing.assert_array_equal(np.asarray(out.scores), np.asarray(plain.scores))
+  np.testing.assert_allclose(np.asarray(out.features),
+                             np.asarray(tokens * (1 + out.scores[..., None])), rtol=1e-6)
+
+
 def test_per_example_gamma_num(module_and_params):
   module, params = module_and_params
   text, latents, image = _inputs()

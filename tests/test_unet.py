@@ -1,4 +1,4 @@
-"""Our UNet against diffusers' FlaxUNet2DConditionModel, and its visual branch."""
+"""Our UNet against diffusers' Flax and torch UNets, and its visual branch."""
 import types
 
 import chex
@@ -9,6 +9,7 @@ import pytest
 from diffusers import FlaxUNet2DConditionModel
 
 from realcustom_jax import attention
+from realcustom_jax import weights
 from realcustom_jax.unet import RealCustomUNet
 from tests.unet_configs import SD1_LIKE, SD2_LIKE
 
@@ -55,13 +56,48 @@ def test_parameter_tree_matches_diffusers(setup):
   assert n_kv == ours.num_cross_attention_layers > 0
 
 
-def test_matches_diffusers_with_visual_branch_off(setup):
-  cfg, ref, ref_params, ours, _ = setup
+def test_matches_diffusers_flax_with_visual_branch_off(setup):
+  cfg, ref, ref_params, _, _ = setup
+  ours = RealCustomUNet.from_config(cfg, numerics='diffusers_flax')
   x, t, ctx, _ = _inputs(cfg)
   expected = jax.jit(lambda p: ref.apply({'params': p}, x, t, ctx).sample)(ref_params)
   got = jax.jit(lambda p: ours.apply({'params': p}, x, t, ctx))(ref_params)
   chex.assert_shape(got, x.shape)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('cfg', [SD1_LIKE, SD2_LIKE], ids=['sd1', 'sd2'])
+def test_matches_diffusers_torch_unet_with_torch_numerics(cfg, tmp_path):
+  """SD checkpoints come from torch: the default numerics reproduce its UNet.
+
+  The weights travel the real way: torch's save_pretrained (safetensors), then our
+  torch-free loader. diffusers' Flax numerics (tanh GELU, GroupNorm eps 1e-5) must be
+  measurably further off, or this test could not tell the two apart.
+  """
+  torch = pytest.importorskip('torch')
+  from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  ref = UNet2DConditionModel(**cfg).eval()
+  # torch's default init leaves the output conv near zero; larger weights make the
+  # comparison sensitive everywhere.
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  ref.save_pretrained(str(tmp_path), safe_serialization=True)
+  params = weights._load_diffusers_params(  # pylint: disable=protected-access
+      FlaxUNet2DConditionModel.from_config(cfg), str(tmp_path), False, jnp.float32)
+  x, t, ctx, _ = _inputs(cfg)
+  with torch.no_grad():
+    want = ref(*(torch.from_numpy(np.array(a)) for a in (x, t, ctx))).sample.numpy()
+  run = lambda m: np.asarray(jax.jit(lambda p: m.apply({'params': p}, x, t, ctx))(params))
+  torch_numerics = np.abs(run(RealCustomUNet.from_config(cfg)) - want).max()
+  flax_numerics = np.abs(
+      run(RealCustomUNet.from_config(cfg, numerics='diffusers_flax')) - want).max()
+  print(f'torch parity {cfg["cross_attention_dim"]}: torch numerics {torch_numerics:.2e}, '
+        f'diffusers-flax numerics {flax_numerics:.2e}, output max {np.abs(want).max():.2f}')
+  assert np.abs(want).max() > 0.1  # a real signal, not a near-zero output
+  assert torch_numerics <= 5e-6, torch_numerics
+  assert flax_numerics > 4 * torch_numerics and flax_numerics > 5e-6, flax_numerics
 
 
 def _run(ours, params, cfg, **kw):
@@ -134,7 +170,7 @@ def test_remat_gives_the_same_output():
   loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x, t, ctx, visual_tokens=vis) ** 2)
   g1 = jax.jit(jax.grad(loss(plain)))(params)
   g2 = jax.jit(jax.grad(loss(remat)))(params)
-  chex.assert_trees_all_close(g1, g2, atol=1e-5)
+  chex.assert_trees_all_close(g1, g2, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_attention_call_matches_xla_in_value_and_gradient(monkeypatch):
@@ -180,6 +216,14 @@ def _device(platform='gpu', kind='NVIDIA H100 80GB HBM3', cc='9.0'):
 def test_auto_picks_cudnn_only_where_it_accepts_the_head_width(requested, head_dim, device,
                                                               want):
   assert attention.self_attention_impl(requested, head_dim, device) == want
+
+
+def test_unknown_numerics_is_refused():
+  cfg = SD1_LIKE
+  x, t, ctx, _ = _inputs(cfg)
+  with pytest.raises(ValueError, match='numerics'):
+    jax.eval_shape(RealCustomUNet.from_config(cfg, numerics='jax').init,
+                   jax.random.PRNGKey(0), x, t, ctx)
 
 
 @pytest.mark.parametrize('bad, message', [

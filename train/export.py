@@ -65,7 +65,10 @@ def export(workdir: str, out: str, step: int | None = None) -> int:
   """Writes the adapter of `step` (default latest) to `out`; returns the step."""
   params, step, config = load_checkpoint_adapter(workdir, step)
   metadata = {'model_config': json.dumps(config.get('model', {}), sort_keys=True),
-              'step': str(step)}
+              'step': str(step),
+              # Checkpoints from before the layout number are layout 1: exported as
+              # such, so that loading refuses them by name.
+              'adapter_layout': str(config.get('adapter_layout', 1))}
   weights.save_adapter(out, params, metadata)
   return step
 

@@ -4,8 +4,9 @@ img2dataset writes LAION as webdataset `.tar` shards; each sample is `KEY.jpg` (
 `.png` / `.webp`), `KEY.txt` (the caption) and `KEY.json` (metadata, here carrying an
 aesthetic score). This builder reads such shards from a local directory, keeps samples
 whose score passes the threshold, resizes the shorter side to `resolution` and
-center-crops (the "512 px resize+center crop" of DESIGN.md), and writes image + caption
-as ArrayRecord, which grain reads by random access. It runs without TensorFlow.
+center-crops (512 px in configs/laion.py, as IP-Adapter trains; the paper does not say),
+and writes image + caption as ArrayRecord, which grain reads by random access. It runs
+without TensorFlow.
 
 Usage (what training calls):
 

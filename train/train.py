@@ -233,6 +233,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   if latest is not None:
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    stored = mngr.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    try:
+      adapter_lib.check_layout(stored['config'].get('adapter_layout'),
+                               f'checkpoint {latest} in {workdir}')
+    except ValueError as e:
+      raise ConfigError(f'{e}, or use a new --workdir') from None
     restored = mngr.restore(latest, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
@@ -244,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   writer = MetricWriter(workdir)
   debug_nan_step = int(t.get('debug_nan_step', -1))
   config_json = json.loads(config.to_json_best_effort())
+  config_json['adapter_layout'] = adapter_lib.ADAPTER_LAYOUT  # read by resume and export
   pending: list[tuple[int, dict]] = []
   t_last, steps_since = time.perf_counter(), 0
   try:
