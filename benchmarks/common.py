@@ -1,6 +1,5 @@
 """What both benchmarks share: the architectures, cheap random weights, the CLI ending."""
 import json
-import math
 import sys
 from typing import Any, Callable, NamedTuple
 
@@ -8,7 +7,6 @@ from absl import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from realcustom_jax import model as model_lib
 from realcustom_jax import tiny
@@ -62,20 +60,7 @@ def random_params(model: model_lib.RealCustom, a: Arch, seed: int = 0) -> Any:
       r, jnp.zeros((1, c, h, w)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,) + a.text),
       jnp.zeros((1,) + a.image), sqrt_alpha_bar=jnp.ones((1,)),
       scope_mask=jnp.ones((1, h, w)))['params'], jax.random.PRNGKey(0))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = getattr(path[-1], 'key', '')
-    if name == 'scale':
-      value = np.ones(leaf.shape, np.float32)
-    elif name == 'bias':
-      value = np.zeros(leaf.shape, np.float32)
-    else:
-      value = rng.standard_normal(leaf.shape, np.float32)
-      value *= np.float32(1 / math.sqrt(math.prod(leaf.shape[:-1]) or 1))
-    return jax.device_put(value.astype(leaf.dtype))
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return tiny.host_random_params(shapes, seed)
 
 
 def report(argv: list[str], compute: Callable[[], dict]) -> None:

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from benchmarks import common
-from realcustom_jax import model as model_lib
 from realcustom_jax import sampler
 from realcustom_jax import tiny  # DDIM scheduler config of SD 1.5
 from realcustom_jax import training
@@ -61,16 +60,13 @@ def _inputs(model, batch, latent, text_len, n_i, c_i):
               word_weights=word_weights)
 
 
-def _rc_args(params, schedule, x, s):
-  f32 = jnp.float32
+def _rc_args(params, schedule, x, settings):
   return (params, schedule, x['latents'], x['text'], x['uncond'], x['image'],
-          x['word_weights'], f32(s.guidance_text), f32(s.guidance_image),
-          f32(s.gamma_scope), f32(s.gamma_num))
+          x['word_weights'], settings)
 
 
-def _cfg_args(params, schedule, x, s):
-  return (params, schedule, x['latents'], x['text'], x['uncond'],
-          jnp.float32(s.guidance_text))
+def _cfg_args(params, schedule, x, settings):
+  return (params, schedule, x['latents'], x['text'], x['uncond'], settings)
 
 
 def _compile(fn, args) -> tuple:
@@ -111,12 +107,10 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
       raise ValueError(f'--{name} must be positive, got {value}')
   model, params, latent, text_len, n_i, c_i = _setup(config, arch, dtype, attention_impl)
   x = _inputs(model, batch, latent, text_len, n_i, c_i)
-  s = config.sampler
+  s = sampler.GuidanceSettings.from_config(config.sampler)
   scheduler_config = tiny.SCHEDULER_CONFIG
-  rc_fn = lambda *a: sampler._realcustom_loop(  # pylint: disable=protected-access
-      model, *a, binary_mask=bool(s.binary_mask), return_trajectory=False)
-  cfg_fn = lambda *a: sampler._cfg_loop(  # pylint: disable=protected-access
-      model, *a, return_trajectory=False)
+  rc_fn = sampler.build_sampler(model)
+  cfg_fn = sampler.build_cfg_sampler(model)
 
   compile_s, compiled = {}, {}
   for n in sorted(set(compile_steps) | {steps}):

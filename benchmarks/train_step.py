@@ -21,13 +21,12 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
-import optax
 
 from benchmarks import common
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import tiny
+from realcustom_jax import sharding
 from realcustom_jax import training
 
 FLAGS = flags.FLAGS
@@ -72,7 +71,6 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
                              ('warmup', warmup, 0), ('peak_tflops', peak_tflops, 0)):
     if value < least:
       raise ValueError(f'--{name} must be >= {least}, got {value}')
-  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[dtype_name]
   a = common.arch(config, arch)
   (_, side, _), (n_t, c_t), (n_i, c_i) = a.latent, a.text, a.image
   model = common.build_model(config, a, dtype=dtype_name, remat=remat,
@@ -80,31 +78,28 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
   models = training.Models(model=model, vae=None, text_encoder=None, vision_model=None,
                            scaling_factor=1.0, vision_resize=0, vision_size=0,
                            vision_mean=(0.0,) * 3, vision_std=(1.0,) * 3)
-  step_config = training.StepConfig(
-      alphas_cumprod=tuple(float(x) for x in training.alphas_cumprod(tiny.SCHEDULER_CONFIG)))
-  t = config.get('train', {})
-  optimizer = optax.adamw(t.get('learning_rate', 1e-4), weight_decay=t.get('weight_decay', 0.01))
+  config = config.copy_and_resolve_references()
+  config.train.frozen_dtype = dtype_name
+  step_config = training.build_step_config(config, tiny.SCHEDULER_CONFIG)
 
   # ---- Random weights drawn on the host (no model.init compile) ----
   params = adapter_lib.init_visual_kv_from_text(
       common.random_params(model, a, seed=0))
   base, adapter = adapter_lib.split_params(params)
-  unet_params = training.cast_floating(base['unet'], dtype)
-  state = training.create_train_state(adapter, optimizer, jax.random.PRNGKey(1))
+  # The train loop's own set-up (optimizer, state, placement) on one device.
+  mesh = sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+  setup = training.place_train_setup(config, mesh, models, step_config, adapter,
+                                     {'unet': base['unet']})
+  state, unet_params = setup.state, setup.frozen['unet']
 
   keys = jax.random.split(jax.random.PRNGKey(2), 4)
   latents = jax.random.normal(keys[0], (batch, 4, side, side))
   text = jax.random.normal(keys[1], (batch, n_t, c_t))
   image = jax.random.normal(keys[2], (batch, n_i, c_i))
 
-  def step(state, unet_params, latents, text, image):
-    rng = jax.random.fold_in(state['rng'], state['step'])
-    return training.adapter_step(state, unet_params, latents, text, image, rng,
-                                 models=models, step_config=step_config, optimizer=optimizer)
-
   logging.info('compiling the train step (%s, batch %d)', arch, batch)
   t0 = time.perf_counter()
-  lowered = jax.jit(step, donate_argnums=(0,)).lower(state, unet_params, latents, text, image)
+  lowered = setup.adapter_step().lower(state, unet_params, latents, text, image)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   logging.info('compiled in %.1f s; timing %d steps', compile_s, steps)

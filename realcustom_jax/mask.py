@@ -4,7 +4,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from realcustom_jax.selection import check_unit_interval, top_fraction_mask
+from realcustom_jax.selection import top_fraction_mask
 
 Array = jax.Array
 
@@ -45,14 +45,14 @@ def influence_scope(maps: Sequence[Array], gamma_scope, binary: bool = False,
 
   Args:
     maps: per-layer (B, h, w) word maps, from `model.word_maps`.
-    gamma_scope: top-k ratio in [0, 1] (0.25 in the paper); may be traced.
+    gamma_scope: top-k ratio in [0, 1] (0.25 in the paper); may be traced. Not checked
+      here: `sampler.GuidanceSettings` checks it where the user gives it.
     binary: binary mask instead of max-normalised values.
     antialias: see `aggregate_word_maps`.
 
   Returns:
     (B, H, W) float32 scope in [0, 1].
   """
-  check_unit_interval('gamma_scope', gamma_scope)
   m = aggregate_word_maps(maps, antialias)
   b, h, w = m.shape
   keep = top_fraction_mask(m.reshape(b, h * w), gamma_scope).reshape(b, h, w)

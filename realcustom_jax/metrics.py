@@ -27,9 +27,9 @@ import transformers
 transformers.logging.set_verbosity_error()
 
 from realcustom_jax import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+from realcustom_jax import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = weights.CLIP_MEAN, weights.CLIP_STD
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _BATCH = 8  # images/texts per jitted call; batches are padded to it so one compile serves all

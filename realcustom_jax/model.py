@@ -21,7 +21,6 @@ from realcustom_jax.attention import resize_scope
 from realcustom_jax.scoring import FUSIONS
 from realcustom_jax.scoring import SCORINGS
 from realcustom_jax.scoring import AdaptiveScoring
-from realcustom_jax.selection import check_unit_interval
 from realcustom_jax.unet import NUMERICS
 from realcustom_jax.unet import RealCustomUNet
 
@@ -123,39 +122,46 @@ class RealCustom(nn.Module):
 ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
 
 
+# `config.model` as configs/tiny.py sets it; keys a config lacks take these values.
+DEFAULT_MODEL_CONFIG = dict(scoring_hidden=0, fusion='timestep', scoring='adaptive',
+                            numerics='torch', dtype='float32', attention_impl='xla',
+                            mask_antialias=False, remat=False)
+
+
+def _model_settings(m) -> dict:
+  return dict(DEFAULT_MODEL_CONFIG, **dict(m))
+
+
 def check_model_config(m) -> None:
   """ValueError (one line) for a bad `config.model` value, before anything is built."""
-  if m.dtype not in DTYPES:
-    raise ValueError(f'config.model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}')
-  if m.get('scoring', 'adaptive') not in SCORINGS:
-    raise ValueError(f'config.model.scoring must be one of {SCORINGS}, got {m.scoring!r}')
-  if m.get('numerics', 'torch') not in NUMERICS:
-    raise ValueError(f'config.model.numerics must be one of {NUMERICS}, got {m.numerics!r}')
-  if m.fusion not in FUSIONS:
-    raise ValueError(f'config.model.fusion must be one of {FUSIONS}, got {m.fusion!r}')
-  if isinstance(m.scoring_hidden, bool) or not isinstance(m.scoring_hidden, int) \
-      or m.scoring_hidden < 0:
+  m = _model_settings(m)
+  for key, allowed in (('dtype', tuple(DTYPES)), ('scoring', SCORINGS),
+                       ('numerics', NUMERICS), ('fusion', FUSIONS),
+                       ('attention_impl', ATTENTION_IMPLS)):
+    if m[key] not in allowed:
+      raise ValueError(f'config.model.{key} must be one of {allowed}, got {m[key]!r}')
+  hidden = m['scoring_hidden']
+  if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
     raise ValueError('config.model.scoring_hidden must be an integer >= 0 (0: image '
-                     f'feature width), got {m.scoring_hidden!r}')
-  if m.attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f'config.model.attention_impl must be one of {ATTENTION_IMPLS}, got '
-                     f'{m.attention_impl!r}')
+                     f'feature width), got {hidden!r}')
 
 
 def build_model(config, unet_config) -> RealCustom:
   """The RealCustom module over a diffusers UNet config, with `config.model`'s settings.
 
+  Keys `config.model` lacks take `DEFAULT_MODEL_CONFIG`'s values.
+
   Raises:
     ValueError: for a bad `config.model` value or an unsupported UNet.
   """
-  m = config.model
-  check_model_config(m)
+  check_model_config(config.model)
+  m = _model_settings(config.model)
   unet = RealCustomUNet.from_config(
-      unet_config, dtype=DTYPES[m.dtype], remat=bool(m.get('remat', False)),
-      attention_impl=m.attention_impl, mask_antialias=bool(m.mask_antialias),
-      numerics=m.get('numerics', 'torch'))
-  return RealCustom(unet=unet, scoring_hidden=int(m.scoring_hidden), fusion=m.fusion,
-                    scoring_mode=m.get('scoring', 'adaptive'))
+      unet_config, dtype=DTYPES[m['dtype']], remat=bool(m['remat']),
+      attention_impl=m['attention_impl'], mask_antialias=bool(m['mask_antialias']),
+      numerics=m['numerics'])
+  return RealCustom(unet=unet, scoring_hidden=int(m['scoring_hidden']), fusion=m['fusion'],
+                    scoring_mode=m['scoring'])
 
 
 def word_maps(model: RealCustom, params, *args, **kwargs) -> tuple[Array, list[Array]]:
@@ -172,13 +178,12 @@ def word_maps(model: RealCustom, params, *args, **kwargs) -> tuple[Array, list[A
 
 
 def validate_inputs(model: RealCustom, text_features, image_features=None,
-                    word_weights=None, gamma_num=None, gamma_scope=None) -> None:
-  """Checks shapes and ratios before tracing, so mistakes read as one-line errors.
+                    word_weights=None) -> None:
+  """Checks shapes before tracing, so mistakes read as one-line errors.
 
   Raises:
     ValueError: text width differing from the UNet's cross-attention width, batch
-      sizes that disagree, word weights whose length is not the text length, or a ratio
-      outside [0, 1].
+      sizes that disagree, or word weights whose length is not the text length.
   """
   c_t = model.unet.cross_attention_dim
   if text_features.ndim != 3 or text_features.shape[-1] != c_t:
@@ -192,10 +197,6 @@ def validate_inputs(model: RealCustom, text_features, image_features=None,
   if word_weights is not None and tuple(word_weights.shape) != (b, n_t):
     raise ValueError(f'word weights must be (B={b}, n_t={n_t}) (token indices out of '
                      f'range?), got {tuple(word_weights.shape)}')
-  if gamma_num is not None:
-    check_unit_interval('gamma_num', gamma_num)
-  if gamma_scope is not None:
-    check_unit_interval('gamma_scope', gamma_scope)
 
 
 def _init_fn(model: RealCustom, latent_shape, text_len: int, image_tokens: int,

@@ -1,6 +1,7 @@
 """RealCustom text-to-image customization pipeline: encoders, jitted sampler, VAE.
 
   pipe = RealCustomPipeline.from_config(config)       # tiny embedded default or local SD
+  pipe = RealCustomPipeline.from_pretrained(sd_dir, clip_dir)   # the paper's settings
   out = pipe([subject], ['a toy on the beach'], ['toy'], seed=0, return_masks=True)
   out.images[0].save('out.png'); save_mask_grid(out, 'grid.png')
 
@@ -11,7 +12,7 @@ step count compile nothing.
 import dataclasses
 import json
 import logging
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 import warnings
 
 import jax
@@ -21,11 +22,11 @@ import numpy as np
 from PIL import Image
 
 from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import components as components_lib
 from realcustom_jax import encoders
 from realcustom_jax import model as model_lib
 from realcustom_jax import sampler
 from realcustom_jax import weights
-from realcustom_jax.selection import check_unit_interval
 
 # A fixed key for the untrained adapter's random parts (scoring, visual projection).
 _ADAPTER_INIT_SEED = 0
@@ -45,24 +46,25 @@ class RealCustomOutput:
   x0: Optional[np.ndarray] = None
 
 
-def _default_config() -> ml_collections.ConfigDict:
-  from configs import tiny as tiny_config  # pylint: disable=g-import-not-at-top
-  return tiny_config.get_config()
-
-
 def paper_config(components: weights.StableDiffusionComponents) -> ml_collections.ConfigDict:
-  """The paper's settings (Sec. 4.1, configs/laion.py) for weights given without a config.
+  """The paper's settings (Sec. 4.1) for weights given without a config.
 
-  DDIM 50 steps, w_t 7.5, w_i 12.5, gamma_scope 0.25, gamma_num 0.8; the resolution is
-  the UNet's sample size times the VAE factor (512 px for SD 1.5); the UNet computes in
-  bfloat16 on accelerators and float32 on CPU (where XLA's bfloat16 is slow).
+  DDIM 50 steps, w_t 7.5, w_i 12.5, gamma_scope 0.25, gamma_num 0.8 (what
+  configs/laion.py sets); the resolution is the UNet's sample size times the VAE factor
+  (512 px for SD 1.5); the UNet computes in bfloat16 on accelerators and float32 on
+  CPU (where XLA's bfloat16 is slow); the model keys take `model.build_model`'s
+  defaults.
   """
-  from configs import laion  # pylint: disable=g-import-not-at-top
-  config = laion.get_config()
-  config.resolution = int(components.unet_config.get('sample_size', 64)
-                          * components.vae_scale_factor)
-  config.model.dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
-  return config
+  paper = sampler.GuidanceSettings()  # the class defaults are the paper's values
+  return ml_collections.ConfigDict({
+      'resolution': int(components.unet_config.get('sample_size', 64)
+                        * components.vae_scale_factor),
+      'model': dict(model_lib.DEFAULT_MODEL_CONFIG,
+                    dtype='float32' if jax.default_backend() == 'cpu' else 'bfloat16'),
+      'sampler': dict(num_steps=sampler.PAPER_NUM_STEPS, guidance_text=paper.guidance_text,
+                      guidance_image=paper.guidance_image, gamma_scope=paper.gamma_scope,
+                      gamma_num=paper.gamma_num, binary_mask=False),
+  })
 
 
 def _read_adapter(path: Optional[str]) -> tuple[Optional[dict], dict]:
@@ -163,15 +165,15 @@ class RealCustomPipeline:
   # ---- Constructors ----
 
   @classmethod
-  def tiny(cls, config=None, adapter_path: Optional[str] = None) -> 'RealCustomPipeline':
-    """The embedded default: tiny random SD + CLIP built in code (configs/tiny.py).
+  def tiny(cls, config, adapter_path: Optional[str] = None) -> 'RealCustomPipeline':
+    """The embedded default: tiny random SD + CLIP built in code.
 
     Args:
-      config: the config (default configs/tiny.py).
+      config: the config, e.g. configs/tiny.py's `get_config()` (its `tiny` section
+        gives the model sizes).
       adapter_path: optional adapter file; None: untrained adapter (warned).
     """
     from realcustom_jax import tiny as tiny_lib  # pylint: disable=g-import-not-at-top
-    config = _default_config() if config is None else config
     components, vision = tiny_lib.build_tiny_components(config)
     adapter_params, trained = _read_adapter(adapter_path)
     return cls(components, vision, config, adapter_params, trained)
@@ -199,16 +201,11 @@ class RealCustomPipeline:
 
   @classmethod
   def from_config(cls, config) -> 'RealCustomPipeline':
-    """Tiny when `config.pretrained` is empty, else `from_pretrained` with the config's
-    `pretrained`, `vision_encoder`, `adapter` and `allow_pickle`."""
-    adapter_path = config.get('adapter', '') or None
-    if not config.pretrained:
-      return cls.tiny(config, adapter_path)
-    if not config.get('vision_encoder', ''):
-      raise ValueError('config.vision_encoder must name a CLIP vision model directory '
-                       'when config.pretrained is set')
-    return cls.from_pretrained(config.pretrained, config.vision_encoder, adapter_path,
-                               config, allow_pickle=bool(config.get('allow_pickle', False)))
+    """The models `config` names (`components.load_components`: tiny when
+    `config.pretrained` is empty) with `config.adapter`."""
+    components, vision = components_lib.load_components(config)
+    adapter_params, trained = _read_adapter(config.get('adapter', '') or None)
+    return cls(components, vision, config, adapter_params, trained)
 
   # ---- Parameters ----
 
@@ -250,17 +247,16 @@ class RealCustomPipeline:
 
   # ---- Generation ----
 
-  def _settings(self, num_steps, guidance_text, guidance_image, gamma_scope, gamma_num):
-    s = self.config.sampler
-    pick = lambda v, d: d if v is None else v
-    num_steps = pick(num_steps, s.num_steps)
+  def _settings(self, num_steps, guidance_text, guidance_image, gamma_scope,
+                gamma_num) -> tuple[int, sampler.GuidanceSettings]:
+    """(num_steps, checked GuidanceSettings): the arguments given, else config.sampler."""
+    num_steps = self.config.sampler.num_steps if num_steps is None else num_steps
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
       raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
-    gamma_scope, gamma_num = pick(gamma_scope, s.gamma_scope), pick(gamma_num, s.gamma_num)
-    check_unit_interval('gamma_scope', gamma_scope)
-    check_unit_interval('gamma_num', gamma_num)
-    return (int(num_steps), pick(guidance_text, s.guidance_text),
-            pick(guidance_image, s.guidance_image), gamma_scope, gamma_num)
+    settings = sampler.GuidanceSettings.from_config(
+        self.config.sampler, guidance_text=guidance_text, guidance_image=guidance_image,
+        gamma_scope=gamma_scope, gamma_num=gamma_num)
+    return int(num_steps), settings
 
   def encode_prompts(self, prompts: Sequence[str], words: Sequence[str]):
     """Text features, empty-prompt features and word weights for B prompts.
@@ -330,19 +326,16 @@ class RealCustomPipeline:
     if len(subjects) not in (1, b):
       raise ValueError(f'need one subject, or one per prompt: {b} prompts, '
                        f'{len(subjects)} subjects')
-    num_steps, w_t, w_i, g_scope, g_num = self._settings(
-        num_steps, guidance_text, guidance_image, gamma_scope, gamma_num)
+    num_steps, settings = self._settings(num_steps, guidance_text, guidance_image,
+                                         gamma_scope, gamma_num)
 
     text, uncond, word_weights = self.encode_prompts(prompts, words)
     feats = self.encode_subjects(subjects, b)
     schedule = sampler.ddim_schedule(self.components.scheduler_config, num_steps)
     latents = self.initial_latents(seed, b) * schedule.init_noise_sigma
-    logging.info('sampling %d image(s), %d DDIM steps (the first call of a shape compiles)',
-                 b, num_steps)
-    out = sampler.sample(
-        self.model, self.params, schedule, latents, text, uncond, feats, word_weights,
-        guidance_text=w_t, guidance_image=w_i, gamma_scope=g_scope, gamma_num=g_num,
-        binary_mask=bool(self.config.sampler.binary_mask), return_trajectory=return_masks)
+    logging.info('sampling %d image(s), %d DDIM steps', b, num_steps)
+    out = sampler.sample(self.model, self.params, schedule, latents, text, uncond, feats,
+                         word_weights, settings, return_trajectory=return_masks)
     jax.block_until_ready(out.latents)
     logging.info('decoding with the VAE')
     images = [Image.fromarray(x) for x in self.decode(out.latents)]

@@ -5,8 +5,9 @@ Every DDIM step makes two model calls:
      the T2I prediction, and the T2I half's target-word cross-attention maps.
   2. The TI2I call with the subject, gated by the influence scope that the maps of
      call 1 give (Eq. 11), then the guidance of Eq. 13 and a deterministic DDIM update.
-The whole loop is one `lax.scan` whose carry holds z_t and the latest scope. Guidance
-scales and both gammas are traced, so changing them never recompiles.
+The whole loop is one `lax.scan` whose carry holds z_t and the latest scope. The guidance
+scales and both gammas travel as one `GuidanceSettings` pytree, traced, so changing them
+never recompiles.
 
 `cfg_sample` is plain classifier-free guidance on the same UNet (one batched call per
 step): the baseline of the tests and of `benchmarks/sampling.py`.
@@ -28,10 +29,62 @@ import numpy as np
 
 from realcustom_jax import model as model_lib
 from realcustom_jax.mask import influence_scope
+from realcustom_jax.selection import check_unit_interval
 
 Array = jax.Array
 
-_PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
+# What a UNet may predict (diffusers' `prediction_type`); the sampler and the trainer
+# both handle all three.
+PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
+
+# Sec. 4.1: DDIM 50 steps, w_t 7.5, w_i 12.5, gamma_scope 0.25, gamma_num 0.8.
+PAPER_NUM_STEPS = 50
+
+
+@struct.dataclass
+class GuidanceSettings:
+  """The sampling settings of Eqs. 10, 11 and 13, carried as ONE pytree into the scan.
+
+  Build it with `create` or `from_config`, which check the values (a bare constructor
+  does not). The four numbers are float32 scalars traced by jit: changing them never
+  recompiles; `binary_mask` is static.
+
+  Attributes:
+    guidance_text: w_t of Eq. 13.
+    guidance_image: w_i of Eq. 13.
+    gamma_scope: Eq. 11's ratio in [0, 1].
+    gamma_num: Eq. 10's ratio in [0, 1].
+    binary_mask: binary influence scope (Table 2 ablation) instead of the soft one.
+  """
+  guidance_text: Any = 7.5
+  guidance_image: Any = 12.5
+  gamma_scope: Any = 0.25
+  gamma_num: Any = 0.8
+  binary_mask: bool = struct.field(pytree_node=False, default=False)
+
+  @classmethod
+  def create(cls, guidance_text=7.5, guidance_image=12.5, gamma_scope=0.25, gamma_num=0.8,
+             binary_mask: bool = False) -> 'GuidanceSettings':
+    """Checked settings (defaults: the paper's, Sec. 4.1).
+
+    Raises:
+      ValueError: a non-finite or non-scalar value, or a gamma outside [0, 1].
+    """
+    check_unit_interval('gamma_scope', gamma_scope)
+    check_unit_interval('gamma_num', gamma_num)
+    return cls(_scalar('guidance_text', guidance_text),
+               _scalar('guidance_image', guidance_image),
+               _scalar('gamma_scope', gamma_scope), _scalar('gamma_num', gamma_num),
+               bool(binary_mask))
+
+  @classmethod
+  def from_config(cls, sampler_config, **overrides) -> 'GuidanceSettings':
+    """From `config.sampler`, with keyword overrides where they are not None."""
+    values = {name: sampler_config.get(name, default) for name, default in (
+        ('guidance_text', 7.5), ('guidance_image', 12.5), ('gamma_scope', 0.25),
+        ('gamma_num', 0.8), ('binary_mask', False))}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls.create(**values)
 
 
 # ---------------------------------------------------------------------------------
@@ -66,6 +119,34 @@ class Schedule:
     return int(self.timesteps.shape[0])
 
 
+def _ddim_scheduler(scheduler_config: dict[str, Any]) -> FlaxDDIMScheduler:
+  """diffusers' Flax DDIM scheduler from a scheduler config dict.
+
+  Raises:
+    ValueError: a beta schedule or prediction type diffusers (or we) do not support.
+  """
+  config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith('_')}
+  try:
+    scheduler = FlaxDDIMScheduler.from_config(config)
+    scheduler.create_state()  # builds the betas: an unknown beta_schedule fails here
+  except NotImplementedError as e:
+    raise ValueError(f'unsupported scheduler config: {e}') from None
+  if scheduler.config.prediction_type not in PREDICTION_TYPES:
+    raise ValueError(f'unsupported prediction_type {scheduler.config.prediction_type!r} '
+                     f'(one of {PREDICTION_TYPES})')
+  return scheduler
+
+
+def alphas_cumprod(scheduler_config: dict[str, Any]) -> np.ndarray:
+  """abar_t of the forward process (Eq. 2), t = 0 .. T-1, as diffusers computes it.
+
+  The one noise schedule of the project: training noises with it, `ddim_schedule` steps
+  with it.
+  """
+  state = _ddim_scheduler(scheduler_config).create_state()
+  return np.asarray(state.common.alphas_cumprod, np.float32)
+
+
 def ddim_schedule(scheduler_config: dict[str, Any], num_steps: int) -> Schedule:
   """DDIM timesteps and alphas from a diffusers scheduler config (FlaxDDIMScheduler).
 
@@ -79,21 +160,17 @@ def ddim_schedule(scheduler_config: dict[str, Any], num_steps: int) -> Schedule:
 
   Raises:
     ValueError: for a non-positive step count, more steps than training timesteps, or an
-      unknown prediction type.
+      unknown prediction type or beta schedule.
   """
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
     raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
-  config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith('_')}
-  scheduler = FlaxDDIMScheduler.from_config(config)
+  scheduler = _ddim_scheduler(scheduler_config)
   train_steps = scheduler.config.num_train_timesteps
   if num_steps > train_steps:
     raise ValueError(f'num_steps={num_steps} exceeds the {train_steps} training timesteps')
-  prediction_type = scheduler.config.prediction_type
-  if prediction_type not in _PREDICTION_TYPES:
-    raise ValueError(f'unsupported prediction_type {prediction_type!r}')
   state = scheduler.set_timesteps(scheduler.create_state(), int(num_steps))
   timesteps = np.asarray(state.timesteps, np.int32)
-  alphas = np.asarray(state.common.alphas_cumprod, np.float32)
+  alphas = alphas_cumprod(scheduler_config)
   # The same previous-timestep rule as FlaxDDIMScheduler.step.
   prev = timesteps - train_steps // int(num_steps)
   final = np.float32(state.final_alpha_cumprod)
@@ -102,7 +179,7 @@ def ddim_schedule(scheduler_config: dict[str, Any], num_steps: int) -> Schedule:
       timesteps=jnp.asarray(timesteps), alpha_bar=jnp.asarray(alphas[timesteps]),
       alpha_bar_prev=jnp.asarray(alpha_prev),
       init_noise_sigma=float(state.init_noise_sigma),
-      prediction_type=prediction_type,
+      prediction_type=scheduler.config.prediction_type,
       clip_sample=bool(scheduler.config.clip_sample),
       clip_sample_range=float(scheduler.config.get('clip_sample_range', 1.0)))
 
@@ -188,8 +265,7 @@ class SampleOutput(NamedTuple):
 
 def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
                      text_emb: Array, uncond_emb: Array, image_feats: Array,
-                     word_weights: Array, guidance_text: Array, guidance_image: Array,
-                     gamma_scope: Array, gamma_num: Array, *, binary_mask: bool,
+                     word_weights: Array, settings: GuidanceSettings, *,
                      return_trajectory: bool) -> SampleOutput:
   """The RealCustom DDIM loop (traced once per static shape and flag set)."""
   b = latents.shape[0]
@@ -210,14 +286,14 @@ def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, la
     t, alpha_bar, alpha_bar_prev = xs
     eps_uncond, eps_text, maps = text_branches(z, t)
     # Eq. 11 from this step's T2I maps; it gates this step's TI2I branch (Eq. 12).
-    scope = influence_scope(maps, gamma_scope, binary=binary_mask,
+    scope = influence_scope(maps, settings.gamma_scope, binary=settings.binary_mask,
                             antialias=model.unet.mask_antialias)
     eps_image = model.apply(
         {'params': params}, z, jnp.full((b,), t), text_emb, image_feats,
-        sqrt_alpha_bar=jnp.full((b,), jnp.sqrt(alpha_bar)), gamma_num=gamma_num,
+        sqrt_alpha_bar=jnp.full((b,), jnp.sqrt(alpha_bar)), gamma_num=settings.gamma_num,
         scope_mask=scope)
     guided = adaptive_mask_guidance(eps_uncond, eps_text, eps_image,
-                                    guidance_text, guidance_image)
+                                    settings.guidance_text, settings.guidance_image)
     z_prev, x0 = ddim_step(z, guided, alpha_bar, alpha_bar_prev, schedule)
     ys = (scope, x0) if return_trajectory else None
     return (z_prev, scope), ys
@@ -233,7 +309,7 @@ def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, la
 
 
 def _cfg_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
-              text_emb: Array, uncond_emb: Array, guidance_text: Array, *,
+              text_emb: Array, uncond_emb: Array, settings: GuidanceSettings, *,
               return_trajectory: bool) -> SampleOutput:
   """Plain classifier-free guidance DDIM loop on the same UNet (visual branch off)."""
   b = latents.shape[0]
@@ -243,7 +319,7 @@ def _cfg_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: 
     t, alpha_bar, alpha_bar_prev = xs
     eps = model.apply({'params': params}, jnp.concatenate([z, z], axis=0),
                       jnp.full((2 * b,), t), pair_text)
-    guided = classifier_free_guidance(eps[:b], eps[b:], guidance_text)
+    guided = classifier_free_guidance(eps[:b], eps[b:], settings.guidance_text)
     z_prev, x0 = ddim_step(z, guided, alpha_bar, alpha_bar_prev, schedule)
     return z_prev, (x0 if return_trajectory else None)
 
@@ -252,27 +328,27 @@ def _cfg_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: 
   return SampleOutput(z0, x0=x0 if return_trajectory else None)
 
 
-def build_sampler(model: model_lib.RealCustom, *, binary_mask: bool = False,
-                  return_trajectory: bool = False,
+def build_sampler(model: model_lib.RealCustom, *, return_trajectory: bool = False,
                   max_traces: Optional[int] = None) -> Callable[..., SampleOutput]:
-  """A jitted RealCustom sampler for one model and static flag set.
+  """A jitted RealCustom sampler for one model.
 
   The returned function takes (params, schedule, latents, text_emb, uncond_emb,
-  image_feats, word_weights, guidance_text, guidance_image, gamma_scope, gamma_num),
-  all traced; jax.jit caches one executable per input shape. It does not validate:
-  use `sample`.
+  image_feats, word_weights, settings), all traced but `settings.binary_mask`; jax.jit
+  caches one executable per input shape and binary flag. It does not validate: use
+  `sample`.
 
   Args:
     model: the RealCustom module.
-    binary_mask: binary influence scope (Table 2 ablation).
     return_trajectory: also return the per-step scopes and x0 predictions.
     max_traces: when set, fail on the (max_traces + 1)-th trace (chex), for tests.
 
   Returns:
     The jitted function.
   """
-  def fn(*args):
-    return _realcustom_loop(model, *args, binary_mask=binary_mask,
+  def fn(params, schedule, latents, text_emb, uncond_emb, image_feats, word_weights,
+         settings):
+    return _realcustom_loop(model, params, schedule, latents, text_emb, uncond_emb,
+                            image_feats, word_weights, settings,
                             return_trajectory=return_trajectory)
   if max_traces is not None:
     fn = chex.assert_max_traces(fn, n=max_traces)
@@ -281,21 +357,26 @@ def build_sampler(model: model_lib.RealCustom, *, binary_mask: bool = False,
 
 def build_cfg_sampler(model: model_lib.RealCustom, *, return_trajectory: bool = False,
                       max_traces: Optional[int] = None) -> Callable[..., SampleOutput]:
-  """A jitted plain-CFG sampler: (params, schedule, latents, text_emb, uncond_emb, w_t)."""
-  def fn(*args):
-    return _cfg_loop(model, *args, return_trajectory=return_trajectory)
+  """A jitted plain-CFG sampler: (params, schedule, latents, text_emb, uncond_emb,
+  settings); only `settings.guidance_text` is read."""
+  def fn(params, schedule, latents, text_emb, uncond_emb, settings):
+    return _cfg_loop(model, params, schedule, latents, text_emb, uncond_emb, settings,
+                     return_trajectory=return_trajectory)
   if max_traces is not None:
     fn = chex.assert_max_traces(fn, n=max_traces)
   return jax.jit(fn)
 
 
-# One jitted function per (model, flags); jax.jit itself caches per input shape.
-_cached_sampler = functools.lru_cache(maxsize=16)(
-    lambda model, binary_mask, return_trajectory: build_sampler(
-        model, binary_mask=binary_mask, return_trajectory=return_trajectory))
-_cached_cfg_sampler = functools.lru_cache(maxsize=16)(
-    lambda model, return_trajectory: build_cfg_sampler(
-        model, return_trajectory=return_trajectory))
+@functools.lru_cache(maxsize=16)
+def cached_sampler(model: model_lib.RealCustom, return_trajectory: bool):
+  """One jitted RealCustom sampler per (model, flag); jax.jit caches per shape inside."""
+  return build_sampler(model, return_trajectory=return_trajectory)
+
+
+@functools.lru_cache(maxsize=16)
+def cached_cfg_sampler(model: model_lib.RealCustom, return_trajectory: bool):
+  """One jitted plain-CFG sampler per (model, flag)."""
+  return build_cfg_sampler(model, return_trajectory=return_trajectory)
 
 
 def _scalar(name: str, value) -> Array:
@@ -325,14 +406,24 @@ def _check_common(model, schedule: Schedule, latents, text_emb, uncond_emb) -> N
                      f'{tuple(uncond_emb.shape)} (broadcast it first)')
 
 
+def _check_settings(settings) -> GuidanceSettings:
+  if settings is None:
+    return GuidanceSettings.create()
+  if not isinstance(settings, GuidanceSettings):
+    raise ValueError('settings must be a sampler.GuidanceSettings (GuidanceSettings.create '
+                     f'or .from_config), got {type(settings).__name__}')
+  return settings
+
+
 def sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
-           text_emb: Array, uncond_emb: Array, image_feats: Array, word_weights: Array, *,
-           guidance_text=7.5, guidance_image=12.5, gamma_scope=0.25, gamma_num=0.8,
-           binary_mask: bool = False, return_trajectory: bool = False) -> SampleOutput:
+           text_emb: Array, uncond_emb: Array, image_feats: Array, word_weights: Array,
+           settings: Optional[GuidanceSettings] = None, *,
+           return_trajectory: bool = False) -> SampleOutput:
   """RealCustom sampling (Sec. 3.3): DDIM with adaptive mask guidance, one jitted scan.
 
-  Inputs are checked here, before tracing. The number of steps is the schedule's length
-  (static); guidance scales and gammas are traced (no recompilation when they change).
+  Shapes are checked here, before tracing; the settings were checked when they were
+  made. The number of steps is the schedule's length (static); the settings' numbers
+  are traced (no recompilation when they change).
 
   Args:
     model: the RealCustom module.
@@ -343,31 +434,26 @@ def sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Arr
     uncond_emb: (B, n_t, c_t) empty-prompt features.
     image_feats: (B, n_i, c_i) subject CLIP patch features.
     word_weights: (B, n_t) target-word token weights.
-    guidance_text: w_t of Eq. 13.
-    guidance_image: w_i of Eq. 13.
-    gamma_scope: Eq. 11 top-k ratio in [0, 1].
-    gamma_num: Eq. 10 top-k ratio in [0, 1].
-    binary_mask: binary scope (Table 2 ablation); static.
+    settings: w_t, w_i, gamma_scope, gamma_num, binary scope; None: the paper's.
     return_trajectory: also return per-step scopes and x0 predictions; static.
 
   Returns:
     SampleOutput (masks/x0 filled when return_trajectory).
 
   Raises:
-    ValueError: for shapes that disagree or ratios outside [0, 1].
+    ValueError: for shapes that disagree, or settings that are not GuidanceSettings.
   """
+  settings = _check_settings(settings)
   _check_common(model, schedule, latents, text_emb, uncond_emb)
-  model_lib.validate_inputs(model, text_emb, image_feats, word_weights, gamma_num,
-                            gamma_scope)
-  args = (_scalar('guidance_text', guidance_text), _scalar('guidance_image', guidance_image),
-          _scalar('gamma_scope', gamma_scope), _scalar('gamma_num', gamma_num))
-  fn = _cached_sampler(model, bool(binary_mask), bool(return_trajectory))
+  model_lib.validate_inputs(model, text_emb, image_feats, word_weights)
+  fn = cached_sampler(model, bool(return_trajectory))
   return fn(params, schedule, latents, text_emb, uncond_emb, image_feats,
-            jnp.asarray(word_weights, jnp.float32), *args)
+            jnp.asarray(word_weights, jnp.float32), settings)
 
 
 def cfg_sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
-               text_emb: Array, uncond_emb: Array, *, guidance_text=7.5,
+               text_emb: Array, uncond_emb: Array,
+               settings: Optional[GuidanceSettings] = None, *,
                return_trajectory: bool = False) -> SampleOutput:
   """Plain classifier-free-guidance DDIM sampling on the same UNet (the baseline).
 
@@ -378,14 +464,14 @@ def cfg_sample(model: model_lib.RealCustom, params, schedule: Schedule, latents:
     latents: (B, C, h, w) z_T.
     text_emb: (B, n_t, c_t) prompt features.
     uncond_emb: (B, n_t, c_t) empty-prompt features.
-    guidance_text: w_t.
+    settings: only `guidance_text` (w_t) is used; None: 7.5.
     return_trajectory: also return per-step x0 predictions; static.
 
   Returns:
     SampleOutput with `latents` (and `x0`).
   """
+  settings = _check_settings(settings)
   _check_common(model, schedule, latents, text_emb, uncond_emb)
   model_lib.validate_inputs(model, text_emb)
-  fn = _cached_cfg_sampler(model, bool(return_trajectory))
-  return fn(params, schedule, latents, text_emb, uncond_emb,
-            _scalar('guidance_text', guidance_text))
+  fn = cached_cfg_sampler(model, bool(return_trajectory))
+  return fn(params, schedule, latents, text_emb, uncond_emb, settings)

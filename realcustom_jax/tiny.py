@@ -1,13 +1,15 @@
 """The embedded default: tiny random-init SD + CLIP components built in code.
 
-Nothing is read from disk or downloaded. Every model is initialised from a fixed key
-that does not depend on `config.seed`, so training and sampling runs of the tiny config
-see the same frozen "pretrained" models.
+Nothing is read from disk or downloaded. Every model gets host-drawn random weights from
+a fixed seed that does not depend on `config.seed` (no init is compiled), so training
+and sampling runs of the tiny config see the same frozen "pretrained" models.
 
 Sizes come from `config.tiny` (`unet`, and optionally `vae`, `text`, `vision` dicts that
 override the defaults below) and `config.resolution`.
 """
+import functools
 import json
+import math
 import os
 import tempfile
 from typing import Any
@@ -20,6 +22,7 @@ diffusers.utils.logging.set_verbosity_error()
 from diffusers import FlaxAutoencoderKL
 from diffusers import FlaxUNet2DConditionModel
 import jax
+import numpy as np
 import transformers
 
 transformers.logging.set_verbosity_error()
@@ -56,7 +59,10 @@ SCHEDULER_CONFIG = dict(
     clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     prediction_type='epsilon')
 
-# Fixed init keys, one per model.
+# eval_shape needs only the key's shape: a concrete PRNGKey would itself compile.
+_ABSTRACT_KEY = jax.ShapeDtypeStruct((2,), np.uint32)
+
+# Fixed init seeds, one per model.
 _UNET_SEED, _VAE_SEED, _TEXT_SEED, _VISION_SEED = 0, 1, 2, 3
 
 
@@ -113,12 +119,16 @@ def vision_config(config) -> CLIPVisionConfig:
   return CLIPVisionConfig(hidden_act='quick_gelu', **_section(config, 'vision', DEFAULT_VISION))
 
 
-def build_tokenizer() -> CLIPTokenizer:
-  """A CLIP BPE tokenizer over printable ASCII plus TINY_WORDS as whole-word tokens."""
+def build_tokenizer(words: tuple[str, ...] = TINY_WORDS) -> CLIPTokenizer:
+  """A CLIP BPE tokenizer over printable ASCII plus `words` as whole-word tokens.
+
+  Args:
+    words: the whole words to add (default TINY_WORDS; the toy world passes its own).
+  """
   chars = [chr(i) for i in range(33, 127)]
   vocab = chars + [c + '</w>' for c in chars]
   merges = []
-  for word in dict.fromkeys(TINY_WORDS):
+  for word in dict.fromkeys(words):
     if len(word) == 1:
       continue
     # Build each word left to right; every intermediate piece is itself a token.
@@ -142,6 +152,36 @@ def build_tokenizer() -> CLIPTokenizer:
         unk_token=EOS, bos_token=BOS, eos_token=EOS, pad_token=EOS, model_max_length=77)
 
 
+def host_random_params(shapes: Any, seed: int) -> Any:
+  """Random weights for a tree of shapes, drawn with NumPy: no init to trace or compile.
+
+  Kernels and embeddings ~ N(0, 1/fan_in) (fan_in: the product of all but the last
+  dimension), norm scales 1, biases 0: the scale of a standard init, which is all a
+  random stand-in model needs.
+
+  Args:
+    shapes: a tree of arrays or ShapeDtypeStructs (e.g. from `jax.eval_shape(init)`).
+    seed: NumPy seed; the same seed gives the same weights.
+
+  Returns:
+    The tree with device arrays of the same shapes and dtypes.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = getattr(path[-1], 'key', '')
+    if name == 'scale':
+      value = np.ones(leaf.shape, np.float32)
+    elif name == 'bias':
+      value = np.zeros(leaf.shape, np.float32)
+    else:
+      value = rng.standard_normal(leaf.shape, np.float32)
+      value *= np.float32(1 / math.sqrt(math.prod(leaf.shape[:-1]) or 1))
+    return jax.device_put(value.astype(leaf.dtype))
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def build_tiny_components(config) -> tuple[weights.StableDiffusionComponents,
                                            weights.VisionEncoder]:
   """Builds the tiny random-init SD components and CLIP vision encoder.
@@ -157,20 +197,26 @@ def build_tiny_components(config) -> tuple[weights.StableDiffusionComponents,
   unet_cfg, vae_cfg = unet_config(config), vae_config(config)
   text_cfg, vision_cfg = text_config(config, tokenizer), vision_config(config)
 
+  # Weights drawn on the host: jitting the four inits cost ~20 s of compiles on 2 cores,
+  # every start of a CLI.
   unet = FlaxUNet2DConditionModel.from_config(unet_cfg)
-  unet_params = jax.jit(unet.init_weights)(jax.random.PRNGKey(_UNET_SEED))
+  unet_params = host_random_params(
+      jax.eval_shape(unet.init_weights, _ABSTRACT_KEY), _UNET_SEED)
 
   vae = FlaxAutoencoderKL.from_config(vae_cfg)
-  vae_params = jax.jit(vae.init_weights)(jax.random.PRNGKey(_VAE_SEED))
+  vae_params = host_random_params(
+      jax.eval_shape(vae.init_weights, _ABSTRACT_KEY), _VAE_SEED)
 
   text_encoder = FlaxCLIPTextModel(text_cfg, _do_init=False)
-  text_params = jax.jit(text_encoder.init_weights, static_argnums=1)(
-      jax.random.PRNGKey(_TEXT_SEED), (1, text_encoder.config.max_position_embeddings))
+  text_params = host_random_params(jax.eval_shape(functools.partial(
+      text_encoder.init_weights, input_shape=(1, text_encoder.config.max_position_embeddings)),
+      _ABSTRACT_KEY), _TEXT_SEED)
 
   vision_model = FlaxCLIPVisionModel(vision_cfg, _do_init=False)
   size = vision_cfg.image_size
-  vision_params = jax.jit(vision_model.init_weights, static_argnums=1)(
-      jax.random.PRNGKey(_VISION_SEED), (1, size, size, 3))
+  vision_params = host_random_params(jax.eval_shape(functools.partial(
+      vision_model.init_weights, input_shape=(1, size, size, 3)), _ABSTRACT_KEY),
+      _VISION_SEED)
 
   components = weights.StableDiffusionComponents(
       unet_config=unet_cfg,

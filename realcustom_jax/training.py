@@ -25,7 +25,6 @@ from typing import Any, Mapping
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from realcustom_jax import adapter as adapter_lib
@@ -33,6 +32,7 @@ from realcustom_jax import encoders
 from realcustom_jax import sharding
 from realcustom_jax import weights
 from realcustom_jax import model as model_lib
+from realcustom_jax import sampler
 from realcustom_jax.model import RealCustom
 
 Array = jax.Array
@@ -47,23 +47,6 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------
 # Models and step settings
 # ---------------------------------------------------------------------------------
-
-
-def alphas_cumprod(scheduler_config: Mapping[str, Any]) -> np.ndarray:
-  """abar_t of the DDPM forward process (Eq. 2), as diffusers' schedulers compute it."""
-  if scheduler_config.get('trained_betas') is not None:
-    raise ConfigError('schedulers with trained_betas are not supported')
-  n = int(scheduler_config.get('num_train_timesteps', 1000))
-  start = float(scheduler_config.get('beta_start', 0.00085))
-  end = float(scheduler_config.get('beta_end', 0.012))
-  kind = scheduler_config.get('beta_schedule', 'scaled_linear')
-  if kind == 'scaled_linear':
-    betas = np.linspace(start ** 0.5, end ** 0.5, n, dtype=np.float64) ** 2
-  elif kind == 'linear':
-    betas = np.linspace(start, end, n, dtype=np.float64)
-  else:
-    raise ConfigError(f'unsupported beta_schedule {kind!r} (scaled_linear or linear)')
-  return np.cumprod(1.0 - betas).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,27 +72,37 @@ class StepConfig:
   image_dropout: float = 0.1
 
 
+def build_step_config(config, scheduler_config: Mapping[str, Any]) -> StepConfig:
+  """The step's hyper-parameters: the noise schedule of `scheduler_config` (the
+  sampler's own) and `config.train`'s gamma_num range and image dropout.
+
+  Raises:
+    ConfigError: a scheduler config the noise schedule cannot be built from.
+  """
+  try:
+    abar = sampler.alphas_cumprod(scheduler_config)  # one schedule for both
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return StepConfig(
+      alphas_cumprod=tuple(float(a) for a in abar),
+      prediction_type=scheduler_config.get('prediction_type', 'epsilon'),
+      gamma_num_range=tuple(float(x) for x in config.train.gamma_num_range),
+      image_dropout=float(config.train.image_dropout))
+
+
 def build_models(config, sd: weights.StableDiffusionComponents,
                  vision: weights.VisionEncoder) -> tuple[Models, StepConfig]:
   """The step's modules and hyper-parameters from the config and the frozen components.
 
   Raises:
-    ConfigError: the scheduler predicts something other than epsilon or v.
+    ConfigError: a scheduler config the noise schedule cannot be built from.
   """
-  sched = sd.scheduler_config
-  prediction_type = sched.get('prediction_type', 'epsilon')
-  if prediction_type not in ('epsilon', 'v_prediction'):
-    raise ConfigError(f'unsupported prediction_type {prediction_type!r}')
+  step_config = build_step_config(config, sd.scheduler_config)
   models = Models(
       model=model_lib.build_model(config, sd.unet_config), vae=sd.vae, text_encoder=sd.text_encoder,
       vision_model=vision.model, scaling_factor=float(sd.scaling_factor),
       vision_resize=int(vision.resize_size), vision_size=int(vision.image_size),
       vision_mean=tuple(vision.mean), vision_std=tuple(vision.std))
-  step_config = StepConfig(
-      alphas_cumprod=tuple(float(a) for a in alphas_cumprod(sched)),
-      prediction_type=prediction_type,
-      gamma_num_range=tuple(float(x) for x in config.train.gamma_num_range),
-      image_dropout=float(config.train.image_dropout))
   return models, step_config
 
 
@@ -242,8 +235,8 @@ def adapter_step(state: State, unet_params: Mapping, latents: Array, text: Array
   sqrt_ab = jnp.sqrt(abar)[:, None, None, None]
   sqrt_1mab = jnp.sqrt(1.0 - abar)[:, None, None, None]
   z_t = sqrt_ab * latents + sqrt_1mab * noise  # Eq. 2
-  target = noise if step_config.prediction_type == 'epsilon' else (
-      sqrt_ab * noise - sqrt_1mab * latents)
+  target = {'epsilon': noise, 'v_prediction': sqrt_ab * noise - sqrt_1mab * latents,
+            'sample': latents}[step_config.prediction_type]
   low, high = step_config.gamma_num_range
   gamma_num = jax.random.uniform(g_rng, (b,), minval=low, maxval=high)  # Eq. 10
   image_keep = jax.random.uniform(d_rng, (b,)) >= step_config.image_dropout
@@ -280,36 +273,94 @@ def train_step(state: State, frozen: Mapping, batch: Mapping[str, Array], *,
                       step_config=step_config, optimizer=optimizer)
 
 
-def jit_train_step(models: Models, step_config: StepConfig,
-                   optimizer: optax.GradientTransformation, state_sh, frozen_sh, batch_sh,
-                   mesh):
-  """The sharded, donated step: ONE jax.jit with in/out shardings."""
-  fn = functools.partial(train_step, models=models, step_config=step_config,
-                         optimizer=optimizer)
-  return jax.jit(fn, in_shardings=(state_sh, frozen_sh, batch_sh),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything the adapter step needs, built once; the train loop and the train-step
+  benchmark both run their steps from it.
+
+  Attributes:
+    models: the modules the step closes over.
+    step_config: the step's hyper-parameters.
+    optimizer: AdamW over the adapter tree.
+    state: the train state ({'step', 'params', 'opt_state', 'rng'}), placed on `mesh`.
+    frozen: the frozen trees ({'unet', 'vae', 'text', 'vision'}; the benchmark holds
+      only 'unet'), placed on `mesh`.
+    state_sharding: the state's shardings.
+    frozen_sharding: the frozen trees' shardings.
+    mesh: the device mesh.
+  """
+  models: Models
+  step_config: StepConfig
+  optimizer: optax.GradientTransformation
+  state: State
+  frozen: dict
+  state_sharding: State
+  frozen_sharding: dict
+  mesh: Any
+
+  def batch_sharding(self, batch: Mapping[str, Any]) -> dict:
+    """Each batch entry split along the mesh's batch axes."""
+    return sharding.batch_shardings(batch, self.mesh)
+
+  def train_step(self, batch: Mapping[str, Any]):
+    """The sharded, donated step with the frozen encoders: ONE jax.jit with in/out
+    shardings, taking (state, frozen, batch) shaped like `batch`."""
+    fn = functools.partial(train_step, models=self.models, step_config=self.step_config,
+                           optimizer=self.optimizer)
+    return jax.jit(fn, in_shardings=(self.state_sharding, self.frozen_sharding,
+                                     self.batch_sharding(batch)),
+                   out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+                   donate_argnums=(0,))
+
+  def adapter_step(self):
+    """The donated step on encoded inputs: (state, unet_params, latents, text, image),
+    the randomness of step s being fold_in(rng, s) as in `train_step`."""
+    def step(state, unet_params, latents, text, image):  # XLA module 'jit_step'
+      rng = jax.random.fold_in(state['rng'], state['step'])
+      return adapter_step(state, unet_params, latents, text, image, rng,
+                          models=self.models, step_config=self.step_config,
+                          optimizer=self.optimizer)
+    return jax.jit(step, donate_argnums=(0,))
 
 
-def setup_training(config, mesh, sd: weights.StableDiffusionComponents,
-                   vision: weights.VisionEncoder):
-  """Builds everything the step needs, placed on `mesh`.
+def place_train_setup(config, mesh, models: Models, step_config: StepConfig, adapter: dict,
+                      frozen: dict) -> TrainSetup:
+  """Creates the optimizer and the train state and places both trees on `mesh`.
+
+  Args:
+    config: reads `config.seed` and `config.train` (optimizer, `frozen_dtype`).
+    mesh: the device mesh.
+    models: the step's modules.
+    step_config: the step's hyper-parameters.
+    adapter: the initial adapter tree (float32).
+    frozen: the frozen trees, cast here to `config.train.frozen_dtype`.
 
   Returns:
-    (models, step_config, optimizer, state, frozen, state_sh, frozen_sh, shapes).
+    The TrainSetup.
   """
-  models, step_config = build_models(config, sd, vision)
-  shapes = feature_shapes(sd, vision, config.resolution)
   optimizer = create_optimizer(config)
-  frozen_dtype = model_lib.DTYPES[config.train.frozen_dtype]
-  # Adapter first: its visual K/V start as copies of the full-precision text K/V.
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
-  adapter = init_adapter(models.model, sd.unet_params, init_rng, shapes)
-  frozen = cast_floating({'unet': sd.unet_params, 'vae': sd.vae_params,
-                          'text': sd.text_params, 'vision': vision.params}, frozen_dtype)
+  frozen = cast_floating(frozen, model_lib.DTYPES[config.train.get('frozen_dtype', 'float32')])
   frozen_sh = sharding.param_shardings(frozen, mesh)
   frozen = sharding.device_put_tree(frozen, frozen_sh)
+  train_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
   state = create_train_state(adapter, optimizer, train_rng)
   state_sh = state_shardings(state, mesh)
   state = sharding.device_put_tree(state, state_sh)
-  return models, step_config, optimizer, state, frozen, state_sh, frozen_sh, shapes
+  return TrainSetup(models, step_config, optimizer, state, frozen, state_sh, frozen_sh, mesh)
+
+
+def setup_training(config, mesh, sd: weights.StableDiffusionComponents,
+                   vision: weights.VisionEncoder) -> tuple[TrainSetup, dict]:
+  """Builds everything the step needs from the frozen components, placed on `mesh`.
+
+  Returns:
+    (TrainSetup, feature shapes from `feature_shapes`).
+  """
+  models, step_config = build_models(config, sd, vision)
+  shapes = feature_shapes(sd, vision, config.resolution)
+  # Adapter first: its visual K/V start as copies of the full-precision text K/V.
+  init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
+  adapter = init_adapter(models.model, sd.unet_params, init_rng, shapes)
+  frozen = {'unet': sd.unet_params, 'vae': sd.vae_params, 'text': sd.text_params,
+            'vision': vision.params}
+  return place_train_setup(config, mesh, models, step_config, adapter, frozen), shapes

@@ -312,6 +312,19 @@ def _check_unet_config(config: dict[str, Any], path: str) -> None:
 # ---------------------------------------------------------------------------------
 
 
+def load_tokenizer(path: str) -> CLIPTokenizer:
+  """The CLIP tokenizer of a diffusers SD directory (`tokenizer/`), cheap to read.
+
+  Raises:
+    CheckpointError: a missing directory or tokenizer file.
+  """
+  tok_dir = _subfolder(path, 'tokenizer')
+  for name in ('vocab.json', 'merges.txt'):
+    if not os.path.isfile(os.path.join(tok_dir, name)):
+      raise CheckpointError(f'tokenizer file {os.path.join(tok_dir, name)} is missing')
+  return CLIPTokenizer.from_pretrained(tok_dir)
+
+
 def load_stable_diffusion(path: str, allow_pickle: bool = False,
                           dtype=jnp.float32) -> StableDiffusionComponents:
   """Loads a local diffusers-format Stable Diffusion 1.x / 2.x directory without torch.
@@ -358,11 +371,7 @@ def load_stable_diffusion(path: str, allow_pickle: bool = False,
   text_encoder = FlaxCLIPTextModel(text_config, _do_init=False)
   text_params = _load_transformers_params(text_encoder, text_dir, allow_pickle, dtype)
 
-  tok_dir = _subfolder(path, 'tokenizer')
-  for name in ('vocab.json', 'merges.txt'):
-    if not os.path.isfile(os.path.join(tok_dir, name)):
-      raise CheckpointError(f'tokenizer file {os.path.join(tok_dir, name)} is missing')
-  tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+  tokenizer = load_tokenizer(path)
 
   # ---- Scheduler ----
   sched_dir = _subfolder(path, 'scheduler')

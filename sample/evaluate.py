@@ -9,7 +9,8 @@ Writes under OUT:
   images/<subject>/pNN_<prompt>_<k>.png   generated images
   scores.csv                              one row per generated image
   summary.csv                             mean/std of each metric, overall and per subject
-  grids/<subject>.png                     reference image, then K images per prompt row
+  grids/<subject>.png                     one row per prompt, labelled with it: the
+                                          reference image, then the K generated ones
 A rerun skips (subject, prompt) pairs already in scores.csv with their PNGs; PNGs without
 rows are rescored, not regenerated (delete scores.csv to rescore, e.g. after adding
 `NAME_mask.png` subject masks beside the images).
@@ -30,14 +31,19 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
+from PIL import ImageOps
 import tqdm
 
+from realcustom_jax import cli
 from realcustom_jax import dreambench
 from realcustom_jax import metrics
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
 _BENCH_DIR = flags.DEFINE_string('bench_dir', None, 'DreamBench-layout directory.')
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Output directory (resumable).')
+cli.define_compile_cache_flags()
 
 EVAL_DEFAULTS = dict(
     clip_model='',  # local CLIP ViT-B/32 dir; empty: tiny random CLIP (plumbing only)
@@ -51,6 +57,11 @@ METRICS = ('clip_t', 'clip_i', 'dino_i')
 CSV_FIELDS = ('subject', 'class', 'prompt', 'image_index', 'seed', 'path') + METRICS
 SCORES_CSV = 'scores.csv'
 SUMMARY_CSV = 'summary.csv'
+# Grid cells: a 32 px tiny image is scaled up (nearest) to 128 px so it can be seen;
+# SD's 512 px images are scaled down to 256 px to keep a 25-prompt grid small.
+GRID_MIN_CELL, GRID_MAX_CELL = 128, 256
+GRID_LABEL_HEIGHT = 20  # the prompt, written above its row
+_ABSENT_SUBJECT = re.compile(r'^(.*): listed in (\S+) but no folder, skipped$')
 
 # generate_fn(subject_image, prompts, words, seed) -> one PIL image per prompt.
 GenerateFn = Callable[[Image.Image, Sequence[str], Sequence[str], int], list]
@@ -174,18 +185,96 @@ def format_table(summary: Sequence[dict]) -> str:
   return '\n'.join(lines)
 
 
-def _grid(reference: Image.Image, rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
-  """Reference in the first column, then one row of generated images per prompt."""
-  cell = min(256, max(im.width for r in rows for im in r))
+def format_skipped(skipped: Sequence[str], shown: int = 5) -> str:
+  """One summary of the skip messages: absent subjects on one line, the rest each.
+
+  A subset of DreamBench (a few subject folders) leaves most subjects of the prompts
+  file without a folder: one line names them, instead of one line each.
+
+  Args:
+    skipped: the messages.
+    shown: absent subjects named before "+N more".
+
+  Returns:
+    The summary, several lines, starting with the count.
+  """
+  absent, files, others = [], set(), []
+  for message in skipped:
+    match = _ABSENT_SUBJECT.match(message)
+    if match:
+      absent.append(os.path.basename(match.group(1)))
+      files.add(match.group(2))
+    else:
+      others.append(message)
+  lines = [f'Skipped {len(skipped)} item(s):']
+  if absent:
+    more = f', +{len(absent) - shown} more' if len(absent) > shown else ''
+    lines.append(f'  {len(absent)} subject(s) listed in {", ".join(sorted(files))} have no '
+                 f'folder: {", ".join(absent[:shown])}{more}')
+  lines += [f'  {m}' for m in others]
+  return '\n'.join(lines)
+
+
+def _fit(image: Image.Image, cell: int) -> Image.Image:
+  """`image` scaled to fit a `cell` square: nearest when enlarging, so pixels stay sharp."""
+  grow = max(image.size) < cell
+  return ImageOps.contain(image.convert('RGB'), (cell, cell),
+                          Image.Resampling.NEAREST if grow else Image.Resampling.LANCZOS)
+
+
+def _label(draw: ImageDraw.ImageDraw, text: str, xy: tuple[int, int], width: int,
+           font) -> None:
+  """Writes `text` at `xy`, cut with an ellipsis to fit `width` pixels."""
+  if draw.textlength(text, font=font) > width:
+    while text and draw.textlength(text + '...', font=font) > width:
+      text = text[:-1]
+    text += '...'
+  draw.text(xy, text, fill=(0, 0, 0), font=font)
+
+
+def _grid(reference: Image.Image, rows: Sequence[Sequence[Image.Image]],
+          prompts: Sequence[str]) -> Image.Image:
+  """Per prompt, its text above a row: the reference image, then the generated ones."""
+  side = max(im.width for r in rows for im in r)
+  cell = min(GRID_MAX_CELL, max(GRID_MIN_CELL, side))
   ncol = 1 + max(len(r) for r in rows)
-  grid = Image.new('RGB', (ncol * cell, len(rows) * cell), (255, 255, 255))
-  ref = reference.copy()
-  ref.thumbnail((cell, cell))
-  for i, r in enumerate(rows):
-    grid.paste(ref, (0, i * cell))
+  row_h = GRID_LABEL_HEIGHT + cell
+  grid = Image.new('RGB', (ncol * cell, len(rows) * row_h), (255, 255, 255))
+  draw = ImageDraw.Draw(grid)
+  font = ImageFont.load_default(size=GRID_LABEL_HEIGHT - 6)
+  ref = _fit(reference, cell)
+  for i, (r, prompt) in enumerate(zip(rows, prompts)):
+    top = i * row_h
+    _label(draw, prompt, (4, top + 3), ncol * cell - 8, font)
+    grid.paste(ref, (0, top + GRID_LABEL_HEIGHT))
     for j, im in enumerate(r):
-      grid.paste(im.convert('RGB').resize((cell, cell)), ((j + 1) * cell, i * cell))
+      grid.paste(_fit(im, cell), ((j + 1) * cell, top + GRID_LABEL_HEIGHT))
   return grid
+
+
+def _relative_paths(subject: str, index: int, prompt: str, k_images: int) -> list[str]:
+  """Where the K images of prompt `index` of `subject` go, relative to out_dir."""
+  return [os.path.join('images', subject, f'p{index:02d}_{_slug(prompt)}_{k}.png')
+          for k in range(k_images)]
+
+
+def _first_missing(bench, templates, ecfg, out_dir: str, k_images: int):
+  """(subject, prompt index, prompt, reference image) of the first pair to generate.
+
+  None when every image exists (or only unusable subjects lack images).
+  """
+  for subject in bench.subjects:
+    for pi, template in enumerate(templates(subject)):
+      prompt = dreambench.format_prompt(template, subject.class_word)
+      paths = _relative_paths(subject.name, pi, prompt, k_images)
+      if all(os.path.isfile(os.path.join(out_dir, p)) for p in paths):
+        continue
+      real, _ = _load_images(subject.image_paths, [])  # the loop reports the failures
+      idx = int(ecfg.subject_image_index)
+      if not 0 <= idx < len(real):
+        break  # the loop skips this subject
+      return subject, pi, prompt, real[idx]
+  return None
 
 
 def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
@@ -228,6 +317,20 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
     return t[:limit] if limit > 0 else t
 
   rows, n_generated = [], 0
+  # The first sample compiles the sampler (tens of seconds): made before the progress
+  # bar starts, so that the bar's rate and ETA are true from its first tick.
+  ready = {}
+  first = _first_missing(bench, templates, ecfg, out_dir, k_images)
+  if first is not None:
+    subject, pi, prompt, reference = first
+    if generate is None:
+      generate = pipeline_generate_fn(config)
+    logging.info('compiling the sampler: generating "%s" for %s first', prompt,
+                 subject.name)
+    ready[(subject.name, pi)] = list(generate(
+        reference, [prompt] * k_images, [subject.class_word] * k_images,
+        sample_seed(ecfg.seed, subject.name, prompt)))
+    n_generated += 1
   total = sum(len(templates(s)) for s in bench.subjects)
   with tqdm.tqdm(total=total, desc='dreambench', unit='prompt') as bar:
     for subject in bench.subjects:
@@ -246,29 +349,31 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
       real_emb = None  # embedded only when this subject has work to do
       img_dir = os.path.join(out_dir, 'images', subject.name)
       os.makedirs(img_dir, exist_ok=True)
-      grid_rows = []
+      grid_rows, grid_prompts = [], []
       for pi, template in enumerate(templates(subject)):
         prompt = dreambench.format_prompt(template, subject.class_word)
         seed = sample_seed(ecfg.seed, subject.name, prompt)
-        rel = [os.path.join('images', subject.name, f'p{pi:02d}_{_slug(prompt)}_{k}.png')
-               for k in range(k_images)]
+        rel = _relative_paths(subject.name, pi, prompt, k_images)
         paths = [os.path.join(out_dir, r) for r in rel]
         keys = [(subject.name, prompt, k, seed) for k in range(k_images)]
         have_png = all(os.path.isfile(p) for p in paths)
         if have_png and all(k in previous for k in keys):
           rows.extend(previous[k] for k in keys)
           grid_rows.append(paths)
+          grid_prompts.append(prompt)
           bar.update(1)
           continue
         if have_png:
           gen, _ = _load_images(paths, skipped)
           have_png = len(gen) == k_images
         if not have_png:
-          if generate is None:
-            generate = pipeline_generate_fn(config)
-          gen = list(generate(reference, [prompt] * k_images,
-                              [subject.class_word] * k_images, seed))
-          n_generated += 1
+          gen = ready.pop((subject.name, pi), None)
+          if gen is None:
+            if generate is None:
+              generate = pipeline_generate_fn(config)
+            gen = list(generate(reference, [prompt] * k_images,
+                                [subject.class_word] * k_images, seed))
+            n_generated += 1
           if len(gen) != k_images:
             raise RuntimeError(f'generate_fn returned {len(gen)} images for {k_images} '
                                'prompts')
@@ -296,6 +401,7 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
           rows.append(row)
           previous[keys[k]] = row
         grid_rows.append(paths)
+        grid_prompts.append(prompt)
         # Rows of earlier runs outside this plan (e.g. a larger prompt_limit) are kept.
         _write_csv(scores_path, CSV_FIELDS, list(previous.values()))
         bar.update(1)
@@ -303,8 +409,8 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
         os.makedirs(os.path.join(out_dir, 'grids'), exist_ok=True)
         imgs, _ = _load_images([p for r in grid_rows for p in r], skipped)
         if len(imgs) == len(grid_rows) * k_images:
-          _grid(reference, [imgs[i:i + k_images] for i in range(0, len(imgs), k_images)]
-                ).save(os.path.join(out_dir, 'grids', f'{subject.name}.png'))
+          _grid(reference, [imgs[i:i + k_images] for i in range(0, len(imgs), k_images)],
+                grid_prompts).save(os.path.join(out_dir, 'grids', f'{subject.name}.png'))
 
   summary = summarize(rows)
   _write_csv(os.path.join(out_dir, SUMMARY_CSV),
@@ -312,8 +418,7 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
              summary)
   print(format_table(summary))
   if skipped:
-    logging.warning('Skipped %d item(s):\n  %s', len(skipped), '\n  '.join(skipped))
-    print(f'Skipped {len(skipped)} item(s):\n  ' + '\n  '.join(skipped))
+    print(format_skipped(skipped))  # once, on stdout with the table
   return {'rows': rows, 'summary': summary, 'skipped': skipped, 'generated': n_generated}
 
 
@@ -331,6 +436,10 @@ def main(argv):
     _fail('--bench_dir is required')
   if not _OUT_DIR.value:
     _fail('--out_dir is required')
+  cli.enable_compile_cache()  # before the first compile
+  missing_weights = cli.missing_weights_message(_CONFIG.value)
+  if missing_weights:
+    _fail(missing_weights)
   try:
     evaluate(_CONFIG.value, _BENCH_DIR.value, _OUT_DIR.value)
   except (dreambench.BenchError, FileNotFoundError) as e:
@@ -338,4 +447,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('evaluate: '))

@@ -22,6 +22,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from realcustom_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/tiny.py).')
 _SUBJECT = flags.DEFINE_string('subject', None, 'Subject image file.')
 _PROMPT = flags.DEFINE_string('prompt', None, 'Prompt, containing --word.')
@@ -38,6 +40,7 @@ _ALLOW_PICKLE = flags.DEFINE_bool('allow_pickle', False,
                                   'Accept torch .bin weights (unpickling runs code).')
 _MASK_GRID = flags.DEFINE_string('mask_grid', None, 'Also write a Fig. 6-style grid of '
                                  'the influence scope and x0 prediction per step.')
+cli.define_compile_cache_flags()
 
 
 class UsageError(ValueError):
@@ -84,17 +87,9 @@ def _apply_flags(config) -> None:
 
 def _check_word(config, prompt: str, word: str) -> None:
   """Fails fast on a word not in the prompt, before any model is loaded."""
+  from realcustom_jax import components  # pylint: disable=g-import-not-at-top
   from realcustom_jax import encoders  # pylint: disable=g-import-not-at-top
-  if config.pretrained:
-    tok_dir = os.path.join(config.pretrained, 'tokenizer')
-    if not all(os.path.isfile(os.path.join(tok_dir, f)) for f in ('vocab.json', 'merges.txt')):
-      return  # the weight loader reports the broken directory with its own message
-    from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-  else:
-    from realcustom_jax import tiny  # pylint: disable=g-import-not-at-top
-    tokenizer = tiny.build_tokenizer()
-  encoders.word_token_indices(tokenizer, prompt, word)
+  encoders.word_token_indices(components.load_tokenizer(config), prompt, word)
 
 
 def run(config) -> None:
@@ -104,9 +99,8 @@ def run(config) -> None:
       raise UsageError(f'--{flag.name} is required')
   _apply_flags(config)
   s = config.sampler
-  from realcustom_jax.selection import check_unit_interval  # pylint: disable=g-import-not-at-top
-  for name in ('gamma_scope', 'gamma_num'):
-    check_unit_interval(f'config.sampler.{name}', s[name])
+  from realcustom_jax import sampler  # pylint: disable=g-import-not-at-top
+  sampler.GuidanceSettings.from_config(s)  # the ratios and scales, checked at config load
   if not isinstance(s.num_steps, int) or s.num_steps < 1:
     raise UsageError(f'config.sampler.num_steps must be a positive integer, got {s.num_steps!r}')
   if not 0 <= _SEED.value < 2**32:
@@ -118,6 +112,9 @@ def run(config) -> None:
   from realcustom_jax import images  # pylint: disable=g-import-not-at-top
   subject = images.load_subject_image(_SUBJECT.value)
   logging.info('subject %s: %dx%d', _SUBJECT.value, *subject.size)
+  missing_weights = cli.missing_weights_message(config)
+  if missing_weights:  # before the tiny models fail on the resolution
+    raise UsageError(missing_weights)
   _check_word(config, _PROMPT.value, _WORD.value)
 
   from realcustom_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
@@ -145,6 +142,7 @@ def main(argv) -> None:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if _CONFIG.value is None:
     _fail('--config is required (e.g. --config=configs/tiny.py)')
+  cli.enable_compile_cache()  # before the first compile
   warnings.showwarning = _show_warning
   logging.set_verbosity(logging.INFO)
   try:
@@ -154,4 +152,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('error: '))

@@ -118,8 +118,6 @@ def test_word_maps_needs_weights_and_returns_maps(built):
     (dict(text_features=np.zeros((1, NT, 5))), 'text features'),
     (dict(image_features=np.zeros((3, NI, CI))), 'image features'),
     (dict(word_weights=np.zeros((1, NT + 2))), 'token indices out of range'),
-    (dict(gamma_num=1.2), 'gamma_num'),
-    (dict(gamma_scope=-0.5), 'gamma_scope'),
 ])
 def test_bad_inputs_are_refused_before_tracing(kwargs, message):
   model = _model(SD1_LIKE)

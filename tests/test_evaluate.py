@@ -201,7 +201,13 @@ def test_evaluate_writes_scores_summary_grids_and_resumes(tmp_path, scorers):
   assert abs(float(summary['ALL']['dino_i_mean']) - vals.mean()) < 1e-5
   assert abs(float(summary['ALL']['dino_i_std']) - vals.std()) < 1e-5
   with Image.open(os.path.join(out, 'grids', 'dog.png')) as grid:
-    assert grid.size == ((1 + 2) * 32, 2 * 32)
+    # 32 px images in 128 px cells; one labelled row per prompt.
+    row_h = ev.GRID_LABEL_HEIGHT + ev.GRID_MIN_CELL
+    assert grid.size == ((1 + 2) * ev.GRID_MIN_CELL, 2 * row_h)
+    pixels = np.asarray(grid.convert('L'))
+    bands = [pixels[i * row_h:i * row_h + ev.GRID_LABEL_HEIGHT] for i in range(2)]
+    assert all((b < 128).any() for b in bands), 'a row has no prompt label'
+    assert not np.array_equal(bands[0], bands[1]), 'both rows carry the same label'
 
   skipped = '\n'.join(res['skipped'])
   assert 'empty' in skipped and os.path.join('dog', '01.jpg') in skipped
@@ -262,3 +268,64 @@ def test_cli_end_to_end_with_the_real_tiny_pipeline(tmp_path):
       assert img.size == (32, 32)  # configs/tiny.py resolution
     assert all(-1.0 <= float(r[m]) <= 1.0 for m in ev.METRICS)
   assert (out / ev.SUMMARY_CSV).is_file()
+
+
+def test_skipped_items_are_one_summary_printed_once(tmp_path, scorers, capsys, caplog):
+  """A DreamBench subset: 27 absent subjects are one line, and the summary appears once."""
+  root = _make_bench(tmp_path / 'db')
+  names = [f'subject{i:02d}' for i in range(27)]
+  extra = ''.join(f'{n},toy\n' for n in names)
+  (root / dreambench.PROMPTS_FILE).write_text(
+      PROMPTS_TXT.replace('empty,toy\n', 'empty,toy\n' + extra))
+  config = ml_collections.ConfigDict({'eval': {'images_per_prompt': 1, 'prompt_limit': 1}})
+  res = ev.evaluate(config, str(root), str(tmp_path / 'out'), _FakeGenerator(), *scorers)
+  assert len(res['skipped']) >= 28
+  out, err = capsys.readouterr()
+  assert out.count('Skipped') == 1 and 'Skipped' not in err
+  assert 'Skipped' not in caplog.text
+  summary = out[out.index('Skipped'):].splitlines()
+  absent = [line for line in summary if 'have no folder' in line]
+  assert len(absent) == 1 and '28 subject(s)' in absent[0] and '+23 more' in absent[0]
+  assert not any('subject26' in line for line in summary)  # counted, not listed
+  assert any(os.path.join('dog', '01.jpg') in line for line in summary)
+
+
+def test_sampler_compiles_before_the_progress_bar(tmp_path, scorers, monkeypatch):
+  """The first sample (the compile) is made before tqdm starts, and is not made twice."""
+  events = []
+
+  class _Bar:
+    def __init__(self, *args, **kwargs):
+      events.append('bar')
+    def __enter__(self):
+      return self
+    def __exit__(self, *exc):
+      return False
+    def update(self, n=1):
+      pass
+
+  class _Recorder(_FakeGenerator):
+    def __call__(self, *args):
+      events.append('generate')
+      return super().__call__(*args)
+
+  monkeypatch.setattr(ev.tqdm, 'tqdm', _Bar)
+  gen = _Recorder()
+  res = ev.evaluate(_config(k=2), str(_make_bench(tmp_path / 'db')), str(tmp_path / 'out'),
+                    gen, *scorers)
+  assert events[:2] == ['generate', 'bar']
+  assert len(gen.calls) == res['generated'] == 4  # the warm-up sample is used, not redone
+  assert len(res['rows']) == 8
+
+
+def test_cli_config_key_typo_exits_2_with_suggestion(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'sample.evaluate', '--config=configs/tiny.py',
+       f'--bench_dir={tmp_path}', f'--out_dir={tmp_path / "out"}',
+       '--config.eval.images_per_promt=2'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      "evaluate: --config.eval.images_per_promt: the config has no key "
+      "'images_per_promt' (did you mean 'images_per_prompt'?)"]

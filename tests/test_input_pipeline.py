@@ -360,3 +360,40 @@ def test_global_batch_not_divisible_raises():
     input_pipeline.create_train_loader(
         _config(batch_size=5), _memory_source(8), _index_tokenize, seed=0,
         shard_options=shard)
+
+
+# ---- shard-set identity and the prepare command ----
+
+
+def test_shards_added_later_are_prepared(tmp_path):
+  shards = tmp_path / 'shards'
+  toy_data.write_toy_shards(shards, 4, 4, 20, seed=0, prefix='a_')
+  first = laion_builder.prepare_dataset(shards, tmp_path / 'tfds', RES, min_aesthetic=0)
+  assert first.info.splits['train'].num_examples == 4
+  toy_data.write_toy_shards(shards, 3, 4, 20, seed=1, prefix='b_')  # one more shard
+  second = laion_builder.prepare_dataset(shards, tmp_path / 'tfds', RES, min_aesthetic=0)
+  assert second.data_dir != first.data_dir
+  assert second.info.splits['train'].num_examples == 7
+  # The earlier preparation of the same directory is found (and reported).
+  assert [p.name for p in laion_builder.earlier_preparations(second)] == [
+      first.builder_config.name]
+  # Same shards again: the prepared set is reused, not rebuilt.
+  again = laion_builder.prepare_dataset(shards, tmp_path / 'tfds', RES, min_aesthetic=0)
+  assert again.data_dir == second.data_dir
+
+
+def test_toy_and_shards_dir_contradict(tmp_path):
+  with pytest.raises(ValueError, match='config.data.toy is True'):
+    input_pipeline.check_data_config(_config(toy=True, shards_dir=str(tmp_path)))
+
+
+def test_prepare_command_prepares_once(tmp_path):
+  from train import prepare  # pylint: disable=g-import-not-at-top
+  config = _config(toy_num_images=6)
+  path, stats = prepare.prepare(config, tmp_path / 'work')
+  assert stats['written'] == 6
+  assert path.startswith(str(tmp_path / 'work' / 'tfds'))
+  # What training then opens is that set.
+  source = input_pipeline.get_data_source(config, tmp_path / 'work')
+  assert len(source) == 6
+  assert prepare.prepare(config, tmp_path / 'work') == (path, stats)

@@ -66,12 +66,6 @@ def test_empty_scope_is_zero_not_nan():
   assert np.all(scope == 0.0)
 
 
-@pytest.mark.parametrize('bad', [-0.1, 1.5, float('nan')])
-def test_gamma_scope_outside_unit_interval_is_refused(bad):
-  with pytest.raises(ValueError, match='gamma_scope'):
-    influence_scope(_maps(), bad)
-
-
 def test_traced_gamma_scope_does_not_retrace():
   maps = _maps()
 

@@ -158,3 +158,17 @@ def test_bad_scoring_value_is_refused():
     model_lib.check_model_config(_config(scoring='topk').model)
   with pytest.raises(ValueError, match='config.model.numerics'):
     model_lib.check_model_config(_config(numerics='tf').model)
+
+
+@pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction', 'sample', 'flow'])
+def test_training_takes_every_prediction_type_the_sampler_takes(components, prediction_type):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  sd, vision = components
+  sd = dataclasses.replace(sd, scheduler_config=dict(sd.scheduler_config,
+                                                     prediction_type=prediction_type))
+  if prediction_type == 'flow':
+    with pytest.raises(training.ConfigError, match='prediction_type'):
+      training.build_models(_config(), sd, vision)
+    return
+  _, step_config = training.build_models(_config(), sd, vision)
+  assert step_config.prediction_type == prediction_type

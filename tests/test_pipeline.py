@@ -68,10 +68,12 @@ def test_deterministic_per_seed(pipe, first):
 
 def test_subject_changes_output_and_broadcasts(pipe, first):
   # One subject per prompt, the same one twice, equals one shared subject.
+  # (The vision encoder then runs at batch 2 instead of 1: float32 rounding may move a
+  # pixel by one level, no more.)
   pair = pipe([_subject(), _subject()], PROMPTS, WORDS, seed=0, return_masks=True)
-  np.testing.assert_array_equal(_pixels(pair), _pixels(first))
+  np.testing.assert_allclose(_pixels(pair).astype(int), _pixels(first).astype(int), atol=1)
   other = pipe([_subject(7)], PROMPTS, WORDS, seed=0, return_masks=True)
-  assert not np.array_equal(_pixels(other), _pixels(first))
+  assert np.abs(_pixels(other).astype(int) - _pixels(first).astype(int)).max() > 1
 
 
 def test_save_mask_grid(first, tmp_path):
@@ -172,7 +174,11 @@ def test_without_a_config_real_weights_get_the_paper_settings(config, tmp_path_f
   assert (s.num_steps, s.guidance_text, s.guidance_image, s.gamma_scope, s.gamma_num) == (
       50, 7.5, 12.5, 0.25, 0.8)
   # What a call without overrides uses, and the UNet sample size times the VAE factor.
-  assert pipe._settings(None, None, None, None, None) == (50, 7.5, 12.5, 0.25, 0.8)
+  steps, settings = pipe._settings(None, None, None, None, None)
+  assert steps == 50
+  assert (float(settings.guidance_text), float(settings.guidance_image),
+          float(settings.gamma_scope), float(settings.gamma_num)) == pytest.approx(
+              (7.5, 12.5, 0.25, 0.8))
   assert pipe.resolution == config.resolution
   assert pipe.config.model.dtype == 'float32'  # CPU
 

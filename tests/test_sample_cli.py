@@ -78,3 +78,19 @@ def test_seed_out_of_range(subject, tmp_path):
   proc = _run(f'--subject={subject}', '--prompt=a toy', '--word=toy',
               f'--out={tmp_path}/o.png', f'--seed={2**40}')
   _assert_one_line_error(proc, '--seed', str(2**40))
+
+
+def test_config_key_typo_exits_2_with_the_suggestion(tmp_path):
+  proc = _run('--subject=x.png', '--prompt=a toy', '--word=toy', f'--out={tmp_path}/o.png',
+              '--config.sampler.num_step=3')
+  _assert_one_line_error(proc, "'num_step'", "did you mean 'num_steps'")
+  assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_laion_config_without_weights_names_the_keys(subject, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'sample.main', '--config=configs/laion.py',
+       f'--subject={subject}', '--prompt=a toy', '--word=toy', f'--out={tmp_path}/o.png'],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+      timeout=240)
+  _assert_one_line_error(proc, '--config.pretrained=DIR', '--config.vision_encoder=DIR')

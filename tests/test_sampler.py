@@ -1,5 +1,4 @@
 """The RealCustom DDIM sampler (Sec. 3.3, Eqs. 11-13) on a tiny random model."""
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,10 +46,10 @@ def setup():
 
 def _run(setup, params=None, latents=None, w_t=7.5, w_i=12.5, g_scope=GAMMA_SCOPE, g_num=0.8):
   model, base_params, schedule, x, traj = setup
+  settings = sampler.GuidanceSettings.create(w_t, w_i, g_scope, g_num)
   return traj(base_params if params is None else params, schedule,
               x['latents'] if latents is None else latents, x['text_emb'], x['uncond_emb'],
-              x['image_feats'], x['word_weights'], jnp.float32(w_t), jnp.float32(w_i),
-              jnp.float32(g_scope), jnp.float32(g_num))
+              x['image_feats'], x['word_weights'], settings)
 
 
 @pytest.fixture(scope='module')
@@ -62,7 +61,7 @@ def default_run(setup):
 def cfg_latents(setup):
   model, params, schedule, x, _ = setup
   return sampler.cfg_sample(model, params, schedule, x['latents'], x['text_emb'],
-                            x['uncond_emb'], guidance_text=7.5).latents
+                            x['uncond_emb'], sampler.GuidanceSettings.create()).latents
 
 
 def test_schedule_matches_diffusers_ddim():
@@ -121,7 +120,8 @@ def test_soft_mask_at_every_step(setup, default_run):
 
 def test_binary_mask(setup):
   model, params, schedule, x, _ = setup
-  out = sampler.sample(model, params, schedule, **x, gamma_scope=GAMMA_SCOPE, binary_mask=True,
+  settings = sampler.GuidanceSettings.create(gamma_scope=GAMMA_SCOPE, binary_mask=True)
+  out = sampler.sample(model, params, schedule, **x, settings=settings,
                        return_trajectory=True)
   masks = np.asarray(out.masks)
   assert set(np.unique(masks)) == {0.0, 1.0}
@@ -147,25 +147,64 @@ def test_changing_scales_and_gammas_does_not_retrace(setup, default_run):
 
 def test_public_sample_does_not_retrace(setup):
   model, params, schedule, x, _ = setup
-  fn = sampler._cached_sampler(model, False, False)  # pylint: disable=protected-access
-  sampler.sample(model, params, schedule, **x, guidance_text=2.0, gamma_num=0.5)
+  fn = sampler.cached_sampler(model, False)
+  sampler.sample(model, params, schedule, **x,
+                 settings=sampler.GuidanceSettings.create(guidance_text=2.0, gamma_num=0.5))
   n = fn._cache_size()  # pylint: disable=protected-access
-  sampler.sample(model, params, schedule, **x, guidance_text=9.0, guidance_image=1,
-                 gamma_scope=0.1, gamma_num=0.9)
+  sampler.sample(model, params, schedule, **x, settings=sampler.GuidanceSettings.create(
+      guidance_text=9.0, guidance_image=1, gamma_scope=0.1, gamma_num=0.9))
   assert fn._cache_size() == n  # pylint: disable=protected-access
 
 
+def test_settings_from_config_take_overrides_and_stay_one_pytree():
+  config = tiny_config.get_config()
+  config.sampler.gamma_scope = 0.4
+  s = sampler.GuidanceSettings.from_config(config.sampler, guidance_image=3.0, gamma_num=None)
+  assert (float(s.guidance_text), float(s.guidance_image), float(s.gamma_scope),
+          float(s.gamma_num)) == pytest.approx((7.5, 3.0, 0.4, 0.8))
+  assert s.binary_mask is False
+  # Four traced float32 leaves; the binary flag is static (in the tree structure).
+  leaves = jax.tree.leaves(s)
+  assert len(leaves) == 4 and all(l.dtype == jnp.float32 and l.shape == () for l in leaves)
+  binary = sampler.GuidanceSettings.from_config(config.sampler, binary_mask=True)
+  assert jax.tree.structure(binary) != jax.tree.structure(s)
+
+
 @pytest.mark.parametrize('name,value', [('gamma_scope', 1.5), ('gamma_scope', -0.1),
-                                        ('gamma_num', 2.0), ('gamma_num', float('nan'))])
-def test_bad_gamma_raises_before_tracing(setup, name, value):
-  model, params, schedule, x, _ = setup
-  fn = sampler._cached_sampler(model, False, False)  # pylint: disable=protected-access
-  before = fn._cache_size()  # pylint: disable=protected-access
+                                        ('gamma_num', 2.0), ('gamma_num', float('nan')),
+                                        ('guidance_text', float('inf')),
+                                        ('guidance_image', [1.0, 2.0])])
+def test_bad_settings_are_refused_when_made(name, value):
   with pytest.raises(ValueError, match=name):
-    sampler.sample(model, params, schedule, **x, **{name: value})
-  assert fn._cache_size() == before  # pylint: disable=protected-access
+    sampler.GuidanceSettings.create(**{name: value})
+
+
+def test_sample_wants_guidance_settings(setup):
+  model, params, schedule, x, _ = setup
+  with pytest.raises(ValueError, match='GuidanceSettings'):
+    sampler.sample(model, params, schedule, **x, settings=(7.5, 12.5, 0.25, 0.8))
 
 
 def test_bad_shapes_raise():
   with pytest.raises(ValueError, match='num_steps'):
     sampler.ddim_schedule(tiny.SCHEDULER_CONFIG, 0)
+
+
+def test_one_noise_schedule_for_training_and_sampling():
+  """Training noises with the abar the DDIM sampler steps with (one source)."""
+  abar = sampler.alphas_cumprod(tiny.SCHEDULER_CONFIG)
+  betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+  np.testing.assert_allclose(abar, np.cumprod(1 - betas), rtol=1e-6)
+  s = sampler.ddim_schedule(tiny.SCHEDULER_CONFIG, 10)
+  np.testing.assert_array_equal(np.asarray(s.alpha_bar), abar[np.asarray(s.timesteps)])
+  linear = sampler.alphas_cumprod({**tiny.SCHEDULER_CONFIG, 'beta_schedule': 'linear'})
+  assert not np.allclose(linear, abar)
+
+
+@pytest.mark.parametrize('bad, message', [({'beta_schedule': 'cosine_typo'}, 'scheduler'),
+                                          ({'prediction_type': 'flow'}, 'prediction_type')])
+def test_unsupported_scheduler_configs_are_refused(bad, message):
+  with pytest.raises(ValueError, match=message):
+    sampler.alphas_cumprod({**tiny.SCHEDULER_CONFIG, **bad})
+  with pytest.raises(ValueError, match=message):
+    sampler.ddim_schedule({**tiny.SCHEDULER_CONFIG, **bad}, 4)

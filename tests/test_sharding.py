@@ -1,6 +1,4 @@
 """Sharded training step on 8 fake CPU devices equals the 1-device step."""
-import functools
-
 import jax
 import numpy as np
 import pytest
@@ -36,13 +34,11 @@ def components():
 
 
 def _run_step(config, sd, vision, batch, mesh):
-  models, step_config, optimizer, state, frozen, state_sh, frozen_sh, _ = (
-      training.setup_training(config, mesh, sd, vision))
-  frozen_before = jax.device_get(frozen)
+  setup, _ = training.setup_training(config, mesh, sd, vision)
+  frozen_before = jax.device_get(setup.frozen)
   gbatch = sharding.shard_batch(batch, mesh)
-  step = training.jit_train_step(models, step_config, optimizer, state_sh, frozen_sh,
-                                 sharding.batch_shardings(batch, mesh), mesh)
-  new_state, metrics = step(state, frozen, gbatch)
+  frozen = setup.frozen
+  new_state, metrics = setup.train_step(batch)(setup.state, frozen, gbatch)
   return jax.device_get(new_state), frozen_before, jax.device_get(frozen), new_state, metrics
 
 
@@ -76,7 +72,8 @@ def test_sharded_step_matches_single_device(components, data, fsdp):
 def test_optimizer_state_holds_only_adapter_leaves(components):
   config, sd, vision, _ = components
   mesh = sharding.create_mesh({'data': -1, 'fsdp': 1})
-  _, _, _, state, frozen, _, _, _ = training.setup_training(config, mesh, sd, vision)
+  setup, _ = training.setup_training(config, mesh, sd, vision)
+  state, frozen = setup.state, setup.frozen
   params = state['params']
   n_adapter = adapter_lib.count_params(params)
   assert n_adapter > 0

@@ -1,6 +1,9 @@
 """Training loop end to end on the tiny config: resume, checkpoints, NaN guard, CLI, export."""
+import configparser
 import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
 
@@ -12,6 +15,7 @@ import pytest
 from configs import tiny as tiny_config
 from realcustom_jax import weights
 from train import export
+from train import input_pipeline
 from train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,14 +68,36 @@ def test_straight_run_writes_checkpoints_and_metrics(straight_run):
   assert max(diffs) > 0
 
 
+def _tensorboard_steps(workdir):
+  """The steps TensorBoard shows for 'train/loss', purge markers applied in file order."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  tb_dir = os.path.join(workdir, train.TENSORBOARD_DIR)
+  steps = []
+  for name in sorted(os.listdir(tb_dir)):
+    with open(os.path.join(tb_dir, name), 'rb') as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):  # TFRecord: length, crc, payload, crc
+      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 16 + length
+      if event.session_log.status == event_pb2.SessionLog.START:
+        steps = [s for s in steps if s < event.step]  # what TensorBoard purges
+      steps += [event.step for v in event.summary.value if v.tag == 'train/loss']
+  return steps
+
+
 def test_stop_and_resume_is_bit_identical(straight_run, data_dir, tmp_path):
   _, straight = straight_run
   workdir = str(tmp_path)
-  train.train_and_evaluate(_config(data_dir, num_steps=2), workdir)
-  assert _ckpt_steps(workdir) == [2]
+  train.train_and_evaluate(_config(data_dir, num_steps=3), workdir)
+  assert _ckpt_steps(workdir) == [2, 3]
+  # A crash after step 3 was logged but before its checkpoint was written.
+  shutil.rmtree(os.path.join(workdir, train.CHECKPOINT_DIR, '3'))
   resumed = jax.device_get(train.train_and_evaluate(_config(data_dir), workdir)['params'])
-  # Resumed from step 2, not re-run from 0: each step is logged once.
+  # Resumed from step 2, not re-run from 0; the replayed step 3 appears once.
   assert [m['step'] for m in _read_metrics(workdir)] == [1, 2, 3, 4]
+  assert sorted(_tensorboard_steps(workdir)) == [1, 2, 3, 4]
   chex_equal = jax.tree.map(lambda a, b: np.array_equal(a, b), straight, resumed)
   assert all(jax.tree.leaves(chex_equal)), 'resumed adapter differs from the straight run'
 
@@ -126,3 +152,104 @@ def test_unusable_workdir_is_a_config_error(data_dir, tmp_path):
   blocker.write_text('not a directory')
   with pytest.raises(train.ConfigError, match='cannot create --workdir'):
     train.train_and_evaluate(_config(data_dir), str(blocker / 'run'))
+
+
+def test_finished_run_exits_before_building_anything(straight_run, data_dir, monkeypatch):
+  workdir, _ = straight_run
+  def no_models(config):
+    raise AssertionError('models built for a finished run')
+  monkeypatch.setattr(train, 'load_components', no_models)
+  assert train.train_and_evaluate(_config(data_dir), workdir) is None
+
+
+def test_toy_config_with_shards_dir_is_a_config_error(data_dir, tmp_path):
+  config = _config(data_dir)
+  config.data.shards_dir = str(tmp_path)
+  with pytest.raises(train.ConfigError, match='config.data.toy is True'):
+    train.validate_config(config)
+
+
+def test_laion_config_without_weights_names_the_keys():
+  from configs import laion  # pylint: disable=g-import-not-at-top
+  config = laion.get_config()
+  config.data.toy, config.data.shards_dir = True, ''  # only the weights are missing
+  with pytest.raises(train.ConfigError, match=r'needs local weights \(configs/laion.py.*'
+                     r'--config.pretrained=DIR.*--config.vision_encoder=DIR'):
+    train.validate_config(config)
+
+
+def _unwritable_dir(tmp_path):
+  """An existing directory this process cannot write in (root writes through chmod)."""
+  if os.geteuid() != 0:
+    path = tmp_path / 'read_only'
+    path.mkdir()
+    path.chmod(0o555)
+    return str(path)
+  if os.path.isdir('/sys') and _sys_rejects_files():
+    return '/sys'
+  pytest.skip('no unwritable directory available to root here')
+
+
+def _sys_rejects_files():
+  try:
+    open('/sys/.realcustom_probe', 'w').close()
+  except OSError:
+    return True
+  os.remove('/sys/.realcustom_probe')
+  return False
+
+
+def test_existing_unwritable_workdir_is_a_config_error(tmp_path):
+  workdir = _unwritable_dir(tmp_path)
+  with pytest.raises(train.ConfigError, match='is not writable'):
+    train.check_workdir(workdir)
+
+
+def test_url_workdir_reaches_orbax_and_the_builder_unchanged(data_dir, monkeypatch):
+  seen = {}
+
+  class _Manager:
+    def __init__(self, directory, **kwargs):
+      seen['orbax'] = os.fspath(directory)
+
+  def _prepare(shards_dir, tfds_dir, *args, **kwargs):
+    seen['builder'] = (shards_dir, os.fspath(tfds_dir))
+    raise RuntimeError('stop here')
+
+  monkeypatch.setattr(train.ocp, 'CheckpointManager', _Manager)
+  train.checkpoint_manager('gs://bucket/run', _config(data_dir))
+  assert seen['orbax'] == 'gs://bucket/run/checkpoints'
+
+  monkeypatch.setattr(input_pipeline.laion_builder, 'prepare_dataset', _prepare)
+  monkeypatch.setattr(input_pipeline.laion_builder, 'list_shards', lambda d: [d + '/0.tar'])
+  config = _config(data_dir)
+  config.data.toy, config.data.shards_dir = False, 'gs://bucket/shards'
+  config.data.tfds_data_dir = ''
+  with pytest.raises(RuntimeError, match='stop here'):
+    input_pipeline.get_data_source(config, 'gs://bucket/run')
+  assert seen['builder'] == ('gs://bucket/shards', 'gs://bucket/run/tfds')
+
+
+def _run_main(*args):
+  return subprocess.run(
+      [sys.executable, '-m', 'train.main', '--config=configs/tiny.py', *args],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, PYTHONPATH=REPO))
+
+
+def test_main_config_key_typo_exits_2_with_the_suggestion(tmp_path):
+  proc = _run_main(f'--workdir={tmp_path}', '--config.train.num_step=5')
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      "error: --config.train.num_step: the config has no key 'num_step' "
+      "(did you mean 'num_steps'?)"]
+
+
+def test_tensorboard_is_an_install_extra_and_the_readme_says_so():
+  setup = configparser.ConfigParser()
+  setup.read(os.path.join(REPO, 'setup.cfg'))
+  assert 'tensorboard' in setup['options.extras_require']['tensorboard']
+  with open(os.path.join(REPO, 'README.md')) as f:
+    readme = f.read()
+  assert readme.startswith('# ')  # the title comes first, before any code block
+  assert ".[tensorboard]" in readme

@@ -6,7 +6,6 @@ The file's metadata holds the training config's `model` section as JSON ('model_
 and the checkpoint step ('step'); `weights.load_adapter` reads it back.
 """
 import json
-import os
 import sys
 
 from absl import app
@@ -14,6 +13,7 @@ from absl import flags
 import numpy as np
 import orbax.checkpoint as ocp
 
+from realcustom_jax import cli
 from realcustom_jax import weights
 
 FLAGS = flags.FLAGS
@@ -31,8 +31,8 @@ def load_checkpoint_adapter(workdir: str, step: int | None = None) -> tuple[dict
   Raises:
     ValueError: no checkpoint directory, no checkpoint, or no such step.
   """
-  ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = cli.absolute_path(workdir) / CHECKPOINT_DIR  # URLs (gs://) stay URLs
+  if not ckpt_dir.is_dir():
     raise ValueError(f'no checkpoints in {workdir} ({ckpt_dir} does not exist)')
   handlers = {'state': ocp.PyTreeCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
   with ocp.CheckpointManager(ckpt_dir, item_handlers=handlers,
@@ -85,4 +85,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('error: '))

@@ -36,17 +36,24 @@ Config keys read (all under `config.data` unless noted):
 """
 from collections.abc import Callable
 import os
+import tempfile
 from typing import Any
 
+from etils import epath
 import grain
+import jax
 import ml_collections
 import numpy as np
 
+from realcustom_jax import cli
+from realcustom_jax import sharding
 from train import laion_builder
 from train import toy_data
 
 _TOY_IMAGES_PER_SHARD = 64
 _TOY_SEED = 0  # the toy set is a fixed data set, independent of the shuffle seed
+# How long processes 1.. wait for process 0 to prepare the data set (LAION: hours).
+PREPARE_TIMEOUT_S = 24 * 3600
 
 
 def prepare_toy_dataset(
@@ -55,7 +62,8 @@ def prepare_toy_dataset(
   """Writes the toy shards under `data_dir` and prepares them; skips done work.
 
   Args:
-    data_dir: tfds data directory; the shards go to `data_dir/toy_shards_*`.
+    data_dir: tfds data directory; the shards go to `data_dir/toy_shards_*` (to the
+      local temporary directory when `data_dir` is a URL: the shard writer is local).
     config: reads `resolution`, `data.toy_num_images`, `data.aesthetic_field` and
       `data.min_aesthetic`.
 
@@ -63,8 +71,8 @@ def prepare_toy_dataset(
     The prepared builder.
   """
   num_images = config.data.toy_num_images
-  shards_dir = os.path.join(
-      os.fspath(data_dir), f'toy_shards_n{num_images}_r{config.resolution}')
+  shards_root = tempfile.gettempdir() if cli.is_url(data_dir) else os.fspath(data_dir)
+  shards_dir = os.path.join(shards_root, f'toy_shards_n{num_images}_r{config.resolution}')
   if not os.path.isdir(shards_dir):
     # Write to a temporary name first so an interrupted run never leaves a partial set
     # that a later run would take as complete.
@@ -86,8 +94,9 @@ def get_data_source(
 
   Prepares the dataset first when it is not yet prepared: the toy set when
   `config.data.toy`, else the shards in `config.data.shards_dir`. On several hosts,
-  prepare once before training (or give each host its own local `tfds_data_dir`): the
-  preparation itself is not coordinated between processes.
+  process 0 prepares while the others wait (a barrier of up to `PREPARE_TIMEOUT_S`), so
+  the directory must be shared by all hosts; for a long preparation run
+  `train.prepare` once before the job.
 
   Args:
     config: the experiment config (see the module docstring for keys).
@@ -97,17 +106,63 @@ def get_data_source(
     A `tfds` ArrayRecord data source; items are dicts with 'image' (uint8 HxWx3),
     'caption' (bytes) and 'aesthetic' (float32).
   """
-  data_dir = config.data.tfds_data_dir or os.path.join(os.fspath(workdir), 'tfds')
-  if config.data.toy:
-    builder = prepare_toy_dataset(data_dir, config)
-  else:
-    if not config.data.shards_dir:
-      raise ValueError('config.data.shards_dir is empty and config.data.toy is False')
-    builder = laion_builder.prepare_dataset(
+  check_data_config(config)
+  data_dir = os.fspath(tfds_data_dir(config, workdir))
+
+  def prepare():
+    if config.data.toy:
+      return prepare_toy_dataset(data_dir, config)
+    return laion_builder.prepare_dataset(
         config.data.shards_dir, data_dir, config.resolution,
         aesthetic_field=config.data.aesthetic_field,
         min_aesthetic=config.data.min_aesthetic)
+
+  if jax.process_count() > 1:
+    # One writer: process 0 prepares (a no-op when `train.prepare` ran), the others wait
+    # on the coordination service, then find the set prepared and only open it. If
+    # process 0 fails, its peers end through the watchdog (sharding.PeerWatchdog).
+    if jax.process_index() == 0:
+      builder = prepare()
+    sharding.barrier('realcustom_data_prepared', PREPARE_TIMEOUT_S)
+    if jax.process_index() != 0:
+      builder = prepare()
+  else:
+    builder = prepare()
   return builder.as_data_source(split='train')
+
+
+def check_data_config(config: ml_collections.ConfigDict) -> None:
+  """Checks that the config names one data source, and that its shards exist.
+
+  Cheap (one directory listing): training runs it before any model is built.
+
+  Args:
+    config: reads `data.toy` and `data.shards_dir`.
+
+  Raises:
+    ValueError: both or neither of `toy` and `shards_dir`, or no `.tar` shards there.
+  """
+  if config.data.toy and config.data.shards_dir:
+    # Training on the toy shapes while the user points at real shards would pass
+    # silently for hours; the two settings contradict each other.
+    raise ValueError(
+        f'config.data.shards_dir={config.data.shards_dir} is set but config.data.toy is '
+        'True (the generated toy shapes); add --config.data.toy=False to train on the '
+        'shards')
+  if not config.data.toy:
+    if not config.data.shards_dir:
+      raise ValueError('config.data.shards_dir is empty and config.data.toy is False')
+    try:
+      laion_builder.list_shards(config.data.shards_dir)
+    except ValueError as e:
+      raise ValueError(f'config.data.shards_dir: {e}') from None
+
+
+def tfds_data_dir(config: ml_collections.ConfigDict,
+                  workdir: str | os.PathLike[str]) -> epath.Path:
+  """`config.data.tfds_data_dir`, or `<workdir>/tfds`; URLs stay URLs."""
+  return cli.absolute_path(config.data.tfds_data_dir or
+                           cli.absolute_path(workdir) / 'tfds')
 
 
 class TrainPreprocess(grain.transforms.Map):
@@ -148,6 +203,48 @@ def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+class ProcessBlockSampler:
+  """One global record order; process p reads block p of every global batch.
+
+  The inner sampler orders the records of all processes together (one shuffle per
+  epoch over the whole set). Global batch s is its positions [s*B, (s+1)*B); process p
+  of P reads positions [s*B + p*B/P, s*B + (p+1)*B/P), the rows its devices hold in
+  the global array. So the global batches, and the training, are the same for any
+  process count, and within an epoch no record is read twice or skipped.
+
+  `grain.DataLoader` with `ShardOptions(p, P)` asks process p for the indices
+  p, p + P, p + 2P, ... (with worker processes, each worker a subset of them); this
+  maps each such index to its global position.
+  """
+
+  def __init__(self, sampler: Any, shard_options: grain.sharding.ShardOptions,
+               per_process_batch: int):
+    self._sampler = sampler
+    self._count = shard_options.shard_count
+    self._batch = per_process_batch
+    global_batch = self._batch * self._count
+    self._len = len(sampler) // global_batch * global_batch  # whole global batches
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __repr__(self) -> str:  # stored in the data iterator's checkpoint
+    return (f'ProcessBlockSampler({self._sampler!r}, processes={self._count}, '
+            f'per_process_batch={self._batch})')
+
+  def global_position(self, index: int) -> int:
+    """The position in the global order that loader index `index` reads."""
+    k, process = divmod(index, self._count)
+    step, row = divmod(k, self._batch)
+    return (step * self._count + process) * self._batch + row
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    if not 0 <= index < self._len:
+      raise IndexError(f'index {index} out of range [0, {self._len})')
+    inner = self._sampler[self.global_position(index)]
+    return grain.RecordMetadata(index=index, record_key=inner.record_key, rng=inner.rng)
+
+
 def create_train_loader(
     config: ml_collections.ConfigDict,
     data_source: Any,
@@ -159,9 +256,11 @@ def create_train_loader(
 ) -> grain.DataLoader:
   """Builds the shuffled, repeated, per-process-batched, checkpointable loader.
 
-  Each process reads its own disjoint shard of the records (the remainder that does not
-  split evenly is dropped, so every process sees the same number of batches), reshuffled
-  every epoch; batches are drawn across epoch boundaries.
+  The records are shuffled over the whole set, every epoch anew, and each global batch
+  takes the next `data.batch_size` of them; each process reads only its block of rows
+  of it (`ProcessBlockSampler`). The global batches do not depend on the process count,
+  and within an epoch the processes together read every record once; batches are drawn
+  across epoch boundaries.
 
   With `config.data.worker_count > 0`, grain starts worker processes: under absl, flags
   must already be parsed (run from `app.run`), and `tokenize_fn` and `data_source` must
@@ -196,13 +295,14 @@ def create_train_loader(
     raise ValueError(
         f'the data source has {num_records} records, fewer than the '
         f'{shard_options.shard_count} processes reading it')
-  sampler = grain.samplers.IndexSampler(
+  # The order is global (unsharded); ProcessBlockSampler gives each process its rows.
+  sampler = ProcessBlockSampler(grain.samplers.IndexSampler(
       num_records=num_records,
-      shard_options=shard_options,
+      shard_options=grain.sharding.NoSharding(),
       shuffle=True,
       num_epochs=num_epochs,
       seed=seed,
-  )
+  ), shard_options, batch_size)
   return grain.DataLoader(
       data_source=data_source,
       sampler=sampler,

@@ -26,10 +26,13 @@ import tarfile
 from typing import Any
 
 from absl import logging
+from etils import epath
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
 import tensorflow_datasets as tfds
+
+from realcustom_jax import cli
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 STATS_FILE = 'prepare_stats.json'
@@ -60,27 +63,32 @@ def make_config(
     resolution: int,
     aesthetic_field: str = 'aesthetic',
     min_aesthetic: float = 5.0,
+    shards: list[str] | None = None,
 ) -> LaionConfig:
   """Returns a builder config whose name identifies the source and the filtering.
 
-  The name carries a hash of the absolute shard path, so two shard sets prepared into
-  the same tfds `data_dir` do not overwrite each other.
+  The name carries a hash of the absolute shard path and the score field, so two shard
+  sets prepared into the same tfds `data_dir` do not overwrite each other, and a hash
+  of the shard set (names and sizes): shards added, removed or rewritten after a
+  preparation make a new name, so they are prepared again instead of ignored.
 
   Args:
-    shards_dir: local directory holding the `.tar` shards.
+    shards_dir: directory (or URL) holding the `.tar` shards.
     resolution: output side in pixels.
     aesthetic_field: score key in the `.json` metadata.
     min_aesthetic: score threshold; <= 0 keeps everything.
+    shards: the shard paths, from `list_shards(shards_dir)` (listed when None).
 
   Returns:
     The `LaionConfig`.
   """
-  shards_dir = os.path.abspath(os.fspath(shards_dir))
-  digest = hashlib.sha1(
-      f'{shards_dir}|{aesthetic_field}'.encode('utf-8')).hexdigest()[:8]
+  shards_dir = os.fspath(cli.absolute_path(shards_dir))
+  if shards is None:
+    shards = list_shards(shards_dir)
   threshold = f'{float(min_aesthetic):g}'.replace('.', 'p').replace('-', 'm')
   return LaionConfig(
-      name=f'res{resolution}_min{threshold}_{digest}',
+      name=f'{_name_prefix(shards_dir, resolution, aesthetic_field, threshold)}_'
+           f'{shard_set_digest(shards)}',
       description=f'{shards_dir}, {aesthetic_field} >= {min_aesthetic}',
       shards_dir=shards_dir,
       resolution=int(resolution),
@@ -89,24 +97,39 @@ def make_config(
   )
 
 
+def _name_prefix(shards_dir: str, resolution: int, aesthetic_field: str,
+                 threshold: str) -> str:
+  """The part of a config name that stays when the shard set changes."""
+  digest = hashlib.sha1(
+      f'{shards_dir}|{aesthetic_field}'.encode('utf-8')).hexdigest()[:8]
+  return f'res{resolution}_min{threshold}_{digest}'
+
+
+def shard_set_digest(shards: list[str]) -> str:
+  """A short hash of the shard names and sizes."""
+  h = hashlib.sha1()
+  for path in sorted(shards):
+    h.update(f'{os.path.basename(path)}:{epath.Path(path).stat().length}\n'.encode())
+  return h.hexdigest()[:8]
+
+
 def list_shards(shards_dir: str | os.PathLike[str]) -> list[str]:
   """Returns the sorted `.tar` paths in `shards_dir`.
 
   Args:
-    shards_dir: directory to list.
+    shards_dir: directory (or URL, e.g. `gs://bucket/shards`) to list.
 
   Returns:
-    Sorted absolute paths of the `.tar` files.
+    Sorted absolute paths (or URLs) of the `.tar` files.
 
   Raises:
     ValueError: the directory does not exist or holds no `.tar` file.
   """
   shards_dir = os.fspath(shards_dir)
-  if not os.path.isdir(shards_dir):
+  root = cli.absolute_path(shards_dir)
+  if not root.is_dir():
     raise ValueError(f'shards directory does not exist: {shards_dir!r}')
-  paths = sorted(
-      os.path.join(os.path.abspath(shards_dir), name)
-      for name in os.listdir(shards_dir) if name.endswith('.tar'))
+  paths = sorted(os.fspath(p) for p in root.iterdir() if p.name.endswith('.tar'))
   if not paths:
     raise ValueError(f'no .tar shards in {shards_dir!r}')
   return paths
@@ -223,7 +246,8 @@ def iter_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     (key, members) pairs in file order.
   """
   key, members = None, {}
-  with tarfile.open(path, mode='r|*') as tar:
+  # Through epath, so that shards on gs:// stream like local ones.
+  with epath.Path(path).open('rb') as f, tarfile.open(fileobj=f, mode='r|*') as tar:
     for info in tar:
       if not info.isfile():
         continue
@@ -303,8 +327,8 @@ def prepare_dataset(
   `read_prepare_stats`.
 
   Args:
-    shards_dir: local directory of webdataset `.tar` shards.
-    data_dir: tfds data directory to write to.
+    shards_dir: directory (or URL) of webdataset `.tar` shards.
+    data_dir: tfds data directory (or URL) to write to.
     resolution: output side in pixels.
     aesthetic_field: score key in each `.json`.
     min_aesthetic: keep samples with score >= this; <= 0 keeps all.
@@ -318,14 +342,18 @@ def prepare_dataset(
   if not isinstance(resolution, int) or resolution <= 0:
     raise ValueError(f'resolution must be a positive int, got {resolution!r}')
   shards_dir = os.fspath(shards_dir)
-  list_shards(shards_dir)  # fail early, with the path, before tfds makes directories
+  shards = list_shards(shards_dir)  # fail early, with the path, before tfds makes dirs
   builder = LaionAesthetic(
-      config=make_config(shards_dir, resolution, aesthetic_field, min_aesthetic),
+      config=make_config(shards_dir, resolution, aesthetic_field, min_aesthetic, shards),
       data_dir=os.fspath(data_dir),
       file_format='array_record',
   )
   if builder.is_prepared():
+    logging.info('dataset %s already prepared (%d shards)', builder.data_dir, len(shards))
     return builder
+  _report_changed_shard_set(builder, len(shards))
+  logging.info('preparing %d shards of %s into %s', len(shards), shards_dir,
+               builder.data_dir)
   try:
     builder.download_and_prepare()
   except Exception as e:
@@ -335,9 +363,30 @@ def prepare_dataset(
           f'{dict(builder.prepare_stats)}') from e
     raise
   stats = {k: builder.prepare_stats[k] for k in STAT_KEYS}
-  with open(os.path.join(builder.data_dir, STATS_FILE), 'w') as f:
-    json.dump(stats, f, indent=2)
+  (epath.Path(builder.data_dir) / STATS_FILE).write_text(json.dumps(stats, indent=2))
   return builder
+
+
+def earlier_preparations(builder: LaionAesthetic) -> list[epath.Path]:
+  """Prepared versions of the same shard directory and filter with another shard set."""
+  name = builder.builder_config.name
+  prefix = name.rsplit('_', 1)[0] + '_'
+  configs_dir = epath.Path(builder.data_dir).parent.parent
+  if not configs_dir.is_dir():
+    return []
+  return sorted(p for p in configs_dir.iterdir()
+                if p.name.startswith(prefix) and p.name != name)
+
+
+def _report_changed_shard_set(builder: LaionAesthetic, num_shards: int) -> None:
+  """Warns when the shard directory was prepared before with other shards."""
+  for old in earlier_preparations(builder):
+    stats = old / str(builder.version) / STATS_FILE
+    before = json.loads(stats.read_text())['shards'] if stats.exists() else '?'
+    logging.warning(
+        'the shards of %s changed since they were prepared into %s (%s shards then, %d '
+        'now): preparing them again; delete the old directory to reclaim its space',
+        builder.builder_config.shards_dir, old, before, num_shards)
 
 
 def read_prepare_stats(builder: LaionAesthetic) -> dict[str, int]:
@@ -349,5 +398,4 @@ def read_prepare_stats(builder: LaionAesthetic) -> dict[str, int]:
   Returns:
     Counts for each of `STAT_KEYS`.
   """
-  with open(os.path.join(builder.data_dir, STATS_FILE)) as f:
-    return json.load(f)
+  return json.loads((epath.Path(builder.data_dir) / STATS_FILE).read_text())

@@ -5,17 +5,28 @@
 
 Running the same command again resumes from the latest checkpoint in `--workdir`.
 On several processes (TPU pods, multi-host GPU) set `--config.mesh.distributed=True`;
-every process runs the same command.
+every process runs the same command (README, "Training on a pod"). Off TPU/SLURM/Open
+MPI, name the cluster in the environment of each process:
 
-Exit status: 0 done, 2 a config mistake (one line on stderr), 1 a NaN/inf loss.
+  JAX_COORDINATOR_ADDRESS=host0:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 \
+      python -m train.main --config=configs/tiny.py --workdir=/shared/run \
+      --config.mesh.distributed=True
+
+Exit status: 0 done (or nothing left to do), 2 a flag or config mistake (one line on
+stderr, before any model is built) or a cluster that did not form within
+--coordinator_timeout, 1 a NaN/inf loss or a peer process that died or hung (silent for
+--peer_timeout).
 """
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
+from realcustom_jax import cli
 from realcustom_jax import sharding
 
 FLAGS = flags.FLAGS
@@ -23,14 +34,35 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and dat
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                  lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
+cli.define_compile_cache_flags()
+flags.DEFINE_float('coordinator_timeout', 300, 'Multi-process runs: seconds for every '
+                   'process to join the coordinator before the run ends (exit 2).')
+flags.DEFINE_float('peer_timeout', 60, 'Multi-process runs: seconds a peer may go without '
+                   'a heartbeat before the run ends (exit 1).')
+
+
+def _exit(code: int, distributed: bool) -> None:
+  if distributed:
+    # Skip jax.distributed.shutdown at exit: its barrier would wait (minutes) for peers
+    # that carry on; they stop on their own when this process's heartbeats stop.
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   config = FLAGS.config
+  cli.enable_compile_cache()  # before the first compile
   # Before anything touches a JAX backend.
-  sharding.initialize_distributed(config)
+  try:
+    watchdog = sharding.initialize_distributed(
+        config, init_timeout_s=FLAGS.coordinator_timeout, peer_timeout_s=FLAGS.peer_timeout)
+  except sharding.DistributedError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  distributed = watchdog is not None
   # Imported after the distributed runtime is up: importing train builds nothing, but
   # keeping JAX work after initialize() is what jax.distributed requires.
   from train import train  # pylint: disable=g-import-not-at-top
@@ -38,12 +70,22 @@ def main(argv):
     train.train_and_evaluate(config, FLAGS.workdir)
   except train.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _exit(2, distributed)
   except train.NonFiniteLossError as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    _exit(1, distributed)
+  except BaseException as e:
+    if watchdog is not None:
+      if isinstance(e, jax.errors.JaxRuntimeError):
+        # Most often a collective whose peer died: the watchdog names the peer in one
+        # line and ends this process; any other error keeps its traceback.
+        watchdog.wait_for_verdict()
+      watchdog.stop()  # peers end within --peer_timeout instead of waiting on this one
+    raise
+  if watchdog is not None:
+    watchdog.finish()  # peers stop watching this process; shutdown waits for them
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('error: '))

@@ -8,13 +8,16 @@ data iterator), metrics in `metrics.jsonl` and a guard that stops on a NaN loss.
 Config keys read (besides the model/data ones): `config.train.*` (see
 `validate_config`), `config.mesh.{data,fsdp,distributed}`.
 """
+import contextlib
 import functools
 import json
 import os
+import socket
 import time
 from typing import Mapping, Optional
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 import ml_collections
@@ -22,14 +25,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import cli
+from realcustom_jax import components
 from realcustom_jax import sharding
-from realcustom_jax import tiny
 from realcustom_jax import weights
 from realcustom_jax.training import ConfigError
-from realcustom_jax.training import create_optimizer
 from realcustom_jax.model import DTYPES
 from realcustom_jax.model import check_model_config
-from realcustom_jax.training import jit_train_step
 from realcustom_jax.training import setup_training
 from realcustom_jax.training import State
 from train import input_pipeline
@@ -78,29 +80,55 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
   if int(config.data.batch_size) <= 0:
     raise ConfigError(f'config.data.batch_size must be positive, got {config.data.batch_size}')
-  if not config.data.toy:
-    if not config.data.shards_dir:
-      raise ConfigError('config.data.shards_dir is empty and config.data.toy is False')
-    if not os.path.isdir(config.data.shards_dir):
-      raise ConfigError(f'config.data.shards_dir {config.data.shards_dir} does not exist')
+  try:
+    input_pipeline.check_data_config(config)  # one listing: the shards exist
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  missing_weights = cli.missing_weights_message(config)
+  if missing_weights:
+    raise ConfigError(missing_weights)
   if config.pretrained and not config.vision_encoder:
     raise ConfigError('config.vision_encoder (a CLIP vision model directory) is required '
                       'with config.pretrained')
 
 
-def load_components(config) -> tuple[weights.StableDiffusionComponents, weights.VisionEncoder]:
-  """The frozen SD components and CLIP vision encoder: from disk, or the tiny ones."""
+def check_workdir(workdir: str) -> epath.Path:
+  """Creates `workdir` (a path or URL) and proves it writable, before models are built.
+
+  Args:
+    workdir: the --workdir flag.
+
+  Returns:
+    The workdir as an absolute `epath.Path` (URLs unchanged).
+
+  Raises:
+    ConfigError: it cannot be created, or a file cannot be written in it.
+  """
+  path = cli.absolute_path(workdir)
   try:
-    if config.pretrained:
-      sd = weights.load_stable_diffusion(config.pretrained, config.allow_pickle)
-      vision = weights.load_vision_encoder(config.vision_encoder, config.allow_pickle)
-    else:
-      sd, vision = tiny.build_tiny_components(config)
-      if config.vision_encoder:
-        vision = weights.load_vision_encoder(config.vision_encoder, config.allow_pickle)
+    path.mkdir(parents=True, exist_ok=True)
+  except Exception as e:  # pylint: disable=broad-except
+    # OSError locally; remote file systems raise their own types.
+    raise ConfigError(f'cannot create --workdir {workdir}: '
+                      f'{getattr(e, "strerror", None) or e}') from None
+  # An existing read-only directory passes mkdir; tfds would fail on it only after the
+  # models are built, so write (and remove) a file now.
+  probe = path / f'.write_check_{socket.gethostname()}_{os.getpid()}'
+  try:
+    probe.write_text('')
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'--workdir {workdir} is not writable: '
+                      f'{getattr(e, "strerror", None) or e}') from None
+  return path
+
+
+def load_components(config) -> tuple[weights.StableDiffusionComponents, weights.VisionEncoder]:
+  """`components.load_components`, its mistakes as ConfigError (one line, exit 2)."""
+  try:
+    return components.load_components(config)
   except ValueError as e:  # CheckpointError and size mismatches are user mistakes
     raise ConfigError(str(e)) from None
-  return sd, vision
 
 
 # ---------------------------------------------------------------------------------
@@ -108,29 +136,68 @@ def load_components(config) -> tuple[weights.StableDiffusionComponents, weights.
 # ---------------------------------------------------------------------------------
 
 
+def truncate_metrics(path: epath.Path, last_step: int) -> list[str]:
+  """Drops the lines of `path` (metrics.jsonl) after `last_step`; returns those kept.
+
+  A run that crashed after its last checkpoint logged steps that the resumed run
+  replays; without this they would appear twice.
+  """
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)['step'] <= last_step]
+  if len(kept) != len(lines):
+    logging.info('%s: dropped %d line(s) after step %d (replayed on resume)', path,
+                 len(lines) - len(kept), last_step)
+    path.write_text(''.join(line + '\n' for line in kept))
+  return kept
+
+
 class MetricWriter:
   """Writes each logged step's metrics as TensorBoard events and as a JSON line.
 
   Events go to `<workdir>/tensorboard` through tensorboardX (TensorFlow-free);
   `<workdir>/metrics.jsonl` is the same data for scripts. Only process 0 writes.
+
+  A run resumed from step `start_step` replays the steps its predecessor logged after
+  that checkpoint; they appear once: metrics.jsonl loses its lines after `start_step`,
+  and the new TensorBoard event file starts with a purge marker at `start_step + 1`
+  (tensorboardX `purge_step`), which makes TensorBoard hide the older events from there.
   """
 
-  def __init__(self, workdir: str):
-    self._path = os.path.join(workdir, METRICS_FILE)
+  def __init__(self, workdir: str, start_step: int = 0):
+    root = cli.absolute_path(workdir)
+    self._path = root / METRICS_FILE
+    # Object stores (gs://) cannot append: there the whole file is rewritten per write.
+    self._append = not cli.is_url(root)
     self._enabled = jax.process_index() == 0
+    self._lines: list[str] = []
     self._tb = None
     if self._enabled:
+      self._lines = truncate_metrics(self._path, start_step)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+      self._tb = SummaryWriter(os.fspath(root / TENSORBOARD_DIR),
+                               purge_step=start_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
-    if not self._enabled:
+    self.write_steps([(step, metrics)])
+
+  def write_steps(self, steps: list[tuple[int, Mapping[str, float]]]) -> None:
+    """Writes several steps with one file write and one TensorBoard flush."""
+    if not self._enabled or not steps:
       return
-    values = {k: float(v) for k, v in metrics.items()}
-    with open(self._path, 'a') as f:
-      f.write(json.dumps({'step': int(step), **values}) + '\n')
-    for name, value in values.items():
-      self._tb.add_scalar(f'train/{name}', value, int(step))
+    lines = []
+    for step, metrics in steps:
+      values = {k: float(v) for k, v in metrics.items()}
+      lines.append(json.dumps({'step': int(step), **values}))
+      for name, value in values.items():
+        self._tb.add_scalar(f'train/{name}', value, int(step))
+    self._lines.extend(lines)
+    if self._append:
+      with self._path.open('a') as f:
+        f.write(''.join(line + '\n' for line in lines))
+    else:
+      self._path.write_text(''.join(line + '\n' for line in self._lines))
     self._tb.flush()
 
   def close(self) -> None:
@@ -141,8 +208,27 @@ class MetricWriter:
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=int(config.train.max_to_keep),
                                          create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+  return ocp.CheckpointManager(cli.absolute_path(workdir) / CHECKPOINT_DIR,
                                item_names=('state', 'data', 'config'), options=options)
+
+
+def latest_checkpoint_step(workdir: str) -> Optional[int]:
+  """The latest checkpoint's step in `workdir`, or None; reads only directory names."""
+  ckpt_dir = cli.absolute_path(workdir) / CHECKPOINT_DIR
+  if not ckpt_dir.exists():
+    return None
+  with ocp.CheckpointManager(
+      ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    return mngr.latest_step()
+
+
+@contextlib.contextmanager
+def _stage(what: str):
+  """Logs a start-up stage before it starts and when it ends, with its time."""
+  logging.info('%s ...', what)
+  t0 = time.perf_counter()
+  yield
+  logging.info('%s: done in %.1fs', what, time.perf_counter() - t0)
 
 
 def _tokenize_caption(tokenizer, caption: str) -> np.ndarray:
@@ -164,7 +250,7 @@ def _check_finite(pending: list[tuple[int, dict]], latest_ckpt: Optional[int]) -
 # ---------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optional[State]:
   """Trains the adapter to `config.train.num_steps`, resuming from the latest checkpoint.
 
   Args:
@@ -173,18 +259,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       data set (`tfds/`, unless `config.data.tfds_data_dir`).
 
   Returns:
-    The final train state.
+    The final train state, or None when the latest checkpoint had already reached
+    `config.train.num_steps` (nothing is built or compiled then).
 
   Raises:
     ConfigError: a user mistake in the config.
     NonFiniteLossError: the loss became NaN/inf; the checkpoints before it are kept.
   """
+  # Every check that needs no model comes first: a mistake costs seconds, not minutes.
   validate_config(config)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f'cannot create --workdir {workdir}: {e.strerror}') from None
+  check_workdir(workdir)
   t = config.train
+  done = latest_checkpoint_step(workdir)
+  if done is not None and done >= int(t.num_steps):
+    logging.info('checkpoint step %d in %s already reaches config.train.num_steps=%d: '
+                 'nothing to do (raise num_steps to train on)', done, workdir,
+                 int(t.num_steps))
+    return None
+  logging.info('config and --workdir %s checked; %s', workdir,
+               f'resuming from step {done}' if done is not None else 'starting at step 0')
 
   # ---- Mesh ----
   try:
@@ -196,9 +289,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
                jax.device_count(), jax.process_count())
 
   # ---- Input ----
-  sd, vision = load_components(config)
+  with _stage(f'loading the frozen models ({config.pretrained or "tiny random"})'):
+    sd, vision = load_components(config)
   try:
-    source = input_pipeline.get_data_source(config, workdir)
+    with _stage('preparing / opening the data set'):
+      source = input_pipeline.get_data_source(config, workdir)
     loader = input_pipeline.create_train_loader(
         config, source, functools.partial(_tokenize_caption, sd.tokenizer))
   except ValueError as e:
@@ -206,22 +301,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   data_iter = iter(loader)
 
   # ---- Model & optimizer, shard & transfer ----
+  logging.info('building the adapter and placing the frozen weights ...')
   t0 = time.perf_counter()
-  models, step_config, _, state, frozen, state_sh, frozen_sh, shapes = setup_training(
-      config, mesh, sd, vision)
+  setup, shapes = setup_training(config, mesh, sd, vision)
+  state, frozen = setup.state, setup.frozen
   logging.info('adapter: %d trainable parameters; frozen: %d; setup %.1fs',
                adapter_lib.count_params(state['params']),
                adapter_lib.count_params(frozen), time.perf_counter() - t0)
-  per_process = input_pipeline.per_process_batch_size(config.data.batch_size,
-                                                      jax.process_count())
-  local_shapes = {'image': ((per_process, config.resolution, config.resolution, 3), np.float32),
-                  'input_ids': ((per_process, shapes['text'][0]), np.int32)}
-  batch_sh = {k: sharding.batch_sharding(mesh, len(s)) for k, (s, _) in local_shapes.items()}
-  abstract_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + s[1:], d,
-                                            sharding=batch_sh[k])
-                    for k, (s, d) in local_shapes.items()}
-  step_fn = jit_train_step(models, step_config, create_optimizer(config), state_sh,
-                           frozen_sh, batch_sh, mesh)
+  abstract_batch = {
+      'image': jax.ShapeDtypeStruct(
+          (config.data.batch_size, config.resolution, config.resolution, 3), np.float32),
+      'input_ids': jax.ShapeDtypeStruct((config.data.batch_size, shapes['text'][0]),
+                                        np.int32)}
+  step_fn = setup.train_step(abstract_batch)
+  logging.info('compiling the train step ...')
   t0 = time.perf_counter()
   # Ahead-of-time compile: the compile time is visible, and a retrace would fail loudly.
   compiled_step = step_fn.lower(state, frozen, abstract_batch).compile()
@@ -232,7 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   latest = mngr.latest_step()
   if latest is not None:
     abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+        setup.state_sharding)
     stored = mngr.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     try:
       adapter_lib.check_layout(stored['config'].get('adapter_layout'),
@@ -247,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   start_step = int(jax.device_get(state['step']))
 
   # ---- Loop ----
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start_step)
   debug_nan_step = int(t.get('debug_nan_step', -1))
   config_json = json.loads(config.to_json_best_effort())
   config_json['adapter_layout'] = adapter_lib.ADAPTER_LAYOUT  # read by resume and export
@@ -271,8 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         pending = []
         rate = steps_since / (time.perf_counter() - t_last)
         t_last, steps_since = time.perf_counter(), 0
-        for s, m in fetched:
-          writer.write(s, dict(m, steps_per_sec=rate))
+        writer.write_steps([(s, dict(m, steps_per_sec=rate)) for s, m in fetched])
         logging.info('step %d  loss %.5f  grad_norm %.4f  %.2f steps/s', step,
                      fetched[-1][1]['loss'], fetched[-1][1]['grad_norm'], rate)
       if is_ckpt:
