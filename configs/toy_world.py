@@ -1,0 +1,65 @@
+"""The toy-world reproduction: base model, adapter and evaluation sizes (CPU, minutes).
+
+  python -m benchmarks.toy_reproduction --workdir=/tmp/toy_repro            # ~20 min, 2 cores
+  python -m benchmarks.toy_reproduction --workdir=/tmp/toy_smoke --smoke    # wiring only
+
+The adapter stage runs `python -m train.main --config=configs/toy_world.py` with
+`--config.pretrained` / `--config.vision_encoder` pointing at the base model the
+reproduction trained and `--config.data.shards_dir` at the world's shards; the
+orchestrator passes those flags itself. `get_config('smoke')` shrinks every stage to a
+few steps (the test suite's wiring run).
+
+Built on configs/tiny.py: the same keys, with the world's sizes (16 px images, a
+factor-2 autoencoder to 8 x 8 latents) and a `toy` section for the stages that
+train.main does not run.
+"""
+from configs import tiny
+
+
+def get_config(arg: str = ''):
+  config = tiny.get_config()
+  smoke = arg == 'smoke'
+  config.resolution = 16  # 16 px world images; 32 px made the VAE step 3x slower
+  config.tiny.unet = dict(config.tiny.unet, sample_size=8)
+  # Two blocks: factor 2, 16 px -> 8 x 8 x 4 latents.
+  config.tiny.vae = dict(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4)
+  # 16 px / patch 4: 16 subject tokens, like the default's 32 px / 8.
+  config.tiny.vision = dict(config.tiny.vision, image_size=16, patch_size=4)
+  if 'scoring' not in config.model:
+    config.model.scoring = 'adaptive'  # 'none': Table 3 ID-2, all image tokens unscored
+
+  # ---- Adapter training (train.main, Sec. 3.2) ----
+  config.data.toy = False  # the world's shards, via --config.data.shards_dir
+  config.data.min_aesthetic = 0.0
+  config.data.batch_size = 4 if smoke else 32
+  config.train.num_steps = 4 if smoke else 1000
+  config.train.learning_rate = 1e-3  # the paper's 1e-4 is for 160k steps; 3e-3 was no better
+  config.train.warmup_steps = 0 if smoke else 100
+  config.train.checkpoint_every = 2 if smoke else 500
+  config.train.log_every = 2 if smoke else 100
+
+  # ---- Sampling (Sec. 4.1 settings; fewer DDIM steps) ----
+  config.sampler.num_steps = 4 if smoke else 25
+
+  # ---- The base model and the evaluation (benchmarks/toy_reproduction.py) ----
+  config.toy = dict(
+      num_train_images=64 if smoke else 4096,
+      vae_steps=3 if smoke else 600,
+      vae_batch=4 if smoke else 32,
+      vae_lr=1e-3,
+      vae_kl_weight=1e-6,  # SD's first stage keeps the KL term tiny
+      unet_steps=3 if smoke else 1500,
+      unet_batch=4 if smoke else 64,
+      unet_lr=1e-3,
+      unet_warmup=1 if smoke else 200,
+      caption_dropout=0.1,
+      checkpoint_every=2 if smoke else 500,
+      # Evaluation: every held-out identity, `prompts_per_subject` backgrounds, `seeds`.
+      prompts_per_subject=2 if smoke else 4,
+      seeds=(0,) if smoke else (0, 1),
+      gamma_scopes=(0.25, 1.0) if smoke else (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0),
+      # Also train a scoring='none' adapter (Table 3 ID-2); the smoke run skips it: a
+      # second train.main costs the test suite ~30 s of compiles.
+      train_none_scoring=not smoke,
+  )
+  return config

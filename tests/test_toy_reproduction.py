@@ -1,0 +1,60 @@
+"""The toy reproduction's wiring: every stage runs, reports every variant, and resumes.
+
+A subprocess, as for the other benchmarks: the script defines absl flags at import.
+The smoke sizes train for a few steps, so the numbers mean nothing; what is checked is
+that each stage hands the next what it needs and that a rerun skips finished stages.
+"""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*flags):
+  # One CPU device, as the command runs outside the suite (conftest fakes 8, and the
+  # smoke batch of 4 does not split over 8).
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return subprocess.run([sys.executable, '-m', 'benchmarks.toy_reproduction', *flags],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_smoke_run_reports_every_variant_and_a_rerun_skips_training(tmp_path):
+  proc = _run(f'--workdir={tmp_path}', '--smoke')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  variants = result['variants']
+  assert set(variants) == {'plain_t2i', 'no_mask', 'realcustom', 'gamma_1', 'binary_0.25'}
+  n = result['cases'] * len(result['seeds'])
+  assert all(v['n'] == n for v in variants.values())
+  # Binary top-k at gamma_scope 1 keeps every position: no mask guidance at all.
+  assert variants['no_mask']['scope'] == 'all ones'
+  assert variants['no_mask']['scope_in_object'] < 1.0
+  assert '| realcustom | adaptive | soft | 0.25 |' in proc.stdout
+  for name in ('tradeoff.png', 'samples.png', 'results.json'):
+    assert os.path.getsize(tmp_path / 'eval' / name) > 0
+  assert os.path.isfile(tmp_path / 'adapter_adaptive' / 'adapter.safetensors')
+  assert not os.path.exists(tmp_path / 'adapter_none')  # the smoke run trains one
+  assert os.path.isfile(tmp_path / 'base' / 'sd' / 'model_index.json')
+
+  again = _run(f'--workdir={tmp_path}', '--smoke')
+  assert again.returncode == 0, again.stderr[-3000:]
+  rerun = json.loads(again.stdout.strip().splitlines()[-1])
+  assert rerun['variants'] == variants  # the finished evaluation is reused too
+  wall = rerun['this_run_wall_s']
+  # Finished stages are found and skipped: no training, no train.main subprocess.
+  assert wall['base_s'] < 2 and wall['adapter_adaptive_s'] < 2 and wall['eval_s'] < 2
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+  blocked = tmp_path / 'file'
+  blocked.write_text('')
+  proc = _run(f'--workdir={blocked}/sub', '--smoke')
+  assert proc.returncode == 2 and 'workdir' in proc.stderr and 'Traceback' not in proc.stderr
+  proc = _run(f'--workdir={tmp_path}', '--smoke', 'extra')
+  assert proc.returncode == 2 and 'unexpected' in proc.stderr
+  proc = _run(f'--workdir={tmp_path}/w', '--config=configs/toy_world.py:smoke',
+              '--config.toy.gamma_scopes=(0.25,1.5)')
+  assert proc.returncode == 2 and 'gamma_scopes' in proc.stderr
+  assert 'Traceback' not in proc.stderr and not os.path.exists(tmp_path / 'w')
