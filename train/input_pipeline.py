@@ -228,7 +228,12 @@ class ProcessBlockSampler:
   def __len__(self) -> int:
     return self._len
 
-  def __repr__(self) -> str:  # stored in the data iterator's checkpoint
+  def __repr__(self) -> str:
+    # grain stores it in the iterator checkpoint and refuses a restore when it differs.
+    # On one process this sampler reads the inner one as it is, and says so: data
+    # checkpoints written before it existed (the plain IndexSampler) still resume.
+    if self._count == 1:
+      return repr(self._sampler)
     return (f'ProcessBlockSampler({self._sampler!r}, processes={self._count}, '
             f'per_process_batch={self._batch})')
 
@@ -296,9 +301,12 @@ def create_train_loader(
         f'the data source has {num_records} records, fewer than the '
         f'{shard_options.shard_count} processes reading it')
   # The order is global (unsharded); ProcessBlockSampler gives each process its rows.
+  # One shard of one is no sharding; passing `shard_options` then keeps the sampler's
+  # repr, and so older data checkpoints, unchanged.
   sampler = ProcessBlockSampler(grain.samplers.IndexSampler(
       num_records=num_records,
-      shard_options=grain.sharding.NoSharding(),
+      shard_options=(shard_options if shard_options.shard_count == 1
+                     else grain.sharding.NoSharding()),
       shuffle=True,
       num_epochs=num_epochs,
       seed=seed,
