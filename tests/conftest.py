@@ -6,8 +6,9 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(os.path.dirname(os.path.dirname(__file__)), '.jax_cache'))
+from realcustom_jax import cli  # noqa: E402  (absl and etils only: JAX stays unstarted)
+
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', cli.default_compile_cache_dir())
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 

@@ -7,12 +7,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from realcustom_jax import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, timeout=240):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(ROOT, '.jax_cache'))
+  env.setdefault('JAX_COMPILATION_CACHE_DIR', cli.default_compile_cache_dir())
   env.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   return subprocess.run([sys.executable, '-m', 'sample.main', '--config=configs/tiny.py',
                          *args], cwd=ROOT, env=env, capture_output=True, text=True,
