@@ -143,6 +143,8 @@ def main(argv) -> None:
   if _CONFIG.value is None:
     _fail('--config is required (e.g. --config=configs/tiny.py)')
   cli.enable_compile_cache()  # before the first compile
+  if not (_ALLOW_PICKLE.value or _CONFIG.value.get('allow_pickle', False)):
+    cli.skip_torch()
   warnings.showwarning = _show_warning
   logging.set_verbosity(logging.INFO)
   try:

@@ -97,3 +97,18 @@ def test_clis_keep_a_compile_cache_unless_told_not_to(args, env, want):
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0, proc.stderr[-1000:]
   assert proc.stdout.strip().startswith(want), proc.stdout
+
+
+def test_skip_torch_keeps_torch_out_of_the_sampling_cli():
+  """sample.main reads torch-free formats: diffusers must not pull torch in (3 s a call)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  probe = ('import sys\nfrom realcustom_jax import cli\ncli.skip_torch()\n'
+           'from realcustom_jax import pipeline, tiny\n'
+           'from configs import tiny as c\ntiny.build_tiny_components(c.get_config())\n'
+           'print(sys.modules["torch"])')
+  proc = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
+                        timeout=180, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        env={k: v for k, v in os.environ.items() if k != 'USE_TORCH'})
+  assert proc.returncode == 0, proc.stderr[-1000:]
+  assert proc.stdout.strip() == 'None'
