@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Compiled XLA programs are cached across runs, in the user cache directory the CLIs use:
-# a warm cache roughly halves the suite on 2 cores. (Entries are keyed by the checkout's
-# path too, so a fresh clone elsewhere, as in CI, starts cold.)
+# Compiled XLA programs are cached across runs, in the user cache directory the CLIs use
+# (shared by every checkout on the machine): on 2 cores a warm cache cuts the suite from
+# about 19 to about 8 minutes.
 export JAX_COMPILATION_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/realcustom_jax/xla
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
