@@ -12,6 +12,7 @@ never recompiles.
 `cfg_sample` is plain classifier-free guidance on the same UNet (one batched call per
 step): the baseline of the tests and of `benchmarks/sampling.py`.
 """
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -80,9 +81,8 @@ class GuidanceSettings:
   @classmethod
   def from_config(cls, sampler_config, **overrides) -> 'GuidanceSettings':
     """From `config.sampler`, with keyword overrides where they are not None."""
-    values = {name: sampler_config.get(name, default) for name, default in (
-        ('guidance_text', 7.5), ('guidance_image', 12.5), ('gamma_scope', 0.25),
-        ('gamma_num', 0.8), ('binary_mask', False))}
+    # The fields' defaults (the paper's) fill what the config lacks.
+    values = {f.name: sampler_config.get(f.name, f.default) for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls.create(**values)
 
@@ -170,7 +170,8 @@ def ddim_schedule(scheduler_config: dict[str, Any], num_steps: int) -> Schedule:
     raise ValueError(f'num_steps={num_steps} exceeds the {train_steps} training timesteps')
   state = scheduler.set_timesteps(scheduler.create_state(), int(num_steps))
   timesteps = np.asarray(state.timesteps, np.int32)
-  alphas = alphas_cumprod(scheduler_config)
+  # The same abar as `alphas_cumprod`, from the state already built.
+  alphas = np.asarray(state.common.alphas_cumprod, np.float32)
   # The same previous-timestep rule as FlaxDDIMScheduler.step.
   prev = timesteps - train_steps // int(num_steps)
   final = np.float32(state.final_alpha_cumprod)
