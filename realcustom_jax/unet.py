@@ -1,9 +1,11 @@
-"""Stable Diffusion 1.x / 2.x UNet with RealCustom's visual cross-attention.
+"""Stable Diffusion 1.x / 2.x / XL UNet with RealCustom's visual cross-attention.
 
 Our own linen module because diffusers' Flax UNet cannot be extended from outside (no
 attention processors, attention modules built inside its setup). Its parameter tree has exactly the names and shapes of diffusers'
 `FlaxUNet2DConditionModel` (0.39.0) plus `to_k_visual` / `to_v_visual` in every `attn2`,
 so real SD checkpoints load unchanged and diffusers' model can check ours (tests).
+SDXL adds `add_embedding` (the 'text_time' added conditioning) and deeper transformers
+per block, both named as in diffusers.
 
 Layout: latents come in and go out NCHW, as in diffusers; everything inside is NHWC.
 """
@@ -37,6 +39,31 @@ def timestep_embedding(timesteps: Array, dim: int, flip_sin_to_cos: bool,
   angles = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+
+
+def text_time_features(text_embeds: Array, time_ids: Array, dim: int, flip_sin_to_cos: bool,
+                       freq_shift: float) -> Array:
+  """SDXL's added-conditioning input (diffusers' addition_embed_type='text_time').
+
+  Each micro-condition (original size, crop corner, target size: 6 numbers) gets its own
+  sinusoidal `dim`-wide embedding; they are flattened per sample and appended to the
+  pooled text embedding. `add_embedding` (an MLP like `time_embedding`) maps the result
+  to the timestep embedding's width, and the UNet adds it there.
+
+  Args:
+    text_embeds: (B, P) pooled text embedding.
+    time_ids: (B, n) micro-conditions.
+    dim: addition_time_embed_dim.
+    flip_sin_to_cos: as the UNet's timestep embedding.
+    freq_shift: as the UNet's timestep embedding.
+
+  Returns:
+    (B, P + n * dim) float32 features.
+  """
+  b = text_embeds.shape[0]
+  time_embeds = timestep_embedding(time_ids.reshape(-1), dim, flip_sin_to_cos, freq_shift)
+  return jnp.concatenate(
+      [text_embeds.astype(jnp.float32), time_embeds.reshape(b, -1)], axis=-1)
 
 
 class ResnetBlock(nn.Module):
@@ -262,13 +289,62 @@ class _Upsample(nn.Module):
                    name='conv')(x)
 
 
+# Config values that change the architecture in ways this UNet does not implement: each
+# key must be absent or hold diffusers' default.
+_REQUIRED_DEFAULTS = dict(
+    class_embed_type=None, num_class_embeds=None, class_embeddings_concat=False,
+    encoder_hid_dim=None, encoder_hid_dim_type=None, time_cond_proj_dim=None,
+    time_embedding_type='positional', time_embedding_dim=None, time_embedding_act_fn=None,
+    timestep_post_act=None, resnet_time_scale_shift='default', resnet_skip_time_act=False,
+    resnet_out_scale_factor=1.0, act_fn='silu', norm_num_groups=32, norm_eps=1e-5,
+    conv_in_kernel=3, conv_out_kernel=3, center_input_sample=False, downsample_padding=1,
+    mid_block_scale_factor=1, dual_cross_attention=False, cross_attention_norm=None,
+    attention_type='default', mid_block_only_cross_attention=None,
+    reverse_transformer_layers_per_block=None,
+    # diffusers itself refuses it (attention_head_dim holds the head counts).
+    num_attention_heads=None,
+)
+_ADDITION_EMBED_TYPES = (None, 'text_time')
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+  """Raises ValueError (one line) for a diffusers UNet config this UNet cannot build."""
+  for key, default in _REQUIRED_DEFAULTS.items():
+    if config.get(key, default) != default:
+      raise ValueError(f'unsupported UNet config: {key}={config[key]!r} (only '
+                       f'{default!r} is implemented)')
+  kind = config.get('addition_embed_type')
+  if kind not in _ADDITION_EMBED_TYPES:
+    raise ValueError(f'unsupported UNet config: addition_embed_type={kind!r} (only None '
+                     "and SDXL's 'text_time' are implemented)")
+  if kind == 'text_time':
+    for key in ('addition_time_embed_dim', 'projection_class_embeddings_input_dim'):
+      if not isinstance(config.get(key), int):
+        raise ValueError(f"UNet config with addition_embed_type='text_time' needs an "
+                         f'integer {key}, got {config.get(key)!r}')
+  for key in ('transformer_layers_per_block', 'attention_head_dim'):
+    value = config.get(key)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in value):
+      raise ValueError(f'unsupported UNet config: per-layer {key}={value!r}')
+  if isinstance(config.get('cross_attention_dim'), (list, tuple)):
+    raise ValueError('unsupported UNet config: per-block cross_attention_dim '
+                     f'{config["cross_attention_dim"]!r}')
+  for key, allowed in (('down_block_types', _SUPPORTED_DOWN), ('up_block_types', _SUPPORTED_UP)):
+    for block in config.get(key, ()):
+      if block not in allowed:
+        raise ValueError(f'unsupported UNet block {block!r} in {key}')
+  mid = config.get('mid_block_type', 'UNetMidBlock2DCrossAttn')
+  if mid != 'UNetMidBlock2DCrossAttn':
+    raise ValueError(f'unsupported UNet mid_block_type {mid!r}')
+
+
 def _freeze(value):
   """Lists from JSON configs become tuples so the module stays hashable."""
   return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 class RealCustomUNet(nn.Module):
-  """SD 1.x/2.x UNet (diffusers' config fields) with a visual branch in every attn2.
+  """SD 1.x/2.x/XL UNet (diffusers' config fields) with a visual branch in every attn2.
 
   Construct it from a diffusers `unet/config.json` dict with `from_config`.
   """
@@ -280,13 +356,20 @@ class RealCustomUNet(nn.Module):
   only_cross_attention: Any = False
   block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
   layers_per_block: int = 2
-  # diffusers' naming quirk: for SD this is the number of HEADS per block.
+  # diffusers' naming quirk: this is the number of HEADS per block, for SD and SDXL alike
+  # (SDXL's (5, 10, 20) are 64-wide heads over 320/640/1280 channels).
   attention_head_dim: Any = 8
   cross_attention_dim: int = 768
   use_linear_projection: bool = False
   flip_sin_to_cos: bool = True
   freq_shift: int = 0
+  # Transformer blocks per Transformer2D, per down block; the up blocks mirror it and the
+  # mid block takes the last (SDXL: (1, 2, 10)).
   transformer_layers_per_block: Any = 1
+  # SDXL's added conditioning: None or 'text_time' (see `text_time_features`).
+  addition_embed_type: Optional[str] = None
+  addition_time_embed_dim: Optional[int] = None
+  projection_class_embeddings_input_dim: Optional[int] = None
   attention_impl: str = 'xla'
   mask_antialias: bool = False
   remat: bool = False
@@ -298,28 +381,21 @@ class RealCustomUNet(nn.Module):
     """Builds the UNet from a diffusers UNet config dict; unknown keys are ignored.
 
     Raises:
-      ValueError: for architectures this UNet does not implement (SDXL's added
-        embeddings, class embeddings, other block types).
+      ValueError: for architectures this UNet does not implement (class embeddings,
+        added embeddings other than SDXL's 'text_time', other block types, non-default
+        norms/activations/time embeddings, asymmetric transformer depths).
     """
     config = dict(config)
-    for key in ('addition_embed_type', 'class_embed_type', 'encoder_hid_dim',
-                'time_cond_proj_dim'):
-      if config.get(key) is not None:
-        raise ValueError(f'unsupported UNet config: {key}={config[key]!r} (SD 1.x/2.x only)')
-    if config.get('num_attention_heads') is not None:
-      raise ValueError('unsupported UNet config: num_attention_heads is set (SD 1.x/2.x '
-                       'configs use attention_head_dim)')
-    for key, allowed in (('down_block_types', _SUPPORTED_DOWN), ('up_block_types', _SUPPORTED_UP)):
-      for block in config.get(key, ()):
-        if block not in allowed:
-          raise ValueError(f'unsupported UNet block {block!r} in {key}')
-    mid = config.get('mid_block_type', 'UNetMidBlock2DCrossAttn')
-    if mid != 'UNetMidBlock2DCrossAttn':
-      raise ValueError(f'unsupported UNet mid_block_type {mid!r}')
+    check_config(config)
     fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
     kwargs = {k: _freeze(v) for k, v in config.items() if k in fields}
     kwargs.update(overrides)
     return cls(**kwargs)
+
+  @property
+  def has_added_cond(self) -> bool:
+    """Whether calls need `added_cond` (SDXL's pooled text + size/crop time ids)."""
+    return self.addition_embed_type is not None
 
   def _per_block(self, value) -> tuple:
     n = len(self.down_block_types)
@@ -348,12 +424,33 @@ class RealCustomUNet(nn.Module):
       height, width = (height + 1) // 2, (width + 1) // 2  # stride-2, pad-1 convs
     return height, width
 
+  def _check_added_cond(self, added_cond, batch: int) -> tuple[Array, Array]:
+    """(text_embeds (B, P), time_ids (B, n)) from `added_cond`, or a clear ValueError."""
+    if self.addition_embed_type not in _ADDITION_EMBED_TYPES:
+      raise ValueError(f'unsupported addition_embed_type={self.addition_embed_type!r}')
+    want = "added_cond={'text_embeds': (B, P), 'time_ids': (B, n)}"
+    if added_cond is None or set(added_cond) != {'text_embeds', 'time_ids'}:
+      got = None if added_cond is None else sorted(added_cond)
+      raise ValueError(f"this UNet has addition_embed_type='text_time' (SDXL): pass "
+                       f'{want}, got {got}')
+    text_embeds = jnp.asarray(added_cond['text_embeds'])
+    time_ids = jnp.asarray(added_cond['time_ids'])
+    width = text_embeds.shape[-1] + time_ids.shape[-1] * self.addition_time_embed_dim
+    if (text_embeds.ndim != 2 or time_ids.ndim != 2 or text_embeds.shape[0] != batch
+        or time_ids.shape[0] != batch or width != self.projection_class_embeddings_input_dim):
+      raise ValueError(
+          f'{want} with B={batch} and P + n * {self.addition_time_embed_dim} = '
+          f'{self.projection_class_embeddings_input_dim}, got text_embeds '
+          f'{text_embeds.shape} and time_ids {time_ids.shape}')
+    return text_embeds, time_ids
+
   @nn.compact
   def __call__(self, sample: Array, timesteps: Array, encoder_hidden_states: Array, *,
                visual_tokens: Optional[Array] = None,
                visual_token_mask: Optional[Array] = None,
                scope_mask: Optional[Array] = None,
-               word_weights: Optional[Array] = None) -> Array:
+               word_weights: Optional[Array] = None,
+               added_cond: Optional[Mapping[str, Array]] = None) -> Array:
     """Predicts the noise.
 
     Args:
@@ -366,9 +463,16 @@ class RealCustomUNet(nn.Module):
       scope_mask: (B, H0, W0) influence scope (Eq. 11) gating the visual output (Eq. 12).
       word_weights: (B, Nt) token weights of the target word; when given, every attn2
         sows its word map into the 'intermediates' collection (see `model.word_maps`).
+      added_cond: SDXL only (required there, refused elsewhere): {'text_embeds': (B, P)
+        pooled text embedding, 'time_ids': (B, n) size/crop micro-conditions},
+        diffusers' `added_cond_kwargs`.
 
     Returns:
       (B, C, H, W) predicted noise.
+
+    Raises:
+      ValueError: `added_cond` missing for an SDXL UNet, given to another one, or of
+        widths that do not add up to projection_class_embeddings_input_dim.
     """
     heads = self._per_block(self.attention_head_dim)
     depth = self._per_block(self.transformer_layers_per_block)
@@ -388,6 +492,14 @@ class RealCustomUNet(nn.Module):
       timesteps = jnp.broadcast_to(timesteps, (sample.shape[0],))
     temb = timestep_embedding(timesteps, channels[0], self.flip_sin_to_cos, self.freq_shift)
     temb = TimeEmbedding(channels[0] * 4, self.dtype, name='time_embedding')(temb)
+    if self.has_added_cond:
+      features = text_time_features(*self._check_added_cond(added_cond, sample.shape[0]),
+                                    self.addition_time_embed_dim, self.flip_sin_to_cos,
+                                    self.freq_shift)
+      temb = temb + TimeEmbedding(channels[0] * 4, self.dtype, name='add_embedding')(features)
+    elif added_cond is not None:
+      raise ValueError('added_cond was given, but this UNet has no added conditioning '
+                       '(addition_embed_type is None: an SD 1.x/2.x config)')
 
     x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
     x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,

@@ -1,4 +1,4 @@
-"""Torch-free loading of Stable Diffusion / CLIP weights, and adapter files.
+"""Torch-free loading of Stable Diffusion (1.x, 2.x, XL) / CLIP weights, and adapter files.
 
 Real checkpoints are read from local diffusers/transformers directories in the
 libraries' own on-disk formats. Safetensors and Flax msgpack files never need torch;
@@ -32,11 +32,13 @@ import transformers
 transformers.logging.set_verbosity_error()
 
 from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import unet as unet_lib
 
 from transformers import CLIPTextConfig
 from transformers import CLIPTokenizer
 from transformers import CLIPVisionConfig
 from transformers import FlaxCLIPTextModel
+from transformers import FlaxCLIPTextModelWithProjection
 from transformers import FlaxCLIPVisionModel
 from transformers import modeling_flax_pytorch_utils as transformers_convert
 
@@ -98,6 +100,43 @@ class StableDiffusionComponents:
   text_params: Params = dataclasses.field(repr=False)
   tokenizer: CLIPTokenizer
   scheduler_config: dict[str, Any]
+
+
+@dataclasses.dataclass
+class SDXLComponents:
+  """The frozen parts of an SDXL pipeline, as Flax modules + params.
+
+  Attributes:
+    unet_config: the UNet's config.json as a dict (lists turned into tuples, private
+      `_`-keys dropped); builds our RealCustomUNet.
+    unet_params: parameter tree in diffusers' FlaxUNet2DConditionModel layout
+      (with `add_embedding`).
+    vae: diffusers' FlaxAutoencoderKL module.
+    vae_params: its parameters.
+    vae_scale_factor: pixels per latent cell, 2 ** (len(block_out_channels) - 1).
+    scaling_factor: latent scale from the VAE config (SDXL: 0.13025).
+    text_encoder: FlaxCLIPTextModel of text_encoder/.
+    text_encoder_2: FlaxCLIPTextModel of text_encoder_2/ (its projection, when the
+      checkpoint has one, is kept apart in text_params).
+    text_params: {'text_encoder': ..., 'text_encoder_2': ...[, 'text_projection':
+      (c2, p) kernel]}, what `sdxl_text.encode` takes.
+    tokenizer: CLIPTokenizer of tokenizer/.
+    tokenizer_2: CLIPTokenizer of tokenizer_2/.
+    scheduler_config: scheduler/scheduler_config.json as a dict; None when the
+      directory has no scheduler/ (the release brings its own schedule).
+  """
+  unet_config: dict[str, Any]
+  unet_params: Params = dataclasses.field(repr=False)
+  vae: FlaxAutoencoderKL
+  vae_params: Params = dataclasses.field(repr=False)
+  vae_scale_factor: int
+  scaling_factor: float
+  text_encoder: FlaxCLIPTextModel
+  text_encoder_2: FlaxCLIPTextModel
+  text_params: Params = dataclasses.field(repr=False)
+  tokenizer: CLIPTokenizer
+  tokenizer_2: CLIPTokenizer
+  scheduler_config: dict[str, Any] | None
 
 
 @dataclasses.dataclass
@@ -288,23 +327,50 @@ def _as_tuples(value):
   return value
 
 
-def _check_unet_config(config: dict[str, Any], path: str) -> None:
-  """Refuses UNets that are not the plain text-conditioned SD 1.x / 2.x kind."""
+def _check_unet_config(config: dict[str, Any], path: str, sdxl: bool) -> None:
+  """Refuses UNets that are not the text-conditioned SD 1.x / 2.x (or SDXL) kind."""
   name = config.get('_class_name', 'UNet2DConditionModel')
   if name != 'UNet2DConditionModel':
     raise CheckpointError(f'{path}: _class_name {name!r} is not supported, expected '
-                          'UNet2DConditionModel (Stable Diffusion 1.x / 2.x)')
-  if config.get('addition_embed_type') is not None:
+                          'UNet2DConditionModel (Stable Diffusion 1.x / 2.x / XL)')
+  kind = config.get('addition_embed_type')
+  if kind not in (None, 'text_time'):
+    raise CheckpointError(f'{path}: addition_embed_type={kind!r} is not supported (only '
+                          "None, SD 1.x / 2.x, and 'text_time', SDXL)")
+  if sdxl and kind != 'text_time':
     raise CheckpointError(
-        f'{path}: addition_embed_type={config["addition_embed_type"]!r} (SDXL-style '
-        'UNet) is not supported; use a Stable Diffusion 1.x / 2.x checkpoint')
+        f"{path}: addition_embed_type={kind!r}, not SDXL's 'text_time': load a Stable "
+        'Diffusion 1.x / 2.x directory with load_stable_diffusion')
+  if not sdxl and kind is not None:
+    raise CheckpointError(
+        f"{path}: addition_embed_type='text_time' is an SDXL UNet: load the directory "
+        'with load_sdxl')
   if config.get('in_channels', 4) != 4:
     raise CheckpointError(
         f'{path}: in_channels={config["in_channels"]} (inpainting/depth UNet) is not '
         'supported; RealCustom needs a text-to-image UNet with 4 latent channels')
-  if not isinstance(config.get('cross_attention_dim', 1280), int):
-    raise CheckpointError(f'{path}: per-block cross_attention_dim '
-                          f'{config["cross_attention_dim"]} is not supported')
+  try:
+    unet_lib.check_config(config)  # the architecture our UNet builds
+  except ValueError as e:
+    raise CheckpointError(f'{path}: {e}') from None
+
+
+def _load_unet(unet_dir: str, allow_pickle: bool, dtype, sdxl: bool) -> tuple[dict, Params]:
+  """(config dict, params) of a diffusers `unet/` folder."""
+  raw = _read_json(os.path.join(unet_dir, 'config.json'))
+  _check_unet_config(raw, os.path.join(unet_dir, 'config.json'), sdxl)
+  unet_config = {k: _as_tuples(v) for k, v in raw.items() if not k.startswith('_')}
+  unet = FlaxUNet2DConditionModel.from_config(unet_config)
+  return unet_config, _load_diffusers_params(unet, unet_dir, allow_pickle, dtype)
+
+
+def _load_vae(vae_dir: str, allow_pickle: bool, dtype) -> tuple[FlaxAutoencoderKL, Params,
+                                                                 dict]:
+  """(module, params, raw config) of a diffusers `vae/` folder."""
+  vae_config = _read_json(os.path.join(vae_dir, 'config.json'))
+  vae = FlaxAutoencoderKL.from_config(
+      {k: _as_tuples(v) for k, v in vae_config.items() if not k.startswith('_')})
+  return vae, _load_diffusers_params(vae, vae_dir, allow_pickle, dtype), vae_config
 
 
 # ---------------------------------------------------------------------------------
@@ -312,13 +378,17 @@ def _check_unet_config(config: dict[str, Any], path: str) -> None:
 # ---------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str) -> CLIPTokenizer:
-  """The CLIP tokenizer of a diffusers SD directory (`tokenizer/`), cheap to read.
+def load_tokenizer(path: str, subfolder: str = 'tokenizer') -> CLIPTokenizer:
+  """A CLIP tokenizer of a diffusers SD directory (`tokenizer/`), cheap to read.
+
+  Args:
+    path: the diffusers directory.
+    subfolder: 'tokenizer', or SDXL's 'tokenizer_2'.
 
   Raises:
     CheckpointError: a missing directory or tokenizer file.
   """
-  tok_dir = _subfolder(path, 'tokenizer')
+  tok_dir = _subfolder(path, subfolder)
   for name in ('vocab.json', 'merges.txt'):
     if not os.path.isfile(os.path.join(tok_dir, name)):
       raise CheckpointError(f'tokenizer file {os.path.join(tok_dir, name)} is missing')
@@ -347,18 +417,10 @@ def load_stable_diffusion(path: str, allow_pickle: bool = False,
 
   # ---- UNet ----
   unet_dir = _subfolder(path, 'unet')
-  raw = _read_json(os.path.join(unet_dir, 'config.json'))
-  _check_unet_config(raw, os.path.join(unet_dir, 'config.json'))
-  unet_config = {k: _as_tuples(v) for k, v in raw.items() if not k.startswith('_')}
-  unet = FlaxUNet2DConditionModel.from_config(unet_config)
-  unet_params = _load_diffusers_params(unet, unet_dir, allow_pickle, dtype)
+  unet_config, unet_params = _load_unet(unet_dir, allow_pickle, dtype, sdxl=False)
 
   # ---- VAE ----
-  vae_dir = _subfolder(path, 'vae')
-  vae_config = _read_json(os.path.join(vae_dir, 'config.json'))
-  vae = FlaxAutoencoderKL.from_config(
-      {k: _as_tuples(v) for k, v in vae_config.items() if not k.startswith('_')})
-  vae_params = _load_diffusers_params(vae, vae_dir, allow_pickle, dtype)
+  vae, vae_params, vae_config = _load_vae(_subfolder(path, 'vae'), allow_pickle, dtype)
 
   # ---- Text encoder and tokenizer ----
   text_dir = _subfolder(path, 'text_encoder')
@@ -389,6 +451,122 @@ def load_stable_diffusion(path: str, allow_pickle: bool = False,
       tokenizer=tokenizer,
       scheduler_config=scheduler_config,
   )
+
+
+def load_sdxl(path: str, allow_pickle: bool = False, dtype=jnp.float32) -> SDXLComponents:
+  """Loads a local diffusers-format SDXL directory without torch.
+
+  Args:
+    path: directory with unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
+      tokenizer_2/ and optionally scheduler/.
+    allow_pickle: also accept torch `.bin` weights (needs torch; unpickling runs code).
+    dtype: cast floating parameters to this dtype; None keeps the files' dtypes.
+
+  Returns:
+    The SDXLComponents.
+
+  Raises:
+    CheckpointError: (a ValueError, one line naming the file) for a missing directory,
+      subfolder, config, weights or tokenizer file, pickle weights without
+      `allow_pickle`, a UNet that is not SDXL-shaped, or text widths that do not add up
+      to the UNet's conditioning widths.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f'SDXL directory {path} does not exist')
+  names = ('unet', 'vae', 'text_encoder', 'text_encoder_2', 'tokenizer', 'tokenizer_2')
+  for name in names:
+    if not os.path.isdir(os.path.join(path, name)):
+      raise CheckpointError(
+          f'{path} has no {name}/ subfolder: expected a diffusers-format SDXL directory '
+          f'({", ".join(n + "/" for n in names)})')
+  # An SD 1.x / 2.x directory is told so before anything is loaded.
+  unet_dir = os.path.join(path, 'unet')
+  unet_json = os.path.join(unet_dir, 'config.json')
+  raw_unet = _read_json(unet_json)
+  _check_unet_config(raw_unet, unet_json, sdxl=True)
+
+  # ---- Text encoders and tokenizers ----
+  tokenizer = load_tokenizer(path, 'tokenizer')
+  tokenizer_2 = load_tokenizer(path, 'tokenizer_2')
+  text_encoder, params_1, _ = load_text_encoder(
+      os.path.join(path, 'text_encoder'), allow_pickle, dtype)
+  text_encoder_2, params_2, projection = load_text_encoder(
+      os.path.join(path, 'text_encoder_2'), allow_pickle, dtype)
+  text_params = {'text_encoder': params_1, 'text_encoder_2': params_2}
+  if projection is not None:
+    text_params['text_projection'] = projection
+
+  # ---- UNet: it must take what the text encoders give ----
+  widths = (text_encoder.config.hidden_size, text_encoder_2.config.hidden_size)
+  cross = raw_unet.get('cross_attention_dim')
+  if sum(widths) != cross:
+    raise CheckpointError(
+        f'{unet_json}: cross_attention_dim {cross} is not the sum of the text encoders\' '
+        f'hidden sizes {widths[0]} + {widths[1]}')
+  pooled = (raw_unet['projection_class_embeddings_input_dim']
+            - 6 * raw_unet['addition_time_embed_dim'])
+  if pooled != widths[1]:
+    raise CheckpointError(
+        f'{unet_json}: the UNet takes a {pooled}-wide pooled text embedding beside 6 time '
+        f'ids, text_encoder_2 gives {widths[1]}')
+  unet_config, unet_params = _load_unet(unet_dir, allow_pickle, dtype, sdxl=True)
+
+  # ---- VAE ----
+  vae, vae_params, vae_config = _load_vae(os.path.join(path, 'vae'), allow_pickle, dtype)
+
+  # ---- Scheduler (optional) ----
+  sched_path = os.path.join(path, 'scheduler', 'scheduler_config.json')
+  scheduler_config = _read_json(sched_path) if os.path.isfile(sched_path) else None
+
+  return SDXLComponents(
+      unet_config=unet_config,
+      unet_params=unet_params,
+      vae=vae,
+      vae_params=vae_params,
+      vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+      scaling_factor=float(vae_config.get('scaling_factor', 0.13025)),
+      text_encoder=text_encoder,
+      text_encoder_2=text_encoder_2,
+      text_params=text_params,
+      tokenizer=tokenizer,
+      tokenizer_2=tokenizer_2,
+      scheduler_config=scheduler_config,
+  )
+
+
+def load_text_encoder(text_dir: str, allow_pickle: bool = False, dtype=jnp.float32
+                      ) -> tuple[FlaxCLIPTextModel, Params, Any]:
+  """Loads a transformers CLIP text model folder without torch.
+
+  A CLIPTextModelWithProjection checkpoint (SDXL's text_encoder_2/) is read whole, its
+  projection split off: the encoder itself then runs as the plain CLIPTextModel the
+  RealCustom release uses.
+
+  Args:
+    text_dir: folder with config.json and weights (CLIPTextModel or
+      CLIPTextModelWithProjection).
+    allow_pickle: also accept `pytorch_model.bin` (needs torch).
+    dtype: cast floating parameters to this dtype; None keeps the file's dtypes.
+
+  Returns:
+    (FlaxCLIPTextModel, its params {'text_model': ...}, the (hidden, projection_dim)
+    text_projection kernel or None).
+
+  Raises:
+    CheckpointError: a missing config or weights file, or weights that do not fit.
+  """
+  config_path = os.path.join(text_dir, 'config.json')
+  architectures = _read_json(config_path).get('architectures') or []
+  config = CLIPTextConfig.from_pretrained(text_dir)
+  if 'CLIPTextModelWithProjection' in architectures:
+    tree = _load_transformers_params(FlaxCLIPTextModelWithProjection(config, _do_init=False),
+                                     text_dir, allow_pickle, dtype)
+    projection = tree['text_projection']['kernel']
+  else:
+    tree, projection = _load_transformers_params(
+        FlaxCLIPTextModel(config, _do_init=False), text_dir, allow_pickle, dtype), None
+  return FlaxCLIPTextModel(config, _do_init=False), {'text_model': tree['text_model']}, projection
 
 
 def _size_of(value, key: str) -> int | None:

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from diffusers import FlaxUNet2DConditionModel
+from flax import traverse_util
 
 from realcustom_jax import attention
 from realcustom_jax import weights
 from realcustom_jax.unet import RealCustomUNet
-from tests.unet_configs import SD1_LIKE, SD2_LIKE
+from tests.unet_configs import SD1_LIKE, SD2_LIKE, SDXL_BASE, SDXL_LIKE, SDXL_POOLED_DIM
 
 N_TEXT, N_IMAGE = 7, 5
 
@@ -227,10 +228,137 @@ def test_unknown_numerics_is_refused():
 
 
 @pytest.mark.parametrize('bad, message', [
-    (dict(addition_embed_type='text_time'), 'addition_embed_type'),
+    (dict(addition_embed_type='text'), 'addition_embed_type'),
+    (dict(addition_embed_type='text_time'), 'addition_time_embed_dim'),
+    (dict(class_embed_type='timestep'), 'class_embed_type'),
+    (dict(resnet_time_scale_shift='scale_shift'), 'resnet_time_scale_shift'),
+    (dict(num_attention_heads=(2, 4)), 'num_attention_heads'),
+    (dict(transformer_layers_per_block=((1, 2), (1, 1))), 'per-layer'),
+    (dict(reverse_transformer_layers_per_block=((1, 1), (1, 1))),
+     'reverse_transformer_layers_per_block'),
     (dict(down_block_types=('CrossAttnDownBlock2D', 'AttnDownBlock2D')), 'AttnDownBlock2D'),
     (dict(mid_block_type='UNetMidBlock2DSimpleCrossAttn'), 'mid_block_type'),
 ])
 def test_unsupported_configs_are_refused(bad, message):
   with pytest.raises(ValueError, match=message):
     RealCustomUNet.from_config({**SD1_LIKE, **bad})
+
+
+# ---------------------------------------------------------------------------------
+# SDXL: added 'text_time' conditioning and per-block transformer depth
+# ---------------------------------------------------------------------------------
+
+
+def _sdxl_cond(seed=4):
+  """Pooled text embeddings and size/crop time ids, distinct per sample (NumPy: no
+  eager JAX op to compile)."""
+  text_embeds = np.random.default_rng(seed).standard_normal((2, SDXL_POOLED_DIM))
+  time_ids = np.array([[1024, 768, 0, 0, 1024, 768], [512, 640, 16, 32, 768, 1024]])
+  return dict(text_embeds=text_embeds.astype(np.float32), time_ids=time_ids.astype(np.float32))
+
+
+def test_sdxl_parameter_tree_matches_diffusers():
+  cfg = SDXL_LIKE
+  x, t, ctx, vis = _inputs(cfg)
+  ours = RealCustomUNet.from_config(cfg)
+  ref = jax.eval_shape(FlaxUNet2DConditionModel(**cfg).init_weights, jax.random.PRNGKey(0))
+  full = jax.eval_shape(ours.init, jax.random.PRNGKey(0), x, t, ctx, visual_tokens=vis,
+                        added_cond=_sdxl_cond())['params']
+  flat = traverse_util.flatten_dict(full)
+  visual = {k for k in flat if k[-2] in ('to_k_visual', 'to_v_visual')}
+  text_only = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in visual})
+  assert jax.tree_util.tree_structure(text_only) == jax.tree_util.tree_structure(ref)
+  chex.assert_trees_all_equal_shapes(text_only, ref)
+  assert text_only['add_embedding']['linear_1']['kernel'].shape == (20 + 6 * 8, 4 * 32)
+  # Depth 1 / 2 at the two attention levels, mirrored in the up blocks, 2 in the mid
+  # block, one attn2 (one visual K/V pair) per transformer block: 1 + 2 (down) +
+  # 2 * 2 + 2 * 1 (up) + 2 (mid).
+  up_0 = text_only['up_blocks_0']['attentions_0']
+  assert sorted(k for k in up_0 if k.startswith('transformer_blocks')) == [
+      'transformer_blocks_0', 'transformer_blocks_1']
+  assert len(visual) // 2 == ours.num_cross_attention_layers == 11
+  assert ours.word_map_size(8, 8) == (4, 4)  # the first level has no cross-attention
+
+
+def test_sdxl_base_config_builds_with_the_release_layer_count():
+  """The real SDXL config is accepted as written; 70 attn2 layers, as the release counts."""
+  unet = RealCustomUNet.from_config(SDXL_BASE)
+  assert unet.transformer_layers_per_block == (1, 2, 10)
+  assert unet.has_added_cond and unet.addition_time_embed_dim == 256
+  # 2 x 2 + 2 x 10 (down) + 10 (mid) + 3 x 10 + 3 x 2 (up). The release numbers its
+  # transformer blocks with a `cross_attention_id` counter; its saved config holds 70.
+  assert unet.num_cross_attention_layers == 70
+  assert unet.word_map_size(128, 96) == (64, 48)  # 1024 x 768 px: no attention at 128 x 96
+
+
+@pytest.fixture(scope='module')
+def sdxl_torch(tmp_path_factory):
+  """A random torch SDXL-shaped UNet, saved and read back through our loader."""
+  torch = pytest.importorskip('torch')
+  from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  cfg = SDXL_LIKE
+  torch.manual_seed(0)
+  ref = UNet2DConditionModel(**cfg).eval()
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  folder = str(tmp_path_factory.mktemp('sdxl_unet'))
+  ref.save_pretrained(folder, safe_serialization=True)
+  params = weights._load_diffusers_params(  # pylint: disable=protected-access
+      FlaxUNet2DConditionModel.from_config(cfg), folder, False, jnp.float32)
+  ours = RealCustomUNet.from_config(cfg)
+  x, t, ctx, _ = _inputs(cfg)
+  run = jax.jit(lambda p, cond: ours.apply({'params': p}, x, t, ctx, added_cond=cond))
+
+  def torch_run(cond):
+    as_torch = lambda a: torch.from_numpy(np.array(a))
+    with torch.no_grad():
+      return ref(as_torch(x), as_torch(t), as_torch(ctx),
+                 added_cond_kwargs={k: as_torch(v) for k, v in cond.items()}).sample.numpy()
+
+  return params, lambda cond: np.asarray(run(params, cond)), torch_run
+
+
+def test_sdxl_matches_diffusers_torch_unet(sdxl_torch):
+  """SDXL weights travel as real ones do: torch safetensors, our torch-free loader."""
+  _, ours, torch_run = sdxl_torch
+  cond = _sdxl_cond()
+  want = torch_run(cond)
+  diff = np.abs(ours(cond) - want).max()
+  print(f'SDXL torch parity: {diff:.2e}, output max {np.abs(want).max():.2f}')
+  assert np.abs(want).max() > 0.1
+  assert diff <= 5e-6, diff
+
+
+def test_sdxl_added_conditioning_changes_the_output(sdxl_torch):
+  _, ours, torch_run = sdxl_torch
+  cond = _sdxl_cond()
+  base = ours(cond)
+  other_size = dict(cond, time_ids=cond['time_ids'] + np.array([256, 0, 0, 0, 0, 0],
+                                                               np.float32))
+  other_text = dict(cond, text_embeds=-cond['text_embeds'])
+  for changed in (other_size, other_text):
+    got = ours(changed)
+    assert np.abs(got - base).max() > 1e-3
+    assert np.abs(got - torch_run(changed)).max() <= 5e-6  # ... and the change is right
+
+
+def test_sdxl_bad_added_conditioning_is_refused():
+  x, t, ctx, _ = _inputs(SDXL_LIKE)
+  sdxl = RealCustomUNet.from_config(SDXL_LIKE)
+  params = jax.eval_shape(sdxl.init, jax.random.PRNGKey(0), x, t, ctx,
+                          added_cond=_sdxl_cond())['params']
+  call = lambda model, p, **kw: jax.eval_shape(
+      lambda p: model.apply({'params': p}, x, t, ctx, **kw), p)
+  with pytest.raises(ValueError, match="addition_embed_type='text_time'.*text_embeds"):
+    call(sdxl, params)
+  with pytest.raises(ValueError, match="text_embeds.*time_ids"):
+    call(sdxl, params, added_cond={'text_embeds': _sdxl_cond()['text_embeds']})
+  with pytest.raises(ValueError, match=r'text_embeds \(2, 19\)'):
+    call(sdxl, params, added_cond=dict(_sdxl_cond(), text_embeds=jnp.zeros((2, 19))))
+  with pytest.raises(ValueError, match=r'time_ids \(6,\)'):  # unbatched
+    call(sdxl, params, added_cond=dict(_sdxl_cond(), time_ids=jnp.zeros(6)))
+  sd1 = RealCustomUNet.from_config(SD1_LIKE)
+  sd1_params = jax.eval_shape(sd1.init, jax.random.PRNGKey(0), x, t, ctx)['params']
+  with pytest.raises(ValueError, match='no added conditioning'):
+    call(sd1, sd1_params, added_cond=_sdxl_cond())

@@ -14,15 +14,21 @@ import ml_dtypes
 import numpy as np
 import pytest
 from realcustom_jax import encoders
+from realcustom_jax import sdxl_text
 from realcustom_jax import testing
 from realcustom_jax import tiny
 from realcustom_jax import weights
+from realcustom_jax.unet import RealCustomUNet
 
-torch = pytest.importorskip('torch')
+try:
+  import torch  # pylint: disable=g-import-not-at-top
+except ImportError:  # the SD tests compare with torch; the SDXL ones need none
+  torch = None
 
 
 @pytest.fixture(scope='module')
 def saved(tmp_path_factory):
+  pytest.importorskip('torch')
   config = tiny_config.get_config()
   sd_dir, vision_dir = testing.save_tiny_pretrained(str(tmp_path_factory.mktemp('tiny')), config)
   return dict(
@@ -156,8 +162,10 @@ def test_missing_weights_file_names_expected_files(sd_copy):
 
 
 @pytest.mark.parametrize('change, message', [
-    ({'addition_embed_type': 'text_time'}, 'addition_embed_type.*SDXL'),
+    ({'addition_embed_type': 'text_time'}, 'SDXL UNet: load the directory with load_sdxl'),
+    ({'addition_embed_type': 'image'}, "addition_embed_type='image' is not supported"),
     ({'in_channels': 9}, 'in_channels=9'),
+    ({'resnet_time_scale_shift': 'scale_shift'}, 'resnet_time_scale_shift'),
 ])
 def test_unsupported_unet_refused(sd_copy, change, message):
   path = sd_copy / 'unet' / 'config.json'
@@ -201,3 +209,89 @@ def test_adapter_path_must_be_safetensors(tmp_path):
     weights.save_adapter(tmp_path / 'adapter.npz', {'a': np.zeros(2)})
   with pytest.raises(ValueError, match=r'adapter\.ckpt must end in \.safetensors'):
     weights.load_adapter(tmp_path / 'adapter.ckpt')
+
+
+# ---------------------------------------------------------------------------------
+# SDXL directories
+# ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def sdxl_dir(tmp_path_factory):
+  return tiny.write_tiny_sdxl(str(tmp_path_factory.mktemp('tiny_sdxl') / 'sdxl'))
+
+
+@pytest.fixture
+def sdxl_copy(sdxl_dir, tmp_path):
+  """A throw-away copy of the tiny SDXL directory to break on purpose."""
+  return shutil.copytree(sdxl_dir, tmp_path / 'sdxl')
+
+
+def test_sdxl_directory_loads_and_runs_end_to_end(sdxl_dir):
+  sd = weights.load_sdxl(sdxl_dir)
+  assert sd.scaling_factor == pytest.approx(0.13025) and sd.vae_scale_factor == 2
+  assert sd.scheduler_config['_class_name'] == 'EulerDiscreteScheduler'
+  assert (sd.tokenizer.pad_token, sd.tokenizer_2.pad_token) == (tiny.EOS, '!')
+  unet = FlaxUNet2DConditionModel.from_config(sd.unet_config)
+  want = _flat(jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)))
+  got = _flat(sd.unet_params)
+  assert set(got) == set(want) and ('add_embedding', 'linear_1', 'kernel') in got
+  assert all(got[k].shape == v.shape for k, v in want.items())
+  assert sd.text_params['text_projection'].shape == (20, 20)
+
+  prompts = ['a red toy on the beach', 'a photo of a dog']
+  ids, ids_2 = sdxl_text.tokenize(sd.tokenizer, sd.tokenizer_2, prompts)
+  model = RealCustomUNet.from_config(sd.unet_config)
+  latents = np.ones((2, 4, 8, 8), np.float32)  # the same: rows differ only by their prompt
+  time_ids = np.stack([sdxl_text.release_time_ids(16, 16)] * 2)
+
+  @jax.jit
+  def run(text_params, unet_params):
+    context, pooled = sdxl_text.encode(sd.text_encoder, sd.text_encoder_2, text_params, ids,
+                                       ids_2)
+    return context, pooled, model.apply(
+        {'params': unet_params}, latents, np.array([500, 500]), context,
+        added_cond=dict(text_embeds=pooled, time_ids=time_ids))
+
+  context, pooled, out = run(sd.text_params, sd.unet_params)
+  assert context.shape == (2, 77, 32) and pooled.shape == (2, 20)
+  assert out.shape == (2, 4, 8, 8) and bool(jnp.isfinite(out).all())
+  assert float(jnp.abs(out[0] - out[1]).max()) > 1e-4
+
+
+@pytest.mark.parametrize('remove, message', [
+    ('text_encoder_2', r'has no text_encoder_2/ subfolder'),
+    ('tokenizer_2/merges.txt', r'tokenizer file .*tokenizer_2/merges\.txt is missing'),
+    ('text_encoder/config.json', r'missing config file .*text_encoder/config\.json'),
+    ('unet/config.json', r'missing config file .*unet/config\.json'),
+    ('text_encoder_2/flax_model.msgpack', r'no weights file in .*text_encoder_2: expected'),
+    ('vae/diffusion_flax_model.msgpack', r'no weights file in .*vae: expected'),
+])
+def test_sdxl_missing_file_is_named(sdxl_copy, remove, message):
+  target = sdxl_copy / remove
+  if target.is_dir():
+    shutil.rmtree(target)
+  else:
+    os.remove(target)
+  with pytest.raises(weights.CheckpointError, match=message) as e:
+    weights.load_sdxl(sdxl_copy)
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'addition_embed_type': None}, 'load_stable_diffusion'),
+    ({'cross_attention_dim': 48}, r'cross_attention_dim 48 is not the sum .* 12 \+ 20'),
+    ({'projection_class_embeddings_input_dim': 24 + 6 * 8}, '24-wide pooled'),
+    ({'addition_time_embed_dim': None}, 'integer addition_time_embed_dim'),
+])
+def test_sdxl_unet_config_not_fitting_is_refused(sdxl_copy, change, message):
+  path = sdxl_copy / 'unet' / 'config.json'
+  testing.write_json(path, {**json.loads(path.read_text()), **change})
+  with pytest.raises(weights.CheckpointError, match=message):
+    weights.load_sdxl(sdxl_copy)
+
+
+def test_sdxl_directory_refused_by_the_sd_loader(sdxl_dir):
+  with pytest.raises(weights.CheckpointError, match='SDXL UNet: load the directory with '
+                     'load_sdxl'):
+    weights.load_stable_diffusion(sdxl_dir)
