@@ -2,6 +2,11 @@
 
 Everything else (the pretrained UNet) stays frozen. Trees are plain nested dicts keyed
 like flax params; paths are tuples of keys.
+
+Two kinds of adapter files exist, told apart by their metadata ('adapter_kind'):
+'paper', trained here (scoring, visual_proj, visual K/V), and 'release_highres', the
+authors' released RealCustom_highres weights converted by `sample.convert_release`
+(subject_projector, visual K/V). Neither loads into the other's model.
 """
 from typing import Any, Mapping
 
@@ -9,7 +14,19 @@ import jax
 import numpy as np
 
 VISUAL_KV = ('to_k_visual', 'to_v_visual')
-ADAPTER_MODULES = ('scoring', 'visual_proj')
+# 'subject_projector': the release's projector (model.RealCustom, projector='release_highres').
+ADAPTER_MODULES = ('scoring', 'visual_proj', 'subject_projector')
+
+PAPER_KIND = 'paper'
+RELEASE_KIND = 'release_highres'
+_KINDS = {
+    PAPER_KIND: "a paper adapter (trained here; config.model.projector='paper')",
+    RELEASE_KIND: ("the authors' released RealCustom_highres adapter (from "
+                   "sample.convert_release; config.model.projector='release_highres')"),
+}
+# The release adapter's layout, written in place of the paper's layout number: a reader
+# that knows only layout numbers refuses it (see `check_layout`).
+RELEASE_LAYOUT = 'release_highres/1'
 
 # What the adapter's parameters mean, written into checkpoints and exported files.
 # Layout 1 applied Eq. 9 to the CLIP tokens *before* the visual projection, whose
@@ -26,6 +43,9 @@ def check_layout(layout, what: str) -> None:
     layout: the stored layout number (int or str), None when the file predates it.
     what: the file or directory, for the message.
   """
+  if str(layout).startswith(RELEASE_KIND):
+    raise ValueError(f'{what} holds {_KINDS[RELEASE_KIND]}; this model needs '
+                     f'{_KINDS[PAPER_KIND]}')
   try:
     layout = 1 if layout is None else int(layout)
   except (TypeError, ValueError):
@@ -35,6 +55,29 @@ def check_layout(layout, what: str) -> None:
         f'{what} holds an adapter of layout {layout} '
         f'({_LAYOUTS.get(layout, "unknown")}); this version needs layout {ADAPTER_LAYOUT} '
         f'({_LAYOUTS[ADAPTER_LAYOUT]}): retrain the adapter')
+
+
+def check_adapter_metadata(metadata: Mapping[str, str], what: str,
+                           kind: str = PAPER_KIND) -> None:
+  """ValueError (one line) unless the file's metadata says it is a `kind` adapter of
+  the layout this version reads.
+
+  Args:
+    metadata: the safetensors metadata (`weights.load_adapter_metadata`); files
+      without 'adapter_kind' are paper adapters.
+    what: the file, for the message.
+    kind: PAPER_KIND or RELEASE_KIND, what the model needs.
+  """
+  got = metadata.get('adapter_kind', PAPER_KIND)
+  if got not in _KINDS:
+    raise ValueError(f'{what}: unknown adapter kind {got!r} (known: {", ".join(_KINDS)})')
+  if got != kind:
+    raise ValueError(f'{what} holds {_KINDS[got]}; this model needs {_KINDS[kind]}')
+  if kind == PAPER_KIND:
+    check_layout(metadata.get('adapter_layout'), what)
+  elif metadata.get('adapter_layout') != RELEASE_LAYOUT:
+    raise ValueError(f'{what}: release adapter layout {metadata.get("adapter_layout")!r}, '
+                     f'this version reads {RELEASE_LAYOUT!r}: convert the .pth again')
 
 
 def is_adapter_path(path: tuple[str, ...]) -> bool:

@@ -12,6 +12,11 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+# The collection every self-attention layer sows its (B, heads, N, N) probabilities into,
+# only when the caller makes it mutable (the release's self-map mask refinement): other
+# calls neither store nor, with cuDNN attention, compute them.
+SELF_ATTENTION_MAPS = 'self_attention_maps'
+
 
 def _split_heads(x: Array, heads: int) -> Array:
   """(B, N, H*D) -> (B, H, N, D)."""
@@ -141,16 +146,51 @@ def word_attention_map(probs: Array, word_weights: Array, height: int, width: in
   Args:
     probs: (B, H, h*w, Nt) text attention probabilities (softmax over all Nt tokens).
     word_weights: (B, Nt), 1 at each token index of the word (every BPE piece of every
-      occurrence), 0 elsewhere.
+      occurrence), 0 elsewhere; or (B, R, Nt), one word per reference subject.
     height: h.
     width: w.
 
   Returns:
-    (B, h, w) float32 map.
+    (B, h, w) float32 map, or (B, R, h, w) with per-reference weights.
   """
   per_token = probs.mean(axis=1)
+  if word_weights.ndim == 3:
+    m = jnp.einsum('bqk,brk->brq', per_token, word_weights.astype(per_token.dtype))
+    return m.reshape(m.shape[:2] + (height, width))
   m = jnp.einsum('bqk,bk->bq', per_token, word_weights.astype(per_token.dtype))
   return m.reshape(m.shape[0], height, width)
+
+
+def multi_reference_visual_attention(q: Array, k_visual: Array, v_visual: Array,
+                                     token_mask: Optional[Array], scope: Optional[Array],
+                                     height: int, width: int,
+                                     antialias: bool = False) -> Array:
+  """Several reference subjects: each attends alone, is gated by its own scope, summed.
+
+  What the release's processor does with `multiple_reference_image` (one softmax per
+  reference, not one over all references' tokens).
+
+  Args:
+    q: (B, H, Nq, D) queries.
+    k_visual: (B, R, H, Ni, D) visual keys of the R references.
+    v_visual: (B, R, H, Ni, D) visual values.
+    token_mask: optional (B, R, Ni) bool, the selected tokens of each reference.
+    scope: optional (B, R, H0, W0) per-reference influence scopes.
+    height: the layer's h.
+    width: the layer's w.
+    antialias: see `resize_scope`.
+
+  Returns:
+    (B, Nq, H*D) the summed, gated visual output (heads merged).
+  """
+  total = 0.0
+  for r in range(k_visual.shape[1]):
+    out = _merge_heads(visual_cross_attention(
+        q, k_visual[:, r], v_visual[:, r], None if token_mask is None else token_mask[:, r]))
+    if scope is not None:
+      out = gate_by_scope(out, scope[:, r], height, width, antialias)
+    total = total + out
+  return total
 
 
 class Attention(nn.Module):
@@ -182,15 +222,23 @@ class Attention(nn.Module):
                visual_token_mask: Optional[Array] = None,
                scope_mask: Optional[Array] = None,
                word_weights: Optional[Array] = None) -> Array:
+    """One attention layer.
+
+    `visual_tokens` (B, Ni, c) is one subject; (B, R, Ni, c) is R reference subjects,
+    with `visual_token_mask` (B, R, Ni) and `scope_mask` (B, R, H0, W0) per reference
+    (see `multi_reference_visual_attention`). `word_weights` (B, Nt) sows one word map,
+    (B, R, Nt) one per reference.
+    """
     inner = self.heads * self.dim_head
     dense = lambda name, bias=False: nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=name)
+    is_self = context is None  # attn1 of an only_cross_attention block is not
     context = hidden_states if context is None else context
     q = dense('to_q')(hidden_states)
     k = dense('to_k')(context)
     v = dense('to_v')(context)
 
     if not self.is_cross:
-      out = self._self_attention(q, k, v)
+      out = self._self_attention(q, k, v, sow=is_self)
     else:
       qh = _split_heads(q, self.heads)
       text_out, probs = text_cross_attention(qh, _split_heads(k, self.heads),
@@ -199,7 +247,13 @@ class Attention(nn.Module):
       if word_weights is not None:
         self.sow('intermediates', 'word_map',
                  word_attention_map(probs, word_weights, *spatial))
-      if visual_tokens is not None:
+      if visual_tokens is not None and visual_tokens.ndim == 4:
+        split = lambda x: jax.vmap(_split_heads, (1, None), 1)(x, self.heads)
+        out = out + multi_reference_visual_attention(
+            qh, split(dense('to_k_visual')(visual_tokens)),
+            split(dense('to_v_visual')(visual_tokens)), visual_token_mask, scope_mask,
+            *spatial, antialias=self.mask_antialias)
+      elif visual_tokens is not None:
         k_vis = dense('to_k_visual')(visual_tokens)
         v_vis = dense('to_v_visual')(visual_tokens)
         vis = _merge_heads(visual_cross_attention(
@@ -210,11 +264,15 @@ class Attention(nn.Module):
         out = out + vis
     return nn.Dense(self.query_dim, dtype=self.dtype, name='to_out_0')(out)
 
-  def _self_attention(self, q: Array, k: Array, v: Array) -> Array:
+  def _self_attention(self, q: Array, k: Array, v: Array, sow: bool = False) -> Array:
     impl = self_attention_impl(self.attention_impl, self.dim_head)
-    if impl == 'xla':
+    sow = sow and self.is_mutable_collection(SELF_ATTENTION_MAPS)
+    if impl == 'xla' or sow:
       qh, kh, vh = (_split_heads(x, self.heads) for x in (q, k, v))
       probs = attention_probs(qh, kh)
+      if sow:
+        self.sow(SELF_ATTENTION_MAPS, 'self_map', probs)
+    if impl == 'xla':
       return _merge_heads(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(vh.dtype), vh))
     b, n, _ = q.shape
     shape = (b, n, self.heads, self.dim_head)

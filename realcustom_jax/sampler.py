@@ -9,6 +9,27 @@ The whole loop is one `lax.scan` whose carry holds z_t and the latest scope. The
 scales and both gammas travel as one `GuidanceSettings` pytree, traced, so changing them
 never recompiles.
 
+The authors' release (github.com/bytedance/RealCustom) samples differently, and
+`GuidanceSettings` selects its parts:
+  - `mask_strategy`: 'paper' (Eq. 11) or a tuple of the release's mask modes
+    (`release_mask`, e.g. ('max_norm',)); `gamma_scope` is the release's `mask_scope`.
+  - `guidance_mode='release'`: two branches, eps = eps_u + w_i (eps_TI2I - eps_u), whose
+    unconditional branch also has the visual input (the encoded negative image,
+    `uncond_image_feats`) gated by the same mask, both in ONE batched call. The T2I call
+    then serves the mask alone.
+  - `mask_reused_step=N`: from step N on, the mask of step N-1 is reused. With release
+    guidance the T2I mask pass sits in a `lax.cond` inside the scan and is skipped at
+    run time (one UNet call of B rows less per step); with paper guidance Eq. 13 needs
+    the T2I prediction every step, so only the mask is reused and no call is saved.
+Several reference subjects (the release's `multiple_reference_image`): (B, R, n_t) word
+weights, one word per reference, give per-reference masks (B, R, H, W) with a release
+mask strategy; the model then gates each reference's visual attention by its own mask
+and sums them (`attention.multi_reference_visual_attention`).
+A negative prompt is the `uncond_emb` argument (any features of the text shape). SDXL
+UNets also take `added_cond` (pooled text embedding and time ids) for the conditional
+rows and `uncond_added_cond` (the negative prompt's pooled embedding) for the
+unconditional ones.
+
 `cfg_sample` is plain classifier-free guidance on the same UNet (one batched call per
 step): the baseline of the tests and of `benchmarks/sampling.py`.
 """
@@ -29,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from realcustom_jax import model as model_lib
+from realcustom_jax import release_mask
+from realcustom_jax.attention import SELF_ATTENTION_MAPS
 from realcustom_jax.mask import influence_scope
 from realcustom_jax.selection import check_unit_interval
 
@@ -41,6 +64,10 @@ PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
 # Sec. 4.1: DDIM 50 steps, w_t 7.5, w_i 12.5, gamma_scope 0.25, gamma_num 0.8.
 PAPER_NUM_STEPS = 50
 
+# `GuidanceSettings.guidance_mode`: Eq. 13 (three branches) or the release's two-branch
+# guidance with a visual unconditional branch.
+GUIDANCE_MODES = ('paper', 'release')
+
 
 @struct.dataclass
 class GuidanceSettings:
@@ -48,35 +75,70 @@ class GuidanceSettings:
 
   Build it with `create` or `from_config`, which check the values (a bare constructor
   does not). The four numbers are float32 scalars traced by jit: changing them never
-  recompiles; `binary_mask` is static.
+  recompiles; so is `mask_reused_step` when set (an int32 scalar). `binary_mask`,
+  `mask_strategy`, `guidance_mode` and whether `mask_reused_step` is None are static.
 
   Attributes:
-    guidance_text: w_t of Eq. 13.
-    guidance_image: w_i of Eq. 13.
-    gamma_scope: Eq. 11's ratio in [0, 1].
+    guidance_text: w_t of Eq. 13 (unused with guidance_mode 'release').
+    guidance_image: w_i of Eq. 13; the release's single guidance scale with
+      guidance_mode 'release'.
+    gamma_scope: Eq. 11's ratio in [0, 1]; the release's `mask_scope` with a release
+      mask strategy.
     gamma_num: Eq. 10's ratio in [0, 1].
-    binary_mask: binary influence scope (Table 2 ablation) instead of the soft one.
+    binary_mask: binary influence scope (Table 2 ablation) instead of the soft one
+      (paper strategy only; release modes say 'binary' themselves).
+    mask_strategy: 'paper' (Eq. 11) or the canonical tuple of release mask modes
+      (`release_mask.RELEASE_MASK_MODES`).
+    mask_reused_step: None (a new mask every step) or N >= 1: steps N, N+1, ... reuse
+      the mask of step N-1, as the release's `mask_reused_step`.
+    guidance_mode: 'paper' (Eq. 13) or 'release' (see the module docstring).
   """
   guidance_text: Any = 7.5
   guidance_image: Any = 12.5
   gamma_scope: Any = 0.25
   gamma_num: Any = 0.8
   binary_mask: bool = struct.field(pytree_node=False, default=False)
+  mask_strategy: Any = struct.field(pytree_node=False, default='paper')
+  mask_reused_step: Any = None
+  guidance_mode: str = struct.field(pytree_node=False, default='paper')
 
   @classmethod
   def create(cls, guidance_text=7.5, guidance_image=12.5, gamma_scope=0.25, gamma_num=0.8,
-             binary_mask: bool = False) -> 'GuidanceSettings':
+             binary_mask: bool = False, mask_strategy='paper', mask_reused_step=None,
+             guidance_mode: str = 'paper') -> 'GuidanceSettings':
     """Checked settings (defaults: the paper's, Sec. 4.1).
 
+    Args:
+      guidance_text: w_t.
+      guidance_image: w_i (the release's guidance scale with guidance_mode 'release').
+      gamma_scope: Eq. 11's ratio, or the release's mask_scope.
+      gamma_num: Eq. 10's ratio.
+      binary_mask: the paper's binary scope.
+      mask_strategy: 'paper', or release mode names: one string or a sequence (e.g.
+        ['max_norm'], as the release's --mask_strategy).
+      mask_reused_step: None or an integer >= 1.
+      guidance_mode: 'paper' or 'release'.
+
     Raises:
-      ValueError: a non-finite or non-scalar value, or a gamma outside [0, 1].
+      ValueError: a non-finite or non-scalar value, a gamma outside [0, 1], an unknown
+        mask strategy or guidance mode, binary_mask with a release strategy, or a
+        mask_reused_step that is not an integer >= 1.
     """
     check_unit_interval('gamma_scope', gamma_scope)
     check_unit_interval('gamma_num', gamma_num)
-    return cls(_scalar('guidance_text', guidance_text),
-               _scalar('guidance_image', guidance_image),
-               _scalar('gamma_scope', gamma_scope), _scalar('gamma_num', gamma_num),
-               bool(binary_mask))
+    strategy = _mask_strategy(mask_strategy)
+    if binary_mask and strategy != 'paper':
+      raise ValueError("binary_mask is the paper strategy's switch: with a release "
+                       "mask_strategy add 'binary' to its modes")
+    if guidance_mode not in GUIDANCE_MODES:
+      raise ValueError(f'guidance_mode must be one of {GUIDANCE_MODES}, got '
+                       f'{guidance_mode!r}')
+    return cls(guidance_text=_scalar('guidance_text', guidance_text),
+               guidance_image=_scalar('guidance_image', guidance_image),
+               gamma_scope=_scalar('gamma_scope', gamma_scope),
+               gamma_num=_scalar('gamma_num', gamma_num), binary_mask=bool(binary_mask),
+               mask_strategy=strategy, mask_reused_step=_reuse_step(mask_reused_step),
+               guidance_mode=guidance_mode)
 
   @classmethod
   def from_config(cls, sampler_config, **overrides) -> 'GuidanceSettings':
@@ -85,6 +147,33 @@ class GuidanceSettings:
     values = {f.name: sampler_config.get(f.name, f.default) for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls.create(**values)
+
+
+def _mask_strategy(value):
+  """'paper' or the canonical release mode tuple; ValueError names the known modes."""
+  if isinstance(value, str) and value == 'paper':
+    return 'paper'
+  try:
+    return release_mask.check_mode(value)
+  except (ValueError, TypeError):
+    raise ValueError(f"mask_strategy must be 'paper' or release mask modes from "
+                     f'{release_mask.RELEASE_MASK_MODES}, got {value!r}') from None
+
+
+def _reuse_step(value):
+  """None, or the step as an int32 scalar (traced: changing it does not recompile)."""
+  if value is None:
+    return None
+  if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and (
+      jnp.issubdtype(value.dtype, jnp.integer)):
+    try:
+      value = int(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      return value  # already traced (a caller's own jit)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError('mask_reused_step must be None or an integer >= 1 (steps from N on '
+                     f'reuse the mask of step N - 1), got {value!r}')
+  return jnp.asarray(min(int(value), np.iinfo(np.int32).max), jnp.int32)
 
 
 # ---------------------------------------------------------------------------------
@@ -264,45 +353,151 @@ class SampleOutput(NamedTuple):
   x0: Optional[Array] = None
 
 
+def release_guidance(eps_uncond: Array, eps_image: Array, w=3.5) -> Array:
+  """The release's guidance: eps_u + w (eps_TI2I - eps_u).
+
+  `classifier_free_guidance_image_prompt_cascade` in its 'naive_global_direct' mode with
+  rescale factor 0 (what its inference uses); eps_u has the negative prompt and the
+  negative image. Eq. 13 with w_t = w_i = w and that eps_u.
+  """
+  return eps_uncond + w * (eps_image - eps_uncond)
+
+
+def _rows(*trees):
+  """Stacks pytrees of arrays (image features may be a tuple) along the batch axis."""
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)
+
+
+def _added(cond) -> dict:
+  """The `added_cond=` keyword of a model call: none at all for SD 1.x / 2.x."""
+  return {} if cond is None else {'added_cond': cond}
+
+
+def _attention_maps(model: model_lib.RealCustom, params, *args, self_maps: bool,
+                    **kwargs) -> tuple[Array, list[Array], list[Array]]:
+  """(noise, per-layer word maps, per-layer self-attention maps if asked for)."""
+  if not self_maps:
+    return model_lib.word_maps(model, params, *args, **kwargs) + ([],)
+  eps, state = model.apply({'params': params}, *args,
+                           mutable=['intermediates', SELF_ATTENTION_MAPS], **kwargs)
+  return (eps, list(jax.tree_util.tree_leaves(state['intermediates'])),
+          list(jax.tree_util.tree_leaves(state[SELF_ATTENTION_MAPS])))
+
+
+def _scope_size(model: model_lib.RealCustom, settings: GuidanceSettings,
+                latent_hw: tuple[int, int]) -> tuple[int, int]:
+  """The scope's (H, W): the largest word map (Eq. 11), or half the latent (release)."""
+  if settings.mask_strategy == 'paper':
+    return model.unet.word_map_size(*latent_hw)
+  return release_mask.mask_size(*latent_hw)
+
+
+def _scope(model: model_lib.RealCustom, settings: GuidanceSettings, maps: list[Array],
+           self_maps: list[Array], size: tuple[int, int]) -> Array:
+  """The influence scope of one step from the T2I word (and self-attention) maps."""
+  if settings.mask_strategy == 'paper':
+    return influence_scope(maps, settings.gamma_scope, binary=settings.binary_mask,
+                           antialias=model.unet.mask_antialias)
+  if self_maps:
+    # Our choice (the release's UNet returns no self maps): the layers that work at the
+    # mask's resolution, so that no (N, N) map needs resizing.
+    n = size[0] * size[1]
+    self_maps = [m for m in self_maps if m.shape[-1] == n]
+    if not self_maps:
+      raise ValueError(f'the self-map mask modes need a self-attention layer at the '
+                       f'mask resolution {size} (half the latent); this UNet has none')
+  return release_mask.release_mask(maps, settings.gamma_scope, size,
+                                   settings.mask_strategy, self_maps)
+
+
 def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
                      text_emb: Array, uncond_emb: Array, image_feats: Array,
-                     word_weights: Array, settings: GuidanceSettings, *,
+                     word_weights: Array, settings: GuidanceSettings,
+                     uncond_image_feats: Optional[Array] = None,
+                     added_cond: Optional[dict] = None,
+                     uncond_added_cond: Optional[dict] = None, *,
                      return_trajectory: bool) -> SampleOutput:
   """The RealCustom DDIM loop (traced once per static shape and flag set)."""
   b = latents.shape[0]
+  size = _scope_size(model, settings, latents.shape[2:])
+  want_self_maps = (settings.mask_strategy != 'paper'
+                    and release_mask.uses_self_maps(settings.mask_strategy))
+  reuse = settings.mask_reused_step is not None
+  release = settings.guidance_mode == 'release'
   # Everything derived from the conditions alone is built once, outside the scan body.
   pair_text = jnp.concatenate([uncond_emb, text_emb], axis=0)
   # Zero weights on the uncond half: its word maps are computed but never read.
   pair_weights = jnp.concatenate([jnp.zeros_like(word_weights), word_weights], axis=0)
+  if added_cond is not None:
+    pair_added = _rows(added_cond if uncond_added_cond is None else uncond_added_cond,
+                       added_cond)
+  else:
+    pair_added = None
+  if release:
+    pair_image = _rows(uncond_image_feats, image_feats)
 
   def text_branches(z, t):
-    """[uncond, T2I] in ONE call: eps(0), eps_T2I and the T2I word maps."""
-    eps, maps = model_lib.word_maps(
+    """[uncond, T2I] in ONE call: eps(0), eps_T2I and the T2I word (and self) maps."""
+    eps, maps, self_maps = _attention_maps(
         model, params, jnp.concatenate([z, z], axis=0), jnp.full((2 * b,), t),
-        pair_text, word_weights=pair_weights)
-    return eps[:b], eps[b:], [m[b:] for m in maps]
+        pair_text, word_weights=pair_weights, self_maps=want_self_maps,
+        **_added(pair_added))
+    return eps[:b], eps[b:], [m[b:] for m in maps], [m[b:] for m in self_maps]
 
-  def step(carry, xs):
-    z, _ = carry
-    t, alpha_bar, alpha_bar_prev = xs
-    eps_uncond, eps_text, maps = text_branches(z, t)
+  def mask_pass(z, t):
+    """The release's extra pass: T2I alone, for its maps; the scope."""
+    _, maps, self_maps = _attention_maps(model, params, z, jnp.full((b,), t), text_emb,
+                                         word_weights=word_weights, self_maps=want_self_maps,
+                                         **_added(added_cond))
+    return _scope(model, settings, maps, self_maps, size)
+
+  def fresh(i):
+    """Whether step i makes its own mask (steps from mask_reused_step on reuse)."""
+    return i < settings.mask_reused_step
+
+  def paper_step(z, carried, i, t, alpha_bar):
+    eps_uncond, eps_text, maps, self_maps = text_branches(z, t)
     # Eq. 11 from this step's T2I maps; it gates this step's TI2I branch (Eq. 12).
-    scope = influence_scope(maps, settings.gamma_scope, binary=settings.binary_mask,
-                            antialias=model.unet.mask_antialias)
+    scope = _scope(model, settings, maps, self_maps, size)
+    if reuse:  # the T2I call stays (Eq. 13 reads eps_T2I); only the scope is reused
+      scope = jnp.where(fresh(i), scope, carried)
     eps_image = model.apply(
         {'params': params}, z, jnp.full((b,), t), text_emb, image_feats,
         sqrt_alpha_bar=jnp.full((b,), jnp.sqrt(alpha_bar)), gamma_num=settings.gamma_num,
-        scope_mask=scope)
+        scope_mask=scope, **_added(added_cond))
     guided = adaptive_mask_guidance(eps_uncond, eps_text, eps_image,
                                     settings.guidance_text, settings.guidance_image)
+    return guided, scope
+
+  def release_step(z, carried, i, t, alpha_bar):
+    if reuse:  # a real branch: from step N on the mask pass does not run
+      scope = jax.lax.cond(fresh(i), mask_pass, lambda z, t: carried, z, t)
+    else:
+      scope = mask_pass(z, t)
+    # [uncond, TI2I] in ONE call, both gated by the scope (as the release's two calls).
+    eps = model.apply(
+        {'params': params}, jnp.concatenate([z, z], axis=0), jnp.full((2 * b,), t),
+        pair_text, pair_image, sqrt_alpha_bar=jnp.full((2 * b,), jnp.sqrt(alpha_bar)),
+        gamma_num=settings.gamma_num, scope_mask=jnp.concatenate([scope, scope], axis=0),
+        **_added(pair_added))
+    return release_guidance(eps[:b], eps[b:], settings.guidance_image), scope
+
+  def step(carry, xs):
+    z, carried = carry
+    i, t, alpha_bar, alpha_bar_prev = xs
+    guided, scope = (release_step if release else paper_step)(z, carried, i, t, alpha_bar)
     z_prev, x0 = ddim_step(z, guided, alpha_bar, alpha_bar_prev, schedule)
     ys = (scope, x0) if return_trajectory else None
     return (z_prev, scope), ys
 
-  # The scope has the size of the largest word map (Eq. 11).
-  map_size = model.unet.word_map_size(*latents.shape[2:])
-  init = (latents, jnp.zeros((b,) + map_size, jnp.float32))
-  xs = (schedule.timesteps, schedule.alpha_bar, schedule.alpha_bar_prev)
+  # (B, H, W), or (B, R, H, W) for R reference subjects ((B, R, n_t) word weights).
+  refs = tuple(word_weights.shape[1:-1])
+  if refs and settings.mask_strategy == 'paper':
+    raise ValueError('several reference subjects need a release mask_strategy (per-'
+                     'reference masks); the paper strategy (Eq. 11) makes one scope')
+  init = (latents, jnp.zeros((b,) + refs + tuple(size), jnp.float32))
+  xs = (jnp.arange(schedule.num_steps), schedule.timesteps, schedule.alpha_bar,
+        schedule.alpha_bar_prev)
   (z0, scope), ys = jax.lax.scan(step, init, xs)
   if return_trajectory:
     return SampleOutput(z0, scope, ys[0], ys[1])
@@ -334,9 +529,10 @@ def build_sampler(model: model_lib.RealCustom, *, return_trajectory: bool = Fals
   """A jitted RealCustom sampler for one model.
 
   The returned function takes (params, schedule, latents, text_emb, uncond_emb,
-  image_feats, word_weights, settings), all traced but `settings.binary_mask`; jax.jit
-  caches one executable per input shape and binary flag. It does not validate: use
-  `sample`.
+  image_feats, word_weights, settings, uncond_image_feats=None, added_cond=None,
+  uncond_added_cond=None), all traced but the static fields of `settings`; jax.jit
+  caches one executable per input shape and static setting. `uncond_image_feats` is read
+  with settings.guidance_mode 'release' only. It does not validate: use `sample`.
 
   Args:
     model: the RealCustom module.
@@ -347,9 +543,10 @@ def build_sampler(model: model_lib.RealCustom, *, return_trajectory: bool = Fals
     The jitted function.
   """
   def fn(params, schedule, latents, text_emb, uncond_emb, image_feats, word_weights,
-         settings):
+         settings, uncond_image_feats=None, added_cond=None, uncond_added_cond=None):
     return _realcustom_loop(model, params, schedule, latents, text_emb, uncond_emb,
-                            image_feats, word_weights, settings,
+                            image_feats, word_weights, settings, uncond_image_feats,
+                            added_cond, uncond_added_cond,
                             return_trajectory=return_trajectory)
   if max_traces is not None:
     fn = chex.assert_max_traces(fn, n=max_traces)
@@ -419,6 +616,8 @@ def _check_settings(settings) -> GuidanceSettings:
 def sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
            text_emb: Array, uncond_emb: Array, image_feats: Array, word_weights: Array,
            settings: Optional[GuidanceSettings] = None, *,
+           uncond_image_feats: Optional[Array] = None,
+           added_cond: Optional[dict] = None, uncond_added_cond: Optional[dict] = None,
            return_trajectory: bool = False) -> SampleOutput:
   """RealCustom sampling (Sec. 3.3): DDIM with adaptive mask guidance, one jitted scan.
 
@@ -432,24 +631,50 @@ def sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Arr
     schedule: from `ddim_schedule`.
     latents: (B, C, h, w) z_T (already scaled by schedule.init_noise_sigma).
     text_emb: (B, n_t, c_t) prompt features.
-    uncond_emb: (B, n_t, c_t) empty-prompt features.
+    uncond_emb: (B, n_t, c_t) unconditional features: the empty prompt's (the paper),
+      or a negative prompt's (the release): nothing else changes.
     image_feats: (B, n_i, c_i) subject CLIP patch features.
     word_weights: (B, n_t) target-word token weights.
-    settings: w_t, w_i, gamma_scope, gamma_num, binary scope; None: the paper's.
+    settings: w_t, w_i, gamma_scope, gamma_num, mask strategy and reuse, guidance
+      mode; None: the paper's.
+    uncond_image_feats: the negative image's features (the release encodes a black
+      image), of the image features' shapes, for the unconditional branch; required
+      with settings.guidance_mode 'release', unused otherwise.
+    added_cond: SDXL only (required there): {'text_embeds': (B, P) pooled prompt
+      embedding, 'time_ids': (B, 6)} for the conditional rows.
+    uncond_added_cond: SDXL: the same for the unconditional rows (the negative prompt's
+      pooled embedding); None: added_cond.
     return_trajectory: also return per-step scopes and x0 predictions; static.
 
   Returns:
     SampleOutput (masks/x0 filled when return_trajectory).
 
   Raises:
-    ValueError: for shapes that disagree, or settings that are not GuidanceSettings.
+    ValueError: for shapes that disagree, settings that are not GuidanceSettings,
+      release guidance without uncond_image_feats, or added_cond missing for an SDXL
+      UNet or given to another.
   """
   settings = _check_settings(settings)
   _check_common(model, schedule, latents, text_emb, uncond_emb)
   model_lib.validate_inputs(model, text_emb, image_feats, word_weights)
+  shapes = lambda tree: None if tree is None else jax.tree.map(jnp.shape, tree)
+  if settings.guidance_mode == 'release':
+    if shapes(uncond_image_feats) != shapes(image_feats):
+      raise ValueError("guidance_mode 'release' needs uncond_image_feats (the negative "
+                       f"image) of the image features' shapes {shapes(image_feats)}, got "
+                       f'{shapes(uncond_image_feats)}')
+  else:
+    uncond_image_feats = None
+  if model.unet.has_added_cond != (added_cond is not None):
+    raise ValueError('added_cond (pooled text embedding and time ids) is required for an '
+                     'SDXL UNet and refused for another')
+  if uncond_added_cond is not None and shapes(uncond_added_cond) != shapes(added_cond):
+    raise ValueError(f'uncond_added_cond must have the shapes of added_cond '
+                     f'{shapes(added_cond)}, got {shapes(uncond_added_cond)}')
   fn = cached_sampler(model, bool(return_trajectory))
   return fn(params, schedule, latents, text_emb, uncond_emb, image_feats,
-            jnp.asarray(word_weights, jnp.float32), settings)
+            jnp.asarray(word_weights, jnp.float32), settings, uncond_image_feats,
+            added_cond, uncond_added_cond)
 
 
 def cfg_sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,

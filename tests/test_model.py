@@ -172,3 +172,23 @@ def test_training_takes_every_prediction_type_the_sampler_takes(components, pred
     return
   _, step_config = training.build_models(_config(), sd, vision)
   assert step_config.prediction_type == prediction_type
+
+
+def test_sdxl_added_conditioning_reaches_the_unet_in_every_branch():
+  """The model hands SDXL's added conditioning to the UNet with and without the subject
+  (the UNet refuses a call without it), and the parameter init builds it. Traced only:
+  the release parity (test_release_model.py) checks the values."""
+  from realcustom_jax.unet import RealCustomUNet  # pylint: disable=g-import-not-at-top
+  from tests.unet_configs import SDXL_LIKE, SDXL_POOLED_DIM  # pylint: disable=g-import-not-at-top
+  model = model_lib.RealCustom(RealCustomUNet.from_config(SDXL_LIKE))
+  assert model_lib.added_cond_shapes(model.unet) == {'text_embeds': (SDXL_POOLED_DIM,),
+                                                     'time_ids': (6,)}
+  params = model_lib.param_shapes(model, (4, 8, 8), 5, 3, 24)
+  x, t, text = jnp.zeros((2, 4, 8, 8)), jnp.zeros((2,), jnp.int32), jnp.zeros((2, 5, 32))
+  cond = {'text_embeds': jnp.zeros((2, SDXL_POOLED_DIM)), 'time_ids': jnp.zeros((2, 6))}
+  for image in (None, jnp.zeros((2, 3, 24))):
+    call = lambda p, c, image=image: model.apply(
+        {'params': p}, x, t, text, image, sqrt_alpha_bar=jnp.ones((2,)), added_cond=c)
+    assert jax.eval_shape(call, params, cond).shape == x.shape
+    with pytest.raises(ValueError, match='added_cond'):
+      jax.eval_shape(call, params, None)

@@ -1,4 +1,8 @@
 """The RealCustom DDIM sampler (Sec. 3.3, Eqs. 11-13) on a tiny random model."""
+import functools
+from typing import Callable, NamedTuple
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +10,7 @@ import pytest
 
 from configs import tiny as tiny_config
 from realcustom_jax import model as model_lib
+from realcustom_jax import release_mask
 from realcustom_jax import sampler
 from realcustom_jax import tiny
 from realcustom_jax.unet import RealCustomUNet
@@ -208,3 +213,284 @@ def test_unsupported_scheduler_configs_are_refused(bad, message):
     sampler.alphas_cumprod({**tiny.SCHEDULER_CONFIG, **bad})
   with pytest.raises(ValueError, match=message):
     sampler.ddim_schedule({**tiny.SCHEDULER_CONFIG, **bad}, 4)
+
+
+# ---------------------------------------------------------------------------------
+# The release's mask strategies, guidance and mask reuse
+# ---------------------------------------------------------------------------------
+
+# The release's usual mode (its scripts): max_norm with the self-map refinement.
+RELEASE_MODE = ('max_norm', 'selfmap_min_max_per_channel')
+REUSE_STEPS = 4  # the schedule of these tests (the module's STEPS is 3)
+# The release's layout at toy size: no attention at the latent size, so that the
+# release's mask resolution (half the latent, 4x4) has word and self-attention maps.
+XL_SHAPED = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+    up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'), block_out_channels=(32, 32),
+    layers_per_block=1, attention_head_dim=(2, 2), cross_attention_dim=32)
+
+
+class ReleaseSetup(NamedTuple):
+  model: model_lib.RealCustom
+  run: Callable  # (settings, uncond_image=neg_image) -> (SampleOutput, mask passes run)
+  args: tuple    # the sampler's arguments before the settings
+  neg_image: jax.Array
+  inputs: dict
+
+
+def _release_settings(**overrides):
+  values = dict(guidance_image=3.5, gamma_scope=0.25, mask_strategy=RELEASE_MODE,
+                guidance_mode='release', mask_reused_step=2)
+  values.update(overrides)
+  return sampler.GuidanceSettings.create(**values)
+
+
+@pytest.fixture(scope='module')
+def release_setup():
+  """A release-mode sampler with traced reuse whose T2I mask passes are counted.
+
+  While it traces, the sampler's attention-map call (the T2I mask pass's UNet call; the
+  release step makes no other) is wrapped to fire a host callback at run time, so a
+  pass skipped by the scan's `lax.cond` never counts.
+  """
+  model = model_lib.RealCustom(unet=RealCustomUNet.from_config(XL_SHAPED))
+  params = tiny.host_random_params(
+      model_lib.param_shapes(model, (4, 8, 8), N_TEXT, N_IMAGE, C_IMAGE), seed=3)
+  rng = np.random.default_rng(4)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+  x = dict(latents=normal(B, 4, 8, 8), text_emb=normal(B, N_TEXT, 32),
+           uncond_emb=normal(B, N_TEXT, 32), image_feats=normal(B, N_IMAGE, C_IMAGE),
+           word_weights=jnp.zeros((B, N_TEXT)).at[:, 2].set(1.0).at[1, 3].set(1.0))
+  neg_image = normal(B, N_IMAGE, C_IMAGE)
+  schedule = sampler.ddim_schedule(tiny.SCHEDULER_CONFIG, REUSE_STEPS)
+  passes = []
+  original = sampler._attention_maps  # pylint: disable=protected-access
+
+  def counted(*args, **kwargs):
+    jax.debug.callback(lambda: passes.append(1))
+    return original(*args, **kwargs)
+
+  fn = sampler.build_sampler(model, return_trajectory=True, max_traces=1)
+  args = (params, schedule, x['latents'], x['text_emb'], x['uncond_emb'], x['image_feats'],
+          x['word_weights'])
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sampler, '_attention_maps', counted)
+    fn(*args, _release_settings(), neg_image)  # the one trace, under the wrapper
+  jax.effects_barrier()
+
+  def run(settings, uncond_image=neg_image):
+    passes.clear()
+    out = fn(*args, settings, uncond_image)
+    jax.effects_barrier()
+    return out, len(passes)
+
+  return ReleaseSetup(model, run, args, neg_image, x)
+
+
+def test_release_reuse_skips_the_mask_pass_after_step_n(release_setup):
+  run = release_setup.run
+  out, passes = run(_release_settings(mask_reused_step=2))
+  assert passes == 2  # steps 0 and 1 only; steps 2 and 3 reuse step 1's mask
+  masks = np.asarray(out.masks)
+  np.testing.assert_array_equal(masks[2], masks[1])
+  np.testing.assert_array_equal(masks[3], masks[1])
+  assert not np.array_equal(masks[0], masks[1])  # step 1 did compute a new mask
+  # N is traced: another N reuses the same executable (max_traces=1) and moves the cut.
+  out1, passes1 = run(_release_settings(mask_reused_step=1))
+  assert passes1 == 1
+  np.testing.assert_array_equal(out1.masks[3], out1.masks[0])
+  assert not np.allclose(out1.latents, out.latents)
+
+
+def test_release_masks_follow_the_release_mode_and_traced_scope(release_setup):
+  run = release_setup.run
+  out, _ = run(_release_settings(gamma_scope=0.5))
+  masks = np.asarray(out.masks)
+  chex.assert_shape(masks, (REUSE_STEPS, B, 4, 4))  # half the 8x8 latent, as the release
+  assert np.all(np.count_nonzero(masks, axis=(2, 3)) == 8)  # int(0.5 * 16)
+  np.testing.assert_allclose(masks.max(axis=(2, 3)), 1.0, rtol=1e-5)  # max_norm
+  assert np.any((masks > 0) & (masks < 1))  # soft: not 'binary'
+  quarter, _ = run(_release_settings(gamma_scope=0.25))  # no retrace (max_traces=1)
+  assert np.all(np.count_nonzero(quarter.masks, axis=(2, 3)) == 4)
+
+
+def test_release_reuse_from_the_last_step_on_equals_no_reuse(release_setup):
+  model, run, args, neg_image, _ = release_setup
+  plain = sampler.build_sampler(model, return_trajectory=True)(
+      *args, _release_settings(mask_reused_step=None), neg_image)
+  for n in (REUSE_STEPS, 99):
+    out, passes = run(_release_settings(mask_reused_step=n))
+    assert passes == REUSE_STEPS
+    np.testing.assert_allclose(out.latents, plain.latents, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.masks, plain.masks, atol=1e-6, rtol=0)
+
+
+def test_release_guidance_uses_the_negative_image(release_setup):
+  run, neg_image = release_setup.run, release_setup.neg_image
+  a, _ = run(_release_settings())
+  b, _ = run(_release_settings(), uncond_image=neg_image * 0.0)
+  assert np.max(np.abs(a.latents - b.latents)) > 1e-3
+
+
+def _count(jaxpr, primitive: str) -> int:
+  """Uses of a primitive in a jaxpr and every jaxpr nested in it."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == primitive
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      count += _count(sub, primitive)
+  return count
+
+
+def _conv_count(jaxpr) -> int:
+  """Convolutions: one UNet call is a fixed number of them."""
+  return _count(jaxpr, 'conv_general_dilated')
+
+
+def test_reuse_is_a_branch_of_one_scan_holding_the_only_mask_pass(release_setup):
+  """Trace inspection: with reuse the T2I pass sits in a cond branch of the ONE scan.
+
+  One UNet call is a fixed number c of convolutions. The release step holds 2c: c in
+  the body (the batched [uncond, TI2I] call) and c in one branch of the cond (the mask
+  pass), the other branch (reuse) holding none.
+  """
+  model, _, args, neg_image, _ = release_setup
+  loop = sampler._realcustom_loop  # pylint: disable=protected-access
+  fn = functools.partial(loop, model, return_trajectory=False)
+  scans = [e for e in jax.make_jaxpr(fn)(*args, _release_settings(), neg_image).jaxpr.eqns
+           if e.primitive.name == 'scan']
+  assert len(scans) == 1
+  body = scans[0].params['jaxpr'].jaxpr
+  conds = [e for e in body.eqns if e.primitive.name == 'cond']
+  assert len(conds) == 1
+  reuse, compute = sorted(_conv_count(b.jaxpr) for b in conds[0].params['branches'])
+  assert reuse == 0 and compute > 0
+  assert _conv_count(body) == 2 * compute  # the other UNet call is outside the cond
+
+
+def test_paper_reuse_keeps_the_t2i_call(setup):
+  """Trace inspection: Eq. 13 reads eps_T2I at every step, so with paper guidance reuse
+  only selects the carried scope; both UNet calls stay unconditional in the ONE scan.
+
+  (Which steps reuse is the release path's `fresh(i)`, tested by running it above.)
+  """
+  model, params, schedule, x, _ = setup
+  loop = sampler._realcustom_loop  # pylint: disable=protected-access
+  trace = lambda n: jax.make_jaxpr(functools.partial(loop, model, return_trajectory=False))(
+      params, schedule, x['latents'], x['text_emb'], x['uncond_emb'], x['image_feats'],
+      x['word_weights'], sampler.GuidanceSettings.create(mask_reused_step=n)).jaxpr
+  bodies = [[e for e in trace(n).eqns if e.primitive.name == 'scan'] for n in (None, 2)]
+  assert [len(b) for b in bodies] == [1, 1]
+  plain, reused = (b[0].params['jaxpr'].jaxpr for b in bodies)
+  assert not [e for e in reused.eqns if e.primitive.name == 'cond']
+  assert _conv_count(reused) == _conv_count(plain) > 0
+  assert _count(reused, 'select_n') == _count(plain, 'select_n') + 1  # the scope's choice
+
+
+def test_a_self_map_mode_needs_self_attention_at_the_mask_resolution(release_setup):
+  """A one-level UNet works at the latent size only: no self map at half of it."""
+  model = model_lib.RealCustom(unet=RealCustomUNet.from_config(dict(
+      XL_SHAPED, down_block_types=('CrossAttnDownBlock2D',),
+      up_block_types=('CrossAttnUpBlock2D',), block_out_channels=(32,),
+      attention_head_dim=(2,))))
+  params = model_lib.param_shapes(model, (4, 8, 8), N_TEXT, N_IMAGE, C_IMAGE)
+  schedule, x = release_setup.args[1], release_setup.inputs
+  with pytest.raises(ValueError, match='self-attention layer at the mask resolution'):
+    jax.eval_shape(sampler.build_sampler(model), params, schedule, x['latents'],
+                   x['text_emb'], x['uncond_emb'], x['image_feats'], x['word_weights'],
+                   sampler.GuidanceSettings.create(mask_strategy=RELEASE_MODE))
+
+
+def test_self_map_modes_read_the_layers_at_the_mask_resolution():
+  model = model_lib.RealCustom(unet=RealCustomUNet.from_config(XL_SHAPED))
+  rng = np.random.default_rng(7)
+  softmax = lambda a: np.exp(a) / np.exp(a).sum(-1, keepdims=True)
+  maps = [rng.uniform(size=(B, 8, 8)), rng.uniform(size=(B, 4, 4))]
+  at_mask = softmax(rng.normal(size=(B, 2, 16, 16)) * 3)
+  finer = softmax(rng.normal(size=(B, 2, 64, 64)))
+  settings = sampler.GuidanceSettings.create(mask_strategy=RELEASE_MODE, gamma_scope=0.5)
+  scope_fn = sampler._scope  # pylint: disable=protected-access
+  scopes = jax.jit(lambda maps, finer, at_mask: (
+      scope_fn(model, settings, maps, [finer, at_mask], (4, 4)),
+      release_mask.release_mask(maps, 0.5, (4, 4), RELEASE_MODE, [at_mask]),
+      release_mask.release_mask(maps, 0.5, (4, 4), RELEASE_MODE)))
+  scope, only_at_mask, unrefined = scopes(maps, finer, at_mask)
+  np.testing.assert_array_equal(scope, only_at_mask)
+  assert not np.allclose(scope, unrefined)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(mask_strategy='max_nrom'), 'mask_strategy'),
+    (dict(mask_strategy=['max_norm', 'crossmap_64']), 'mask_strategy'),
+    (dict(mask_strategy=[]), 'mask_strategy'),
+    (dict(gamma_scope=1.2, mask_strategy=['max_norm']), 'gamma_scope'),
+    (dict(gamma_scope=-0.5, mask_strategy=['max_norm']), 'gamma_scope'),
+    (dict(mask_reused_step=-1), 'mask_reused_step'),
+    (dict(mask_reused_step=0), 'mask_reused_step'),
+    (dict(mask_reused_step=2.5), 'mask_reused_step'),
+    (dict(mask_reused_step=True), 'mask_reused_step'),
+    (dict(guidance_mode='cfg'), 'guidance_mode'),
+    (dict(binary_mask=True, mask_strategy=['max_norm']), 'binary'),
+])
+def test_bad_release_settings_are_refused_when_made(overrides, message):
+  with pytest.raises(ValueError, match=message) as info:
+    sampler.GuidanceSettings.create(**overrides)
+  assert '\n' not in str(info.value)
+
+
+def test_release_settings_from_config_and_their_static_parts():
+  config = tiny_config.get_config()
+  config.sampler.mask_strategy = ('binary', 'max_norm')  # any order: one canonical tuple
+  config.sampler.mask_reused_step = 12
+  config.sampler.guidance_mode = 'release'
+  s = sampler.GuidanceSettings.from_config(config.sampler)
+  assert s.mask_strategy == ('max_norm', 'binary') and s.guidance_mode == 'release'
+  leaves = jax.tree.leaves(s)
+  assert len(leaves) == 5 and leaves[-1].dtype == jnp.int32 and int(leaves[-1]) == 12
+  other = sampler.GuidanceSettings.from_config(config.sampler, mask_reused_step=3)
+  assert jax.tree.structure(other) == jax.tree.structure(s)  # N is traced
+
+
+def test_release_guidance_needs_the_negative_image(release_setup):
+  model, _, args, _, x = release_setup
+  settings = _release_settings()
+  with pytest.raises(ValueError, match='uncond_image_feats'):
+    sampler.sample(model, args[0], args[1], **x, settings=settings)
+  with pytest.raises(ValueError, match='uncond_image_feats'):
+    sampler.sample(model, args[0], args[1], **x, settings=settings,
+                   uncond_image_feats=x['image_feats'][:1])
+
+
+def test_the_release_model_on_sdxl_traces_with_two_references(release_setup):
+  """The released model's inputs reach every call: SDXL's added conditioning (negative
+  pooled embedding for the unconditional rows), the encoder's (global, local) pair, and
+  two reference subjects with one word each, which get one mask each."""
+  pooled = 20  # SDXL's added conditioning at toy size (SDXL: 1280 + 6 * 256 = 2816)
+  unet = RealCustomUNet.from_config(dict(
+      XL_SHAPED, use_linear_projection=True, addition_embed_type='text_time',
+      addition_time_embed_dim=8, projection_class_embeddings_input_dim=pooled + 6 * 8))
+  model = model_lib.RealCustom(unet=unet, scoring_mode='none', projector='release_highres',
+                               release_vision_dim=16, release_dim_head=8)
+  params = model_lib.param_shapes(model, (4, 8, 8), N_TEXT, N_IMAGE, 16)
+  schedule, x = release_setup.args[1], dict(release_setup.inputs)
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  pair = lambda refs: tuple(spec(B, *refs, n, 16) for n in (N_IMAGE, 9))
+  cond = lambda: {'text_embeds': spec(B, pooled), 'time_ids': spec(B, 6)}
+  fn = sampler.build_sampler(model, return_trajectory=True)
+  x.update(image_feats=pair((2,)), word_weights=spec(B, 2, N_TEXT))
+  out = jax.eval_shape(fn, params, schedule, *x.values(), _release_settings(), pair((2,)),
+                       cond(), cond())
+  assert out.masks.shape == (REUSE_STEPS, B, 2, 4, 4) and out.latents.shape == (B, 4, 8, 8)
+  with pytest.raises(ValueError, match='several reference subjects'):
+    jax.eval_shape(fn, params, schedule, *x.values(),
+                   _release_settings(mask_strategy='paper'), pair((2,)), cond(), cond())
+  # sample() asks for added_cond exactly where the UNet needs it.
+  x.update(image_feats=pair(()), word_weights=release_setup.inputs['word_weights'])
+  with pytest.raises(ValueError, match='added_cond'):
+    sampler.sample(model, params, schedule, **x, settings=_release_settings(),
+                   uncond_image_feats=pair(()))
+  with pytest.raises(ValueError, match='added_cond'):
+    sampler.sample(release_setup.model, *release_setup.args[:2], **release_setup.inputs,
+                   settings=_release_settings(), uncond_image_feats=release_setup.neg_image,
+                   added_cond=cond())
