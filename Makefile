@@ -10,6 +10,9 @@ export JAX_COMPILATION_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/realc
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# pytest-xdist workers, one test file each at a time: XLA compiles on one thread, so on
+# 2 cores two workers nearly halve the suite. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
 DEMO_DIR ?= demo_out
 
 .PHONY: test demo clean
@@ -21,7 +24,7 @@ $(STAMP): setup.cfg requirements-lock.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 # Embedded default end to end: train the adapter on the toy shapes, export it, sample
 # with it (image + Fig. 6-style mask grid). Rerunning resumes / reuses the checkpoints.
