@@ -2,6 +2,8 @@
 
   pipe = RealCustomPipeline.from_config(config)       # tiny embedded default or local SD
   pipe = RealCustomPipeline.from_pretrained(sd_dir, clip_dir)   # the paper's settings
+  # the authors' released SDXL weights (realcustom_jax.release_pipeline):
+  pipe = RealCustomPipeline.from_pretrained(sdxl_dir, vision_dir, 'realcustom_highres.safetensors')
   out = pipe([subject], ['a toy on the beach'], ['toy'], seed=0, return_masks=True)
   out.images[0].save('out.png'); save_mask_grid(out, 'grid.png')
 
@@ -107,6 +109,30 @@ def _check_tree_like(got, expected, what: str) -> None:
                        f'model needs {tuple(value.shape)}')
 
 
+def check_batch(subjects, prompts, words) -> int:
+  """The batch size B of a pipeline call; ValueError for lists that do not pair up."""
+  for name, value in (('subjects', subjects), ('prompts', prompts), ('words', words)):
+    if isinstance(value, (str, Image.Image)) or not isinstance(value, Sequence) or not value:
+      raise ValueError(f'{name} must be a non-empty list, got {value!r}')
+  b = len(prompts)
+  if len(words) != b:
+    raise ValueError(f'need one word per prompt: {b} prompts, {len(words)} words')
+  if len(subjects) not in (1, b):
+    raise ValueError(f'need one subject, or one per prompt: {b} prompts, '
+                     f'{len(subjects)} subjects')
+  return b
+
+
+def is_release_config(config) -> bool:
+  """Whether `config` is for the authors' release (configs/release.py)."""
+  return config is not None and config.get('pipeline', 'paper') == 'release'
+
+
+def _is_release_adapter(path: Optional[str]) -> bool:
+  return bool(path) and weights.load_adapter_metadata(path).get(
+      'adapter_kind') == adapter_lib.RELEASE_KIND
+
+
 class RealCustomPipeline:
   """Frozen SD + CLIP components, the RealCustom adapter and the jitted sampler.
 
@@ -192,8 +218,17 @@ class RealCustomPipeline:
       allow_pickle: accept torch `.bin` weights (unpickling runs code).
 
     Returns:
-      The pipeline.
+      The pipeline; a `release_pipeline.ReleasePipeline` when the adapter is the
+      authors' converted release (then `sd_dir` is SDXL and `vision_dir` holds the two
+      timm ViTs) or the config is a release config.
+
+    Raises:
+      ValueError: a release adapter with a paper config, or the other way round.
     """
+    if is_release_config(config) or (config is None and _is_release_adapter(adapter_path)):
+      from realcustom_jax import release_pipeline  # pylint: disable=g-import-not-at-top
+      return release_pipeline.ReleasePipeline.from_pretrained(
+          sd_dir, vision_dir, adapter_path, config, allow_pickle)
     components = weights.load_stable_diffusion(sd_dir, allow_pickle=allow_pickle)
     vision = weights.load_vision_encoder(vision_dir, allow_pickle=allow_pickle)
     adapter_params, trained = _read_adapter(adapter_path)
@@ -202,7 +237,11 @@ class RealCustomPipeline:
   @classmethod
   def from_config(cls, config) -> 'RealCustomPipeline':
     """The models `config` names (`components.load_components`: tiny when
-    `config.pretrained` is empty) with `config.adapter`."""
+    `config.pretrained` is empty) with `config.adapter`; a release config
+    (`config.pipeline == 'release'`) gives a `release_pipeline.ReleasePipeline`."""
+    if is_release_config(config):
+      from realcustom_jax import release_pipeline  # pylint: disable=g-import-not-at-top
+      return release_pipeline.ReleasePipeline.from_config(config)
     components, vision = components_lib.load_components(config)
     adapter_params, trained = _read_adapter(config.get('adapter', '') or None)
     return cls(components, vision, config, adapter_params, trained)
@@ -317,15 +356,7 @@ class RealCustomPipeline:
       ValueError: (before any tracing) for lists of different lengths, a word not in
         its prompt, a gamma outside [0, 1] or a bad step count.
     """
-    for name, value in (('subjects', subjects), ('prompts', prompts), ('words', words)):
-      if isinstance(value, (str, Image.Image)) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f'{name} must be a non-empty list, got {value!r}')
-    b = len(prompts)
-    if len(words) != b:
-      raise ValueError(f'need one word per prompt: {b} prompts, {len(words)} words')
-    if len(subjects) not in (1, b):
-      raise ValueError(f'need one subject, or one per prompt: {b} prompts, '
-                       f'{len(subjects)} subjects')
+    b = check_batch(subjects, prompts, words)
     num_steps, settings = self._settings(num_steps, guidance_text, guidance_image,
                                          gamma_scope, gamma_num)
 

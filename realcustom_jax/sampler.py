@@ -64,6 +64,14 @@ PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
 # Sec. 4.1: DDIM 50 steps, w_t 7.5, w_i 12.5, gamma_scope 0.25, gamma_num 0.8.
 PAPER_NUM_STEPS = 50
 
+# `Schedule.solver`: DDIM (eta 0) or the release's default single-step DPM-Solver++ of
+# order 2 (`schedulers/dpm_s.py`, solver_type 'midpoint').
+SOLVERS = ('ddim', 'dpm_solver_2s')
+# The release's noise schedule (`schedulers/utils.py` `get_betas('squared_linear')`):
+# SD's scaled-linear betas over 1000 training steps.
+RELEASE_TRAIN_STEPS = 1000
+RELEASE_BETA_START, RELEASE_BETA_END = 0.00085, 0.012
+
 # `GuidanceSettings.guidance_mode`: Eq. 13 (three branches) or the release's two-branch
 # guidance with a visual unconditional branch.
 GUIDANCE_MODES = ('paper', 'release')
@@ -190,18 +198,29 @@ class Schedule:
     alpha_bar: (S,) float32 abar_t at each timestep.
     alpha_bar_prev: (S,) float32 abar of the next (less noisy) timestep; the scheduler's
       final alpha after the last step.
+    orders: (S,) int32 solver order of each step (SOLVERS 'dpm_solver_2s'); None: 1.
+    alpha_bar_anchor: (S,) float32 abar of the previous step's timestep, where a
+      second-order single-step DPM-Solver update starts; None with 'ddim'.
     init_noise_sigma: std of z_T (1 for DDIM).
     prediction_type: what the UNet predicts ('epsilon', 'v_prediction', 'sample').
     clip_sample: clip the x0 prediction to [-clip_sample_range, clip_sample_range].
     clip_sample_range: the clip bound.
+    solver: 'ddim' (eta 0) or 'dpm_solver_2s' (the release's single-step
+      DPM-Solver++, order 2, midpoint); see SOLVERS.
+    output: what the sampler returns as `latents`: 'sample' (z_0 after the last update)
+      or 'x0' (the last step's x0 prediction, what the release decodes).
   """
   timesteps: Array
   alpha_bar: Array
   alpha_bar_prev: Array
+  orders: Optional[Array] = None
+  alpha_bar_anchor: Optional[Array] = None
   init_noise_sigma: float = struct.field(pytree_node=False, default=1.0)
   prediction_type: str = struct.field(pytree_node=False, default='epsilon')
   clip_sample: bool = struct.field(pytree_node=False, default=False)
   clip_sample_range: float = struct.field(pytree_node=False, default=1.0)
+  solver: str = struct.field(pytree_node=False, default='ddim')
+  output: str = struct.field(pytree_node=False, default='sample')
 
   @property
   def num_steps(self) -> int:
@@ -274,6 +293,71 @@ def ddim_schedule(scheduler_config: dict[str, Any], num_steps: int) -> Schedule:
       clip_sample_range=float(scheduler.config.get('clip_sample_range', 1.0)))
 
 
+def release_alphas_cumprod(num_train_steps: int = RELEASE_TRAIN_STEPS) -> np.ndarray:
+  """abar_t of the release's 'squared_linear' betas, in float32 as torch computes them.
+
+  betas = linspace(sqrt(0.00085), sqrt(0.012), T) ** 2 (diffusers' 'scaled_linear');
+  abar = cumprod(1 - betas), accumulated in float32 like `torch.cumprod`.
+  """
+  betas = np.linspace(RELEASE_BETA_START ** 0.5, RELEASE_BETA_END ** 0.5, num_train_steps,
+                      dtype=np.float32) ** 2
+  return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
+def trailing_timesteps(num_steps: int, num_train_steps: int = RELEASE_TRAIN_STEPS
+                       ) -> np.ndarray:
+  """The release's default 'trailing' spacing: round(T - 1 - i T / S), i < S.
+
+  25 of 1000: 999, 959, ..., 39 (the first step starts at pure noise's timestep, the
+  last is not 0). Rounding is half-to-even, as torch's.
+  """
+  return np.round(num_train_steps - 1 - np.arange(num_steps) * (num_train_steps / num_steps)
+                  ).astype(np.int32)
+
+
+def release_schedule(num_steps: int, solver: str = 'dpm_solver_2s',
+                     num_train_steps: int = RELEASE_TRAIN_STEPS) -> Schedule:
+  """The schedule of the release's inference (`schedulers/`), not SDXL's scheduler config.
+
+  Its `Scheduler` base: 'squared_linear' betas (`release_alphas_cumprod`), 'trailing'
+  timesteps, set_alpha_to_one=True, epsilon prediction, no clipping; the release
+  decodes the last step's x0 prediction (`step.pred_original_sample`), so `output` is
+  'x0'. The two solvers differ in where the last step goes:
+    - 'ddim' (`schedulers/ddim.py`): to the final alpha 1 (so z_0 = x0 there);
+    - 'dpm_solver_2s' (`schedulers/dpm_s.py`, the release's default): to timestep 0;
+      orders 1, 1, 2, 1, 2, ... (`get_order_list`; its `lower_order_final` touches an
+      entry past the last step only, so an even-indexed last step stays order 2).
+
+  Args:
+    num_steps: inference steps S (the release: 25).
+    solver: one of SOLVERS.
+    num_train_steps: training timesteps (1000).
+
+  Raises:
+    ValueError: an unknown solver, or a step count outside [1, num_train_steps].
+  """
+  if solver not in SOLVERS:
+    raise ValueError(f'solver must be one of {SOLVERS}, got {solver!r}')
+  if (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))
+      or not 1 <= num_steps <= num_train_steps):
+    raise ValueError(f'num_steps must be an integer in [1, {num_train_steps}], got '
+                     f'{num_steps!r}')
+  alphas = release_alphas_cumprod(num_train_steps)
+  timesteps = trailing_timesteps(int(num_steps), num_train_steps)
+  final = np.float32(1.0) if solver == 'ddim' else alphas[0]
+  alpha_prev = np.append(alphas[timesteps[1:]], final).astype(np.float32)
+  if solver == 'ddim':
+    orders = np.ones(num_steps, np.int32)
+  else:
+    orders = np.array([1] + [i % 2 + 1 for i in range(num_steps - 1)], np.int32)
+  anchor = alphas[np.concatenate([timesteps[:1], timesteps[:-1]])]
+  return Schedule(
+      timesteps=jnp.asarray(timesteps), alpha_bar=jnp.asarray(alphas[timesteps]),
+      alpha_bar_prev=jnp.asarray(alpha_prev), orders=jnp.asarray(orders),
+      alpha_bar_anchor=jnp.asarray(anchor), init_noise_sigma=1.0,
+      prediction_type='epsilon', clip_sample=False, solver=solver, output='x0')
+
+
 # ---------------------------------------------------------------------------------
 # Equations
 # ---------------------------------------------------------------------------------
@@ -331,6 +415,92 @@ def ddim_step(sample: Array, model_output: Array, alpha_bar: Array, alpha_bar_pr
     x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
   prev = jnp.sqrt(alpha_bar_prev) * x0 + jnp.sqrt(1.0 - alpha_bar_prev) * eps
   return prev, x0
+
+
+def _to_x0(sample: Array, model_output: Array, alpha_bar: Array, schedule: Schedule) -> Array:
+  """The x0 prediction of a model output (the release's `convert_output`)."""
+  return ddim_step(sample, model_output, alpha_bar, alpha_bar, schedule)[1]
+
+
+def dpm_solver_2s_step(sample: Array, anchor: Array, x0: Array, x0_anchor: Array, order: Array,
+                       alpha_bar: Array, alpha_bar_anchor: Array, alpha_bar_prev: Array
+                       ) -> Array:
+  """One step of single-step DPM-Solver++ (order 1 or 2, midpoint), as the release's.
+
+  With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma), from s
+  (this step) to t (the next timestep):
+    order 1:  z_t = sigma_t / sigma_s z_s - alpha_t (e^-h - 1) x0_s,  h = lambda_t - lambda_s
+  order 2 restarts from the previous step's input z_a (timestep a):
+    h = lambda_t - lambda_a, r = (lambda_s - lambda_a) / h,
+    z_t = sigma_t / sigma_a z_a - alpha_t (e^-h - 1) (x0_a + (x0_s - x0_a) / (2 r)).
+
+  Args:
+    sample: z_s.
+    anchor: z_a, the previous step's input (order 2).
+    x0: x0_s, this step's x0 prediction.
+    x0_anchor: x0_a, the previous step's.
+    order: 1 or 2 (traced: both updates are computed, one is kept).
+    alpha_bar: abar_s; alpha_bar_anchor: abar_a; alpha_bar_prev: abar_t.
+
+  Returns:
+    z_t.
+  """
+  alpha = lambda a: jnp.sqrt(a)
+  sigma = lambda a: jnp.sqrt(1.0 - a)
+  lam = lambda a: jnp.log(alpha(a)) - jnp.log(sigma(a))
+  lam_t = lam(alpha_bar_prev)
+  first = ((sigma(alpha_bar_prev) / sigma(alpha_bar)) * sample
+           - alpha(alpha_bar_prev) * (jnp.exp(-(lam_t - lam(alpha_bar))) - 1.0) * x0)
+  h = lam_t - lam(alpha_bar_anchor)
+  r0 = (lam(alpha_bar) - lam(alpha_bar_anchor)) / h
+  d1 = (1.0 / r0) * (x0 - x0_anchor)
+  decay = alpha(alpha_bar_prev) * (jnp.exp(-h) - 1.0)
+  second = ((sigma(alpha_bar_prev) / sigma(alpha_bar_anchor)) * anchor - decay * x0_anchor
+            - 0.5 * decay * d1)
+  return jnp.where(order == 2, second, first)
+
+
+class SolverState(NamedTuple):
+  """What a solver carries between steps: z_a and x0_a of the last order-1 step."""
+  anchor: Array
+  x0: Array
+
+
+def solver_inputs(schedule: Schedule) -> tuple[Array, Array]:
+  """(orders, alpha_bar_anchor) per step, filled in for plain DDIM schedules."""
+  orders = schedule.orders
+  if orders is None:
+    orders = jnp.ones(schedule.timesteps.shape, jnp.int32)
+  anchor = schedule.alpha_bar if schedule.alpha_bar_anchor is None else schedule.alpha_bar_anchor
+  return orders, anchor
+
+
+def solver_update(z: Array, guided: Array, state: SolverState, order: Array,
+                  alpha_bar: Array, alpha_bar_anchor: Array, alpha_bar_prev: Array,
+                  schedule: Schedule) -> tuple[Array, Array, SolverState]:
+  """One step of the schedule's solver: (z_prev, x0 prediction, new state).
+
+  Args:
+    z: z_s.
+    guided: the guided model output at s.
+    state: the carried SolverState (start: `SolverState(z_T, zeros)`).
+    order, alpha_bar, alpha_bar_anchor, alpha_bar_prev: this step's entries of the
+      schedule (`solver_inputs`).
+    schedule: gives the (static) solver and prediction type.
+  """
+  if schedule.solver == 'ddim':
+    z_prev, x0 = ddim_step(z, guided, alpha_bar, alpha_bar_prev, schedule)
+    return z_prev, x0, SolverState(state.anchor, x0)
+  x0 = _to_x0(z, guided, alpha_bar, schedule)
+  # An order-1 step is where the next order-2 step restarts from.
+  anchor = jnp.where(order == 1, z, state.anchor)
+  z_prev = dpm_solver_2s_step(z, anchor, x0, state.x0, order, alpha_bar, alpha_bar_anchor,
+                              alpha_bar_prev)
+  return z_prev, x0, SolverState(anchor, x0)
+
+
+def _solver_output(z0: Array, state: SolverState, schedule: Schedule) -> Array:
+  return state.x0 if schedule.output == 'x0' else z0
 
 
 # ---------------------------------------------------------------------------------
@@ -483,25 +653,28 @@ def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, la
     return release_guidance(eps[:b], eps[b:], settings.guidance_image), scope
 
   def step(carry, xs):
-    z, carried = carry
-    i, t, alpha_bar, alpha_bar_prev = xs
+    z, carried, state = carry
+    i, t, alpha_bar, alpha_bar_prev, order, alpha_bar_anchor = xs
     guided, scope = (release_step if release else paper_step)(z, carried, i, t, alpha_bar)
-    z_prev, x0 = ddim_step(z, guided, alpha_bar, alpha_bar_prev, schedule)
+    z_prev, x0, state = solver_update(z, guided, state, order, alpha_bar, alpha_bar_anchor,
+                                       alpha_bar_prev, schedule)
     ys = (scope, x0) if return_trajectory else None
-    return (z_prev, scope), ys
+    return (z_prev, scope, state), ys
 
   # (B, H, W), or (B, R, H, W) for R reference subjects ((B, R, n_t) word weights).
   refs = tuple(word_weights.shape[1:-1])
   if refs and settings.mask_strategy == 'paper':
     raise ValueError('several reference subjects need a release mask_strategy (per-'
                      'reference masks); the paper strategy (Eq. 11) makes one scope')
-  init = (latents, jnp.zeros((b,) + refs + tuple(size), jnp.float32))
+  init = (latents, jnp.zeros((b,) + refs + tuple(size), jnp.float32),
+          SolverState(latents, jnp.zeros_like(latents)))
   xs = (jnp.arange(schedule.num_steps), schedule.timesteps, schedule.alpha_bar,
-        schedule.alpha_bar_prev)
-  (z0, scope), ys = jax.lax.scan(step, init, xs)
+        schedule.alpha_bar_prev, *solver_inputs(schedule))
+  (z0, scope, state), ys = jax.lax.scan(step, init, xs)
+  out = _solver_output(z0, state, schedule)
   if return_trajectory:
-    return SampleOutput(z0, scope, ys[0], ys[1])
-  return SampleOutput(z0, scope)
+    return SampleOutput(out, scope, ys[0], ys[1])
+  return SampleOutput(out, scope)
 
 
 def _cfg_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
@@ -511,17 +684,22 @@ def _cfg_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: 
   b = latents.shape[0]
   pair_text = jnp.concatenate([uncond_emb, text_emb], axis=0)
 
-  def step(z, xs):
-    t, alpha_bar, alpha_bar_prev = xs
+  def step(carry, xs):
+    z, state = carry
+    t, alpha_bar, alpha_bar_prev, order, alpha_bar_anchor = xs
     eps = model.apply({'params': params}, jnp.concatenate([z, z], axis=0),
                       jnp.full((2 * b,), t), pair_text)
     guided = classifier_free_guidance(eps[:b], eps[b:], settings.guidance_text)
-    z_prev, x0 = ddim_step(z, guided, alpha_bar, alpha_bar_prev, schedule)
-    return z_prev, (x0 if return_trajectory else None)
+    z_prev, x0, state = solver_update(z, guided, state, order, alpha_bar, alpha_bar_anchor,
+                                       alpha_bar_prev, schedule)
+    return (z_prev, state), (x0 if return_trajectory else None)
 
-  xs = (schedule.timesteps, schedule.alpha_bar, schedule.alpha_bar_prev)
-  z0, x0 = jax.lax.scan(step, latents, xs)
-  return SampleOutput(z0, x0=x0 if return_trajectory else None)
+  xs = (schedule.timesteps, schedule.alpha_bar, schedule.alpha_bar_prev,
+        *solver_inputs(schedule))
+  (z0, state), x0 = jax.lax.scan(step, (latents, SolverState(latents, jnp.zeros_like(latents))),
+                                 xs)
+  return SampleOutput(_solver_output(z0, state, schedule),
+                      x0=x0 if return_trajectory else None)
 
 
 def build_sampler(model: model_lib.RealCustom, *, return_trajectory: bool = False,

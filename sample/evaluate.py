@@ -437,7 +437,9 @@ def main(argv):
   if not _OUT_DIR.value:
     _fail('--out_dir is required')
   cli.enable_compile_cache()  # before the first compile
-  missing_weights = cli.missing_weights_message(_CONFIG.value)
+  missing_weights = (cli.release_paths_message(_CONFIG.value)
+                     if _CONFIG.value.get('pipeline', 'paper') == 'release'
+                     else cli.missing_weights_message(_CONFIG.value))
   if missing_weights:
     _fail(missing_weights)
   try:

@@ -3,6 +3,11 @@
   python -m sample.main --config=configs/tiny.py --subject=toy.png \\
       --prompt="a toy on the beach" --word=toy --out=out.png --mask_grid=grid.png
 
+  # The authors' released SDXL model (configs/release.py; converted adapter):
+  python -m sample.main --config=configs/release.py --pretrained=/models/sdxl-base-1.0 \\
+      --vision_encoder=/models/realcustom_vision --adapter=realcustom_highres.safetensors \\
+      --subject=dog.jpg --prompt="a dog wearing a spacesuit" --word=dog --out=out.png
+
   # A local Stable Diffusion + CLIP vision model and a trained adapter:
   python -m sample.main --config=configs/tiny.py --pretrained=/models/sd15 \\
       --vision_encoder=/models/clip-vit-l14 --adapter=adapter.safetensors \\
@@ -31,11 +36,13 @@ _WORD = flags.DEFINE_string('word', None, 'Target real word in the prompt (e.g. 
 _OUT = flags.DEFINE_string('out', None, 'Output image file (.png, .jpg).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the initial noise.')
 _PRETRAINED = flags.DEFINE_string('pretrained', None,
-                                  'Local diffusers Stable Diffusion directory '
-                                  '(overrides config.pretrained).')
+                                  'Local diffusers Stable Diffusion directory (SDXL for '
+                                  'configs/release.py; overrides config.pretrained).')
 _VISION = flags.DEFINE_string('vision_encoder', None, 'Local CLIP vision model directory '
-                              '(overrides config.vision_encoder).')
-_ADAPTER = flags.DEFINE_string('adapter', None, 'Trained adapter .safetensors file.')
+                              '(configs/release.py: the directory holding the two timm '
+                              'ViT folders; overrides config.vision_encoder).')
+_ADAPTER = flags.DEFINE_string('adapter', None, 'Trained adapter .safetensors file (or the '
+                               "release's, converted by sample.convert_release).")
 _ALLOW_PICKLE = flags.DEFINE_bool('allow_pickle', False,
                                   'Accept torch .bin weights (unpickling runs code).')
 _MASK_GRID = flags.DEFINE_string('mask_grid', None, 'Also write a Fig. 6-style grid of '
@@ -85,8 +92,16 @@ def _apply_flags(config) -> None:
       config.allow_pickle = True
 
 
+def _is_release(config) -> bool:
+  return config.get('pipeline', 'paper') == 'release'
+
+
 def _check_word(config, prompt: str, word: str) -> None:
   """Fails fast on a word not in the prompt, before any model is loaded."""
+  if _is_release(config):  # the release finds its target phrase with str.find
+    if not word.strip() or word not in prompt:
+      raise UsageError(f'target word {word!r} does not occur in prompt {prompt!r}')
+    return
   from realcustom_jax import components  # pylint: disable=g-import-not-at-top
   from realcustom_jax import encoders  # pylint: disable=g-import-not-at-top
   encoders.word_token_indices(components.load_tokenizer(config), prompt, word)
@@ -112,14 +127,16 @@ def run(config) -> None:
   from realcustom_jax import images  # pylint: disable=g-import-not-at-top
   subject = images.load_subject_image(_SUBJECT.value)
   logging.info('subject %s: %dx%d', _SUBJECT.value, *subject.size)
-  missing_weights = cli.missing_weights_message(config)
+  missing_weights = (cli.release_paths_message(config) if _is_release(config)
+                     else cli.missing_weights_message(config))
   if missing_weights:  # before the tiny models fail on the resolution
     raise UsageError(missing_weights)
   _check_word(config, _PROMPT.value, _WORD.value)
 
   from realcustom_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  logging.info('loading models (%s)', config.pretrained or 'tiny embedded default')
+  logging.info('loading models (%s)', config.pretrained or (
+      'tiny random release' if _is_release(config) else 'tiny embedded default'))
   pipe = pipeline_lib.RealCustomPipeline.from_config(config)
   logging.info('loaded in %.1f s', time.perf_counter() - start)
 
@@ -137,13 +154,22 @@ def run(config) -> None:
     raise UsageError(f'cannot write output: {e}') from None
 
 
+def _writes_tiny_release(config) -> bool:
+  """Whether this run first writes the tiny release's .pth (which needs torch)."""
+  if _PRETRAINED.value or not _is_release(config):
+    return False
+  folder = cli.tiny_release_dir(config)
+  return bool(folder) and not os.path.isfile(os.path.join(folder, cli.TINY_RELEASE_DONE))
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if _CONFIG.value is None:
     _fail('--config is required (e.g. --config=configs/tiny.py)')
   cli.enable_compile_cache()  # before the first compile
-  if not (_ALLOW_PICKLE.value or _CONFIG.value.get('allow_pickle', False)):
+  if not (_ALLOW_PICKLE.value or _CONFIG.value.get('allow_pickle', False)
+          or _writes_tiny_release(_CONFIG.value)):
     cli.skip_torch()
   warnings.showwarning = _show_warning
   logging.set_verbosity(logging.INFO)

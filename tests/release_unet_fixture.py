@@ -46,3 +46,20 @@ def save_release_state(state: dict[str, np.ndarray], path: str, dtype=None) -> s
     tensors = {k: v.to(dtype) for k, v in tensors.items()}
   torch.save(tensors, path)
   return path
+
+
+def build_model(folder: str):
+  """(release model, base UNet params, adapter params) of the fixture, float32: the
+  base through our diffusers loader, the `.pth` through our converter (needs torch)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from realcustom_jax import release  # pylint: disable=g-import-not-at-top
+  from realcustom_jax import weights  # pylint: disable=g-import-not-at-top
+  unet_config, base = weights._load_unet(  # pylint: disable=protected-access
+      write_unet_dir(folder), False, jnp.float32, sdxl=True)
+  path = os.path.join(folder, 'adapter.safetensors')
+  release.convert_release_checkpoint(CHECKPOINT, path, allow_pickle=True,
+                                     unet_config=RELEASE_CONFIG)
+  model = release.build_release_model(unet_config, weights.load_adapter_metadata(path))
+  adapter, _ = release.load_release_adapter(path, model)
+  return model, base, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), adapter)

@@ -1,4 +1,5 @@
-"""Two tiny UNet configs in diffusers' format: SD1-like and SD2-like."""
+"""Tiny UNet configs in diffusers' format: SD1-like, SD2-like, SDXL-like; full SDXL base."""
+from realcustom_jax import tiny
 
 SD1_LIKE = dict(
     sample_size=8, in_channels=4, out_channels=4,
@@ -15,18 +16,11 @@ SD2_LIKE = dict(
     block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=(1, 2, 2),
     cross_attention_dim=48, use_linear_projection=True)
 
-# SDXL: no attention in the first block, deeper transformers further down (SDXL: 1, 2, 10;
-# the up blocks mirror it), 16-wide heads (SDXL: 64), linear projections, and the
-# 'text_time' added conditioning: a 20-wide pooled text embedding plus 6 time ids of 8
-# sinusoidal features each (SDXL: 1280 + 6 * 256 = 2816).
-SDXL_LIKE = dict(
-    sample_size=8, in_channels=4, out_channels=4,
-    down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
-    up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'),
-    block_out_channels=(32, 32, 64), layers_per_block=1, attention_head_dim=(2, 2, 4),
-    transformer_layers_per_block=(1, 1, 2), cross_attention_dim=32,
-    use_linear_projection=True, addition_embed_type='text_time', addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=20 + 6 * 8)
+# SDXL at toy size (no attention in the first block, deeper transformers further down,
+# linear projections, 'text_time' added conditioning over a 20-wide pooled embedding plus
+# 6 time ids of 8 sinusoidal features each; SDXL: 1280 + 6 * 256 = 2816): the UNet of
+# the tiny SDXL directory, so the parity tests and the loader tests share it.
+SDXL_LIKE = tiny.SDXL_UNET
 SDXL_POOLED_DIM = 20
 
 # The full-size SDXL base UNet config (stabilityai/stable-diffusion-xl-base-1.0, the one
