@@ -15,7 +15,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 TEST_WORKERS ?= auto
 DEMO_DIR ?= demo_out
 
-.PHONY: test demo clean
+.PHONY: test test-slow demo clean
 
 $(STAMP): setup.cfg requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ $(STAMP): setup.cfg requirements-lock.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m 'not slow' tests
+
+# The two longest end-to-end runs (kill -9 of a 2-process training and its restart; the
+# toy reproduction's smoke run), about 3.5 CPU-minutes cold: outside `make test` only to
+# keep it under 15 minutes on 2 cores. Run them before a release or after touching
+# train/, sharding or benchmarks/toy_reproduction.
+test-slow: $(STAMP)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m slow tests
 
 # Embedded default end to end: train the adapter on the toy shapes, export it, sample
 # with it (image + Fig. 6-style mask grid). Rerunning resumes / reuses the checkpoints.

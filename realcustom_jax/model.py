@@ -282,9 +282,17 @@ def validate_inputs(model: RealCustom, text_features, image_features=None,
     if image_features.ndim != 3 or image_features.shape[0] != b:
       raise ValueError(f'image features must be (B={b}, n_i, c_i), got '
                        f'{tuple(image_features.shape)}')
-  if word_weights is not None and tuple(word_weights.shape) != (b, n_t):
-    raise ValueError(f'word weights must be (B={b}, n_t={n_t}) (token indices out of '
-                     f'range?), got {tuple(word_weights.shape)}')
+  # R reference subjects (the release's per-reference (B, R, n, c) features) come with
+  # one word-weight row each: (B, R, n_t).
+  refs = ()
+  if (image_features is not None and model.projector == 'release_highres'
+      and image_features[0].ndim == 4):
+    refs = (image_features[0].shape[1],)
+  want = (b,) + refs + (n_t,)
+  if word_weights is not None and tuple(word_weights.shape) != want:
+    names = ', '.join([f'B={b}'] + [f'R={r}' for r in refs] + [f'n_t={n_t}'])
+    raise ValueError(f'word weights must be ({names}) (token indices out of range?), got '
+                     f'{tuple(word_weights.shape)}')
 
 
 def added_cond_shapes(unet: RealCustomUNet) -> Optional[dict[str, tuple[int]]]:

@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from realcustom_jax import adapter
-from realcustom_jax.model import RealCustom, init_params, validate_inputs, word_maps
+from realcustom_jax import tiny
+from realcustom_jax.model import RealCustom, param_shapes, validate_inputs, word_maps
 from realcustom_jax.unet import RealCustomUNet
 from tests.unet_configs import SD1_LIKE, SD2_LIKE
 
@@ -21,7 +22,8 @@ def _model(cfg, hidden=0):
 @pytest.fixture(scope='module', params=[SD1_LIKE, SD2_LIKE], ids=['sd1', 'sd2'])
 def built(request):
   model = _model(request.param, hidden=request.param['cross_attention_dim'] // 2)
-  params = init_params(model, jax.random.PRNGKey(0), (4, 8, 8), NT, NI, CI)
+  # Host-drawn weights of the traced shapes: a jitted init costs ~40 s of compile here.
+  params = tiny.host_random_params(param_shapes(model, (4, 8, 8), NT, NI, CI), seed=0)
   return request.param, model, params
 
 
@@ -36,7 +38,7 @@ def test_adapter_size_matches_formula(built):
 
 def test_adapter_size_without_scoring():
   model = RealCustom(RealCustomUNet.from_config(SD1_LIKE), scoring_mode='none')
-  params = init_params(model, jax.random.PRNGKey(0), (4, 8, 8), NT, NI, CI)
+  params = param_shapes(model, (4, 8, 8), NT, NI, CI)
   _, trainable = adapter.split_params(params)
   assert 'scoring' not in trainable
   assert adapter.count_params(trainable) == adapter.expected_adapter_size(

@@ -183,6 +183,7 @@ def test_data_is_prepared_once_by_process_zero(two_process_run):
   assert shard_dirs == [f'toy_shards_n{NUM_RECORDS}_r32']  # no second, racing copy
 
 
+@pytest.mark.slow  # `make test-slow` (Makefile: the suite's time budget)
 def test_kill_9_mid_run_then_restart_equals_the_uninterrupted_run(two_process_run, tmp_path):
   workdir = tmp_path / 'killed'
   run = _launch(workdir, two_process_run['tfds_dir'], tag='first', extra_env={

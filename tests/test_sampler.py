@@ -33,8 +33,9 @@ def setup():
   unet = RealCustomUNet.from_config(config.tiny.unet)
   model = model_lib.RealCustom(unet=unet)
   size = config.tiny.unet['sample_size']
-  params = model_lib.init_params(model, jax.random.PRNGKey(0), (4, size, size), N_TEXT,
-                                 N_IMAGE, C_IMAGE)
+  # Host-drawn weights of the traced shapes (a jitted init is a long compile on CPU).
+  params = tiny.host_random_params(
+      model_lib.param_shapes(model, (4, size, size), N_TEXT, N_IMAGE, C_IMAGE), seed=0)
   k = jax.random.split(jax.random.PRNGKey(1), 4)
   c_t = unet.cross_attention_dim
   inputs = dict(
@@ -494,3 +495,39 @@ def test_the_release_model_on_sdxl_traces_with_two_references(release_setup):
     sampler.sample(release_setup.model, *release_setup.args[:2], **release_setup.inputs,
                    settings=_release_settings(), uncond_image_feats=release_setup.neg_image,
                    added_cond=cond())
+
+
+def test_a_second_reference_without_its_word_adds_nothing(release_setup):
+  """Several subjects through `sample` (the release's multi-reference path): each gets
+  its own mask from its own word weights, so a second reference whose word weights are
+  all zero gets an all-zero mask and leaves the single-reference result unchanged."""
+  model = model_lib.RealCustom(unet=RealCustomUNet.from_config(XL_SHAPED), scoring_mode='none',
+                               projector='release_highres', release_vision_dim=16,
+                               release_dim_head=8)
+  params = tiny.host_random_params(model_lib.param_shapes(model, (4, 8, 8), N_TEXT, N_IMAGE, 16),
+                                   seed=5)
+  rng = np.random.default_rng(6)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+  one, other = ((normal(B, N_IMAGE, 16), normal(B, 9, 16)) for _ in range(2))
+  neg, neg_other = ((normal(B, N_IMAGE, 16), normal(B, 9, 16)) for _ in range(2))
+  both = lambda a, b: tuple(jnp.stack([x, y], axis=1) for x, y in zip(a, b))
+  x = dict(release_setup.inputs)
+  schedule = release_setup.args[1]
+  settings = _release_settings(mask_strategy=('max_norm',), mask_reused_step=None)
+  single = sampler.sample(model, params, schedule, **dict(x, image_feats=one),
+                          settings=settings, uncond_image_feats=neg)
+  weights = jnp.stack([x['word_weights'], jnp.zeros_like(x['word_weights'])], axis=1)
+  double = sampler.sample(model, params, schedule,
+                          **dict(x, image_feats=both(one, other), word_weights=weights),
+                          settings=settings, uncond_image_feats=both(neg, neg_other))
+  # Equal up to float32 rounding (the R axis changes the reduction order).
+  np.testing.assert_allclose(double.latents, single.latents, atol=1e-4, rtol=0)
+  # The second reference matters once its word is there.
+  weights = jnp.stack([x['word_weights']] * 2, axis=1)
+  with_word = sampler.sample(model, params, schedule,
+                             **dict(x, image_feats=both(one, other), word_weights=weights),
+                             settings=settings, uncond_image_feats=both(neg, neg_other))
+  assert np.abs(np.asarray(with_word.latents) - np.asarray(single.latents)).max() > 1e-3
+  with pytest.raises(ValueError, match='R=2'):
+    sampler.sample(model, params, schedule, **dict(x, image_feats=both(one, other)),
+                   settings=settings, uncond_image_feats=both(neg, neg_other))

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,6 +22,7 @@ def _run(*flags):
                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.slow  # `make test-slow` (Makefile: the suite's time budget)
 def test_smoke_run_reports_every_variant_and_a_rerun_skips_training(tmp_path):
   proc = _run(f'--workdir={tmp_path}', '--smoke')
   assert proc.returncode == 0, proc.stderr[-3000:]

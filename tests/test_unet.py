@@ -10,6 +10,7 @@ from diffusers import FlaxUNet2DConditionModel
 from flax import traverse_util
 
 from realcustom_jax import attention
+from realcustom_jax import tiny
 from realcustom_jax import weights
 from realcustom_jax.unet import RealCustomUNet
 from tests.unet_configs import SD1_LIKE, SD2_LIKE, SDXL_BASE, SDXL_LIKE, SDXL_POOLED_DIM
@@ -30,10 +31,14 @@ def _inputs(cfg, batch=2, seed=1):
 def setup(request):
   cfg = request.param
   ref = FlaxUNet2DConditionModel(**cfg)
-  ref_params = ref.init_weights(jax.random.PRNGKey(0))
+  # Weights drawn on the host from the traced shapes: running diffusers' init (eagerly,
+  # op by op) and ours (one big compile) cost a minute per config on 2 cores.
+  ref_params = tiny.host_random_params(
+      jax.eval_shape(ref.init_weights, jax.random.PRNGKey(0)), seed=0)
   ours = RealCustomUNet.from_config(cfg)
   x, t, ctx, vis = _inputs(cfg)
-  full = jax.jit(ours.init)(jax.random.PRNGKey(3), x, t, ctx, visual_tokens=vis)['params']
+  full = tiny.host_random_params(jax.eval_shape(
+      ours.init, jax.random.PRNGKey(3), x, t, ctx, visual_tokens=vis)['params'], seed=3)
   return cfg, ref, ref_params, ours, full
 
 
@@ -167,7 +172,8 @@ def test_remat_gives_the_same_output():
   x, t, ctx, vis = _inputs(cfg)
   plain = RealCustomUNet.from_config(cfg)
   remat = RealCustomUNet.from_config(cfg, remat=True)
-  params = jax.jit(plain.init)(jax.random.PRNGKey(0), x, t, ctx, visual_tokens=vis)['params']
+  params = tiny.host_random_params(jax.eval_shape(
+      plain.init, jax.random.PRNGKey(0), x, t, ctx, visual_tokens=vis)['params'], seed=0)
   loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x, t, ctx, visual_tokens=vis) ** 2)
   g1 = jax.jit(jax.grad(loss(plain)))(params)
   g2 = jax.jit(jax.grad(loss(remat)))(params)
@@ -182,7 +188,8 @@ def test_fused_attention_call_matches_xla_in_value_and_gradient(monkeypatch):
   x, t, ctx, vis = _inputs(cfg)
   xla = RealCustomUNet.from_config(cfg)
   fused = RealCustomUNet.from_config(cfg, attention_impl='cudnn')
-  params = jax.jit(xla.init)(jax.random.PRNGKey(0), x, t, ctx, visual_tokens=vis)['params']
+  params = tiny.host_random_params(jax.eval_shape(
+      xla.init, jax.random.PRNGKey(0), x, t, ctx, visual_tokens=vis)['params'], seed=0)
   loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x, t, ctx, visual_tokens=vis) ** 2)
   v1, g1 = jax.jit(jax.value_and_grad(loss(xla)))(params)
   calls = []
