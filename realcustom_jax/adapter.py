@@ -179,3 +179,19 @@ def expected_adapter_size(unet, image_dim: int, latent_channels: int, text_dim: 
   score_nets = text_dim + latent_channels + mlp(text_dim) + mlp(latent_channels)
   proj = image_dim * text_dim + text_dim + 2 * text_dim
   return kv + (score_nets if scoring == 'adaptive' else 0) + proj
+
+
+def check_tree_fits(got, expected, what: str) -> None:
+  """ValueError when `got` lacks, adds or reshapes any parameter of `expected`."""
+  flat_got = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(got)}
+  flat_exp = {jax.tree_util.keystr(p): v
+              for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+  missing = sorted(set(flat_exp) - set(flat_got))
+  extra = sorted(set(flat_got) - set(flat_exp))
+  if missing or extra:
+    raise ValueError(f'{what} does not fit this model: missing {missing[:3]}, unexpected '
+                     f'{extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)')
+  for key, value in flat_exp.items():
+    if tuple(flat_got[key].shape) != tuple(value.shape):
+      raise ValueError(f'{what}: {key} has shape {tuple(flat_got[key].shape)}, this '
+                       f'model needs {tuple(value.shape)}')

@@ -93,22 +93,6 @@ def _check_adapter_config(trained: dict, config) -> None:
                        f'--config.model.{key}={trained[key]}')
 
 
-def _check_tree_like(got, expected, what: str) -> None:
-  """ValueError when `got` lacks, adds or reshapes any parameter of `expected`."""
-  flat_got = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(got)}
-  flat_exp = {jax.tree_util.keystr(p): v
-              for p, v in jax.tree_util.tree_leaves_with_path(expected)}
-  missing = sorted(set(flat_exp) - set(flat_got))
-  extra = sorted(set(flat_got) - set(flat_exp))
-  if missing or extra:
-    raise ValueError(f'{what} does not fit this model: missing {missing[:3]}, unexpected '
-                     f'{extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)')
-  for key, value in flat_exp.items():
-    if tuple(flat_got[key].shape) != tuple(value.shape):
-      raise ValueError(f'{what}: {key} has shape {tuple(flat_got[key].shape)}, this '
-                       f'model needs {tuple(value.shape)}')
-
-
 def check_batch(subjects, prompts, words) -> int:
   """The batch size B of a pipeline call; ValueError for lists that do not pair up."""
   for name, value in (('subjects', subjects), ('prompts', prompts), ('words', words)):
@@ -275,7 +259,7 @@ class RealCustomPipeline:
           adapter_lib.merge_params(base, self._random_adapter()))
     expected = model_lib.param_shapes(self.model, *self._init_shapes())
     _, expected_adapter = adapter_lib.split_params(expected)
-    _check_tree_like(adapter_params, expected_adapter, 'adapter')
+    adapter_lib.check_tree_fits(adapter_params, expected_adapter, 'adapter')
     adapter_params = jax.tree_util.tree_map(jnp.asarray, adapter_params)
     return adapter_lib.merge_params(base, adapter_params)
 

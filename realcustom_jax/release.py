@@ -430,19 +430,6 @@ def load_release_adapter(path: str, model: Optional[model_lib.RealCustom] = None
       raise ValueError(f'adapter file {path} is the release\'s; the model has '
                        f'projector={model.projector!r}')
     expected = model_lib.param_shapes(model, (4, 8, 8), 1, 1, 1)
-    _check_fits(params, adapter_lib.split_params(expected)[1], f'adapter file {path}')
+    adapter_lib.check_tree_fits(params, adapter_lib.split_params(expected)[1],
+                                f'adapter file {path}')
   return params, metadata
-
-
-def _check_fits(got: Params, expected: Params, what: str) -> None:
-  flat = lambda t: {jax.tree_util.keystr(p): v
-                    for p, v in jax.tree_util.tree_leaves_with_path(t)}
-  got, expected = flat(got), flat(expected)
-  missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-  if missing or extra:
-    raise ValueError(f'{what} does not fit this model: {len(missing)} missing (e.g. '
-                     f'{missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})')
-  for key, value in expected.items():
-    if tuple(got[key].shape) != tuple(value.shape):
-      raise ValueError(f'{what}: {key} has shape {tuple(got[key].shape)}, this model '
-                       f'needs {tuple(value.shape)}')

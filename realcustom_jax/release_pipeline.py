@@ -197,7 +197,7 @@ class ReleasePipeline:
                        f'features, the vision encoder gives {encoder.feature_dim}')
     params = adapter_params
     expected = model_lib.param_shapes(self.model, (4, 8, 8), 1, 1, 1)
-    release._check_fits(params, adapter_lib.split_params(expected)[1], 'the adapter')  # pylint: disable=protected-access
+    adapter_lib.check_tree_fits(params, adapter_lib.split_params(expected)[1], 'the adapter')
     self.params = adapter_lib.merge_params({'unet': sdxl.unet_params},
                                            jax.tree_util.tree_map(jnp.asarray, params))
     te1, te2 = sdxl.text_encoder, sdxl.text_encoder_2
