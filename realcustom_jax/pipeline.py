@@ -93,6 +93,16 @@ def _check_adapter_config(trained: dict, config) -> None:
                        f'--config.model.{key}={trained[key]}')
 
 
+def vae_decoder(vae, scaling_factor: float):
+  """A jitted (vae_params, latents) -> (B, H, W, 3) uint8 images function (SD and SDXL)."""
+  def decode(p, latents):
+    x = vae.apply({'params': p}, latents / scaling_factor, method=vae.decode).sample
+    # [-1, 1] NCHW -> [0, 255] NHWC uint8, on device.
+    x = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return jnp.round(jnp.transpose(x, (0, 2, 3, 1)) * 255).astype(jnp.uint8)
+  return jax.jit(decode)
+
+
 def check_batch(subjects, prompts, words) -> int:
   """The batch size B of a pipeline call; ValueError for lists that do not pair up."""
   for name, value in (('subjects', subjects), ('prompts', prompts), ('words', words)):
@@ -163,14 +173,7 @@ class RealCustomPipeline:
         lambda p, ids: encoders.encode_text(components.text_encoder, p, ids))
     self._encode_image = jax.jit(
         lambda p, px: encoders.image_features(vision.model, p, px))
-    vae, scale = components.vae, components.scaling_factor
-
-    def decode(p, latents):
-      x = vae.apply({'params': p}, latents / scale, method=vae.decode).sample
-      # [-1, 1] NCHW -> [0, 255] NHWC uint8, on device.
-      x = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-      return jnp.round(jnp.transpose(x, (0, 2, 3, 1)) * 255).astype(jnp.uint8)
-    self._decode = jax.jit(decode)
+    self._decode = vae_decoder(components.vae, components.scaling_factor)
 
   # ---- Constructors ----
 

@@ -205,13 +205,8 @@ class ReleasePipeline:
     module = encoder.module
     self.reference_size = module.patchify_scale * module.image_size
     self._encode_image = jax.jit(lambda p, x: module.apply({'params': p}, x)[-2:])
-    vae, scale = sdxl.vae, sdxl.scaling_factor
-
-    def decode(p, latents):
-      x = vae.apply({'params': p}, latents / scale, method=vae.decode).sample
-      x = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-      return jnp.round(jnp.transpose(x, (0, 2, 3, 1)) * 255).astype(jnp.uint8)
-    self._decode = jax.jit(decode)
+    from realcustom_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+    self._decode = pipeline_lib.vae_decoder(sdxl.vae, sdxl.scaling_factor)
     self._negative_image = None
     self._negative_text = None
 
