@@ -94,13 +94,20 @@ def vae_config(config) -> dict[str, Any]:
     raise ValueError(
         f'config.resolution={config.resolution} must equal the VAE factor {factor} '
         f'(from {len(blocks)} VAE blocks) times config.tiny.unet sample_size={sample_size}')
+  return _vae_dict(blocks, vae['layers_per_block'], vae['latent_channels'],
+                   config.resolution, scaling_factor=0.18215)
+
+
+def _vae_dict(blocks, layers_per_block: int, latent_channels: int, sample_size: int,
+              scaling_factor: float) -> dict[str, Any]:
+  """A diffusers AutoencoderKL config: one down and one up block per width in `blocks`."""
   return dict(
       in_channels=3, out_channels=3,
       down_block_types=('DownEncoderBlock2D',) * len(blocks),
       up_block_types=('UpDecoderBlock2D',) * len(blocks),
-      block_out_channels=blocks, layers_per_block=vae['layers_per_block'],
-      act_fn='silu', latent_channels=vae['latent_channels'], norm_num_groups=32,
-      sample_size=config.resolution, scaling_factor=0.18215)
+      block_out_channels=tuple(blocks), layers_per_block=layers_per_block,
+      act_fn='silu', latent_channels=latent_channels, norm_num_groups=32,
+      sample_size=sample_size, scaling_factor=scaling_factor)
 
 
 def text_config(config, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
@@ -308,13 +315,8 @@ def write_tiny_sdxl(path: str, seed: int = 0, unet: dict[str, Any] | None = None
 
   # ---- VAE ----
   blocks = SDXL_VAE['block_out_channels']
-  vae_cfg = dict(
-      in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * len(blocks),
-      up_block_types=('UpDecoderBlock2D',) * len(blocks), block_out_channels=blocks,
-      layers_per_block=SDXL_VAE['layers_per_block'], act_fn='silu',
-      latent_channels=SDXL_VAE['latent_channels'], norm_num_groups=32,
-      sample_size=unet_cfg['sample_size'] * 2 ** (len(blocks) - 1),
-      scaling_factor=SDXL_SCALING_FACTOR)
+  vae_cfg = _vae_dict(blocks, SDXL_VAE['layers_per_block'], SDXL_VAE['latent_channels'],
+                      unet_cfg['sample_size'] * 2 ** (len(blocks) - 1), SDXL_SCALING_FACTOR)
   vae = FlaxAutoencoderKL.from_config(vae_cfg)
   _write_json(os.path.join(path, 'vae', 'config.json'),
               {'_class_name': 'AutoencoderKL', **vae_cfg})
