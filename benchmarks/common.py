@@ -42,7 +42,8 @@ def build_model(config, a: Arch, **model_overrides) -> model_lib.RealCustom:
   """`model_lib.build_model` over the arch's UNet, with `config.model` keys overridden
   (the benchmarks' --dtype, --attention_impl, --remat)."""
   config = config.copy_and_resolve_references()
-  config.model.update(model_overrides)
+  with config.ignore_type():  # e.g. a bool remat in a config given a policy name
+    config.model.update(model_overrides)
   return model_lib.build_model(config, a.unet)
 
 
@@ -61,6 +62,13 @@ def random_params(model: model_lib.RealCustom, a: Arch, seed: int = 0) -> Any:
       jnp.zeros((1,) + a.image), sqrt_alpha_bar=jnp.ones((1,)),
       scope_mask=jnp.ones((1, h, w)))['params'], jax.random.PRNGKey(0))
   return tiny.host_random_params(shapes, seed)
+
+
+def fused_attention_calls(lowered) -> int:
+  """Fused attention kernels in a lowered program (cuDNN fMHA or Pallas TPU calls): that
+  the fused path is the one taken, as compiled."""
+  text = lowered.as_text()
+  return text.count('__cudnn$fmha') + text.count('tpu_custom_call')
 
 
 def report(argv: list[str], compute: Callable[[], dict]) -> None:

@@ -1,5 +1,14 @@
 #!/usr/bin/env bash
-# Usage: [TRAIN_BUDGET=400] benchmarks/gpu.sh [all|sampling|train]. Runs the SD1.5-size benchmarks on one GPU, each printing a JSON line, into $OUT (or ./gpu_out).
+# Usage: [BUDGET=500] [OUT=dir] benchmarks/gpu.sh [RUN ...]
+# The SD1.5-size benchmarks on one GPU, after (fused attention: 'auto'; remat policy) and
+# before (XLA attention, no remat), into $OUT (or ./gpu_out): one log per run, the JSON
+# lines in results.jsonl, and for each profiled train step where its time goes
+# (NAME.ops.txt: by kernel category, then the top kernels).
+# RUNs (default: all, in this order, most telling first):
+#   attention_check train_auto_b16 sampling_auto_b8 sampling_xla_b8 train_xla_b16
+#   train_auto_b32_dots train_auto_b8 precompute_sd15
+# Runs go in order while BUDGET seconds last (an SD1.5 compile takes about a minute); a
+# run with too little time left is skipped and says so.
 # On a machine without the pins, install wheels first (diffusers 0.39.0, transformers 4.57.6,
 # huggingface_hub 0.36.2, tokenizers 0.22.2, ml_collections 1.1.0) from ./.whl if present.
 set -u
@@ -9,32 +18,48 @@ if ls .whl/*.whl >/dev/null 2>&1; then
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
 fi
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
-run() {  # name, timeout seconds, command...
-  local name=$1 limit=$2; shift 2
-  echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v '^W\|^I0' | tail -4
+end=$((SECONDS + ${BUDGET:-500}))
+run() {  # name, least seconds it needs, command...
+  local name=$1 least=$2; shift 2
+  local left=$((end - SECONDS))
+  if [ "$left" -lt "$least" ]; then echo "== $name skipped (${left} s of the budget left)"; return; fi
+  echo "== $name (${left} s left)"
+  local start=$SECONDS
+  timeout "$left" "$@" > "$OUT/$name.log" 2>&1
+  echo "   exit $? after $((SECONDS - start)) s"
+  grep -v '^[WI][0-9]' "$OUT/$name.log" | tail -3
 }
-WHAT=${1:-all}  # all | sampling | train
-if [ "$WHAT" != train ]; then
-  run sampling_bf16_b1 200 python3 -m benchmarks.sampling --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --batch=1
-  run sampling_bf16_b4 200 python3 -m benchmarks.sampling --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --batch=4 --compile_steps=50
+TRAIN="python3 -m benchmarks.train_step --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --peak_tflops=${PEAK_TFLOPS:-989} --steps=10"
+SAMPLE="python3 -m benchmarks.sampling --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --steps=50 --compile_steps=50 --repeats=3"
+train() {  # name, flags...: the step, then where its time goes (three traced steps)
+  local name=$1; shift
+  run "$name" 100 $TRAIN "$@" --profile_dir="/tmp/prof_$name"
+  if [ -d "/tmp/prof_$name" ]; then
+    { python3 -m benchmarks.trace_summary "/tmp/prof_$name" --by=category --top=10
+      python3 -m benchmarks.trace_summary "/tmp/prof_$name" --by=kernel --top=30
+    } > "$OUT/$name.ops.txt" 2>&1
+    grep '%' "$OUT/$name.ops.txt" | head -8
+  fi
+}
+one() {
+  case $1 in
+    attention_check) run attention_check 30 python3 -m benchmarks.attention_check ;;
+    train_auto_b16) train train_auto_b16 --batch=16 --attention_impl=auto ;;
+    sampling_auto_b8) run sampling_auto_b8 90 $SAMPLE --batch=8 --attention_impl=auto ;;
+    sampling_xla_b8) run sampling_xla_b8 100 $SAMPLE --batch=8 --attention_impl=xla ;;
+    train_xla_b16) train train_xla_b16 --batch=16 --attention_impl=xla ;;
+    train_auto_b32_dots) train train_auto_b32_dots --batch=32 --attention_impl=auto --remat=dots ;;
+    train_auto_b8) train train_auto_b8 --batch=8 --attention_impl=auto ;;
+    precompute_sd15) run precompute_sd15 90 python3 -m benchmarks.precompute \
+        --config=configs/tiny.py --arch=sd15 --batch=8 ;;
+    *) echo "unknown run: $1" >&2; exit 2 ;;
+  esac
+}
+if [ $# -eq 0 ]; then
+  set -- attention_check train_auto_b16 sampling_auto_b8 sampling_xla_b8 train_xla_b16 \
+         train_auto_b32_dots train_auto_b8 precompute_sd15
 fi
-if [ "$WHAT" != sampling ]; then
-  # Runs in order while the time budget lasts (TRAIN_BUDGET seconds for all train runs): the
-  # SD1.5 train-step compile takes about a minute, so the most informative run goes first.
-  TRAIN="python3 -m benchmarks.train_step --config=configs/tiny.py --arch=${ARCH:-sd15} --dtype=bfloat16 --peak_tflops=${PEAK_TFLOPS:-989} --steps=10"
-  end=$((SECONDS + ${TRAIN_BUDGET:-400}))
-  for variant in ${TRAIN_VARIANTS:-"train_bf16_xla_b8,--batch=8" "train_bf16_cudnn_b8,--batch=8,--attention_impl=cudnn" \
-                 "train_bf16_xla_b16,--batch=16" "train_bf16_cudnn_b16,--batch=16,--attention_impl=cudnn"}; do
-    IFS=, read -r -a args <<< "$variant"; set -- "${args[@]}"; name=$1; shift
-    left=$((end - SECONDS))
-    if [ "$left" -lt 120 ]; then echo "== $name skipped (${left} s of the budget left)"; continue; fi
-    run "$name" "$left" $TRAIN "$@" --profile_dir="/tmp/prof_$name"
-    # Where the step's time goes (a few steps traced after the timed ones).
-    python3 -m benchmarks.trace_summary "/tmp/prof_$name" --top=30 > "$OUT/$name.ops.txt" 2>&1 &&
-      head -16 "$OUT/$name.ops.txt"
-  done
-fi
+for name in "$@"; do one "$name"; done
 grep -h '^{' "$OUT"/*.log > "$OUT/results.jsonl"; cat "$OUT/results.jsonl"

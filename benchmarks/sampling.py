@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from benchmarks import common
+from realcustom_jax import attention
 from realcustom_jax import sampler
 from realcustom_jax import tiny  # DDIM scheduler config of SD 1.5
 from realcustom_jax import training
@@ -32,8 +33,8 @@ _BATCH = flags.DEFINE_integer('batch', 1, 'Images per sampler call.')
 _STEPS = flags.DEFINE_integer('steps', None, 'DDIM steps (default config.sampler.num_steps).')
 _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
                            'UNet compute and weight dtype (default config.model.dtype).')
-_ATTENTION = flags.DEFINE_enum('attention_impl', None, ['xla', 'cudnn', 'auto'],
-                               'Self-attention implementation (default from the config).')
+_ATTENTION = flags.DEFINE_enum('attention_impl', None, list(attention.ATTENTION_IMPLS),
+                               'Attention kernels (default from the config).')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per sampler (median reported).')
 _COMPILE_STEPS = flags.DEFINE_list('compile_steps', ['10', '50'],
                                    'Step counts whose compile time is reported.')
@@ -70,9 +71,11 @@ def _cfg_args(params, schedule, x, settings):
 
 
 def _compile(fn, args) -> tuple:
+  """(compiled, seconds, fused attention calls in the lowered program)."""
   start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  return compiled, time.perf_counter() - start
+  lowered = jax.jit(fn).lower(*args)
+  compiled = lowered.compile()
+  return compiled, time.perf_counter() - start, common.fused_attention_calls(lowered)
 
 
 def _time_interleaved(runs, repeats: int) -> list[float]:
@@ -115,12 +118,12 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
   compile_s, compiled = {}, {}
   for n in sorted(set(compile_steps) | {steps}):
     logging.info('compiling RealCustom for %d steps', n)
-    compiled[n], compile_s[n] = _compile(
+    compiled[n], compile_s[n], fused_calls = _compile(
         rc_fn, _rc_args(params, sampler.ddim_schedule(scheduler_config, n), x, s))
   rc = compiled[steps]
   schedule = sampler.ddim_schedule(scheduler_config, steps)
   logging.info('compiling plain CFG for %d steps', steps)
-  cfg, cfg_compile = _compile(cfg_fn, _cfg_args(params, schedule, x, s))
+  cfg, cfg_compile, _ = _compile(cfg_fn, _cfg_args(params, schedule, x, s))
   logging.info('timing (%d runs each)', repeats)
   rc_s, cfg_s = _time_interleaved(
       [(rc, _rc_args(params, schedule, x, s)), (cfg, _cfg_args(params, schedule, x, s))],
@@ -131,7 +134,7 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
       platform=device.platform, dtype=dtype, attention_impl=attention_impl, batch=batch,
       steps=steps, repeats=repeats,
       realcustom_s_per_image=rc_s / batch, cfg_s_per_image=cfg_s / batch,
-      ratio_vs_cfg=rc_s / cfg_s,
+      ratio_vs_cfg=rc_s / cfg_s, fused_attention_calls=fused_calls,
       realcustom_images_per_s=batch / rc_s, cfg_images_per_s=batch / cfg_s,
       compile_s_cfg=cfg_compile)
   for n in compile_steps:

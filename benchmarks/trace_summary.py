@@ -1,13 +1,18 @@
 """Where a profiled step spends its time: device time per XLA op kind, from a JAX trace.
 
   python -m benchmarks.train_step --arch=sd15 --dtype=bfloat16 --profile_dir=/tmp/prof
-  python -m benchmarks.trace_summary /tmp/prof [--top=25] [--by=kind|op] [--module=jit_step]
+  python -m benchmarks.trace_summary /tmp/prof [--top=25] [--by=kind|op|kernel|category] \
+      [--module=jit_step]
 
 Reads the newest `perfetto_trace.json.gz` under the directory (what
 `jax.profiler.trace(..., create_perfetto_trace=True)` writes), keeps the events that
 carry an XLA op (`hlo_op`; on a GPU these are the kernels), groups them by op kind (the
 op name without its numeric suffix: `loop_multiply_fusion.12` -> `loop_multiply_fusion`)
-and prints a table, largest first, then one JSON line with the same figures.
+and prints a table, largest first, then one JSON line with the same figures. On a GPU,
+XLA runs most of a step as command buffers (CUDA graphs) whose kernels all carry the
+buffer's name as their op: `--by=kernel` groups by the kernel's own name instead, and
+`--by=category` sorts kernels into attention / convolution / matmul / fused elementwise
+/ other (the README's op breakdown).
 
 Shares are of the summed op time, which on a GPU is the busy time of its streams and
 on a CPU can exceed wall time (ops run on several threads).
@@ -24,7 +29,8 @@ from absl import app
 from absl import flags
 
 _TOP = flags.DEFINE_integer('top', 25, 'Op kinds to list.')
-_BY = flags.DEFINE_enum('by', 'kind', ['kind', 'op'], 'Group by op kind, or list single ops.')
+_BY = flags.DEFINE_enum('by', 'kind', ['kind', 'op', 'kernel', 'category'],
+                        'Group by op kind, single op, kernel name or kernel category.')
 _MODULE = flags.DEFINE_string('module', 'jit_step', 'Keep ops of XLA modules whose name '
                               'contains this ("" keeps all).')
 
@@ -42,9 +48,40 @@ def op_kind(name: str) -> str:
   return re.sub(r'(\.\d+)+$', '', name)
 
 
+# Kernel categories: the first pattern that matches the kernel's or its op's name (lower
+# case). cuDNN's attention graphs include helper kernels named cudnn::fusion::...; a
+# `loop_convert_fusion` is a dtype cast, not a convolution.
+CATEGORIES = (
+    ('attention', r'sdpa|fmha|flash|cudnn::fusion'),
+    ('convolution', r'implicit_gemm|dgrad|wgrad|fprop|cudnn-conv|convolution'),
+    ('matmul', r'gemm|nvjet|xmma|cutlass|cublas|\bdot'),
+    ('fused elementwise / reduction', r'fusion|reduce|transpose|copy|slice|concatenate'),
+)
+
+
+def category(kernel: str, op: str) -> str:
+  """One of CATEGORIES' names, or 'other'."""
+  names = f'{kernel} {op}'.lower()
+  for name, pattern in CATEGORIES:
+    if re.search(pattern, names):
+      return name
+  return 'other'
+
+
+def _group(e: dict, by: str) -> str:
+  op = str(e['args']['hlo_op'])
+  if by == 'kind':
+    return op_kind(op)
+  if by == 'kernel':
+    return op_kind(re.sub(r'(_\d+)+$', '', str(e.get('name', op))))[:100]
+  if by == 'category':
+    return category(str(e.get('name', '')), op)
+  return op
+
+
 def summarize(events, module: str = '', by: str = 'kind') -> dict:
-  """Total duration (microseconds) and count per op kind (or per op, `by='op'`) of the
-  events naming an XLA op."""
+  """Total duration (microseconds) and count per group (see `--by`) of the events naming
+  an XLA op."""
   total = collections.Counter()
   count = collections.Counter()
   for e in events:
@@ -53,7 +90,7 @@ def summarize(events, module: str = '', by: str = 'kind') -> dict:
       continue
     if module and module not in str(args.get('hlo_module', '')):
       continue
-    kind = op_kind(str(args['hlo_op'])) if by == 'kind' else str(args['hlo_op'])
+    kind = _group(e, by)
     total[kind] += float(e.get('dur', 0.0))
     count[kind] += 1
   busy = sum(total.values())

@@ -2,16 +2,19 @@
 
   python -m benchmarks.train_step --config=configs/tiny.py
   python -m benchmarks.train_step --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 \
-      --batch=8 --peak_tflops=989 [--remat] [--attention_impl=cudnn] [--profile_dir=DIR]
+      --batch=8 --peak_tflops=989 [--remat=dots] [--attention_impl=auto] [--profile_dir=DIR]
 
 The step is `training.adapter_step`: noising (Eq. 2), the frozen UNet forward with the
 visual branch, the backward pass to the adapter and one AdamW update, on pre-computed
 latents / text / image features with RANDOM weights (`common.random_params`, no
 files). The frozen encoders (VAE, CLIP text / vision) are excluded ("encoders":
 "excluded" in the JSON). The frozen UNet is held and computed in `--dtype`; adapter
-params and optimizer state stay float32. FLOPs come from XLA's cost analysis of the lowered step (before XLA's
-passes, which hand convolutions and matmuls to library calls it does not count); MFU is
-achieved FLOP/s over `--peak_tflops` (e.g. 989 for H100 SXM bf16 dense; 0 = no MFU).
+params and optimizer state stay float32. FLOPs are the model's: XLA's cost analysis of
+the same step lowered with XLA attention and no remat (before XLA's passes, which hand
+convolutions and matmuls to library calls it does not count; a fused attention kernel
+is a custom call it does not count either, and remat's recomputation is not model
+work). MFU is achieved FLOP/s over `--peak_tflops` (e.g. 989 for H100 SXM bf16 dense;
+0 = no MFU).
 
 The LAST line printed is the JSON result.
 """
@@ -25,9 +28,11 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import attention
 from realcustom_jax import tiny
 from realcustom_jax import sharding
 from realcustom_jax import training
+from realcustom_jax import unet as unet_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
@@ -39,9 +44,10 @@ flags.DEFINE_integer('batch', None, 'Batch size; default 2 (tiny) / 8 (sd15).')
 flags.DEFINE_integer('steps', 10, 'Timed steps.')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of the device for MFU; 0: none.')
-flags.DEFINE_bool('remat', False, 'Rematerialise transformer blocks (UNet remat).')
-flags.DEFINE_enum('attention_impl', None, ['xla', 'cudnn', 'auto'],
-                  'Self-attention kernel; default config.model.attention_impl.')
+flags.DEFINE_enum('remat', 'none', ['none', *unet_lib.REMAT_POLICIES],
+                  'Transformer-block remat policy (see unet.REMAT_POLICIES).')
+flags.DEFINE_enum('attention_impl', None, list(attention.ATTENTION_IMPLS),
+                  'Attention kernels; default config.model.attention_impl.')
 flags.DEFINE_string('profile_dir', None, 'After timing, trace a few more steps with the JAX '
                     'profiler into this directory (TensorBoard / Perfetto; summarise it '
                     'with benchmarks.trace_summary).')
@@ -59,8 +65,26 @@ def _flops(stage) -> float:
   return float(cost.get('flops', 0.0)) if cost else 0.0
 
 
+def model_flops(train_setup, *batch) -> float:
+  """The step's model FLOPs: XLA's cost analysis of the step as lowered for the CPU, with
+  XLA attention and no remat.
+
+  As lowered, before XLA's passes: after them, XLA:GPU leaves out the work it hands to
+  cuBLAS / cuDNN custom calls (on an H200 it counted 1.8 of 13.6 TFLOP at SD 1.5 batch
+  8, and did not double with the batch), and JAX 0.11 on a GPU gives no cost analysis
+  of a lowered program at all. A fused attention kernel is such a call already in the
+  lowered program, and remat's recomputation is not model work. The CPU lowering of the
+  same step (a lowering, not a compile: seconds) counts what the model computes on any
+  backend.
+  """
+  cpu = jax.devices('cpu')[0]
+  twin = train_setup(cpu, remat='none', attention_impl='xla')
+  batch = [jax.device_put(x, cpu) for x in batch]
+  return _flops(twin.adapter_step().lower(twin.state, twin.frozen['unet'], *batch))
+
+
 def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
-        peak_tflops: float, remat: bool, attention_impl: str,
+        peak_tflops: float, remat: str, attention_impl: str,
         profile_dir: str | None = None) -> dict:
   """Builds, compiles and times the step; returns the result dict.
 
@@ -73,23 +97,25 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
       raise ValueError(f'--{name} must be >= {least}, got {value}')
   a = common.arch(config, arch)
   (_, side, _), (n_t, c_t), (n_i, c_i) = a.latent, a.text, a.image
-  model = common.build_model(config, a, dtype=dtype_name, remat=remat,
-                             attention_impl=attention_impl)
-  models = training.Models(model=model, vae=None, text_encoder=None, vision_model=None,
-                           scaling_factor=1.0, vision_resize=0, vision_size=0,
-                           vision_mean=(0.0,) * 3, vision_std=(1.0,) * 3)
   config = config.copy_and_resolve_references()
   config.train.frozen_dtype = dtype_name
   step_config = training.build_step_config(config, tiny.SCHEDULER_CONFIG)
 
+  def train_setup(device, **model_overrides):
+    model = common.build_model(config, a, dtype=dtype_name, **model_overrides)
+    models = training.Models(model=model, vae=None, text_encoder=None, vision_model=None,
+                             scaling_factor=1.0, vision_resize=0, vision_size=0,
+                             vision_mean=(0.0,) * 3, vision_std=(1.0,) * 3)
+    # The train loop's own set-up (optimizer, state, placement) on one device.
+    mesh = sharding.create_mesh({'data': 1, 'fsdp': 1}, [device])
+    return training.place_train_setup(config, mesh, models, step_config, adapter,
+                                      {'unet': base['unet']})
+
   # ---- Random weights drawn on the host (no model.init compile) ----
   params = adapter_lib.init_visual_kv_from_text(
-      common.random_params(model, a, seed=0))
+      common.random_params(common.build_model(config, a, dtype=dtype_name), a, seed=0))
   base, adapter = adapter_lib.split_params(params)
-  # The train loop's own set-up (optimizer, state, placement) on one device.
-  mesh = sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
-  setup = training.place_train_setup(config, mesh, models, step_config, adapter,
-                                     {'unet': base['unet']})
+  setup = train_setup(jax.devices()[0], remat=remat, attention_impl=attention_impl)
   state, unet_params = setup.state, setup.frozen['unet']
 
   keys = jax.random.split(jax.random.PRNGKey(2), 4)
@@ -103,12 +129,8 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   logging.info('compiled in %.1f s; timing %d steps', compile_s, steps)
-  # MFU counts the step's own FLOPs: the cost analysis of the HLO as lowered, before
-  # XLA's passes. After them, XLA:GPU leaves out work it hands to cuBLAS / cuDNN custom
-  # calls (on an H200 it counted 1.8 of 13.6 TFLOP at SD 1.5 batch 8, and did not
-  # double with the batch), so the compiled count is reported but not used.
-  flops = _flops(lowered)
-  compiled_flops = _flops(compiled)
+  program_flops, compiled_flops = _flops(lowered), _flops(compiled)
+  flops = model_flops(train_setup, latents, text, image)
 
   for _ in range(warmup):
     state, metrics = compiled(state, unet_params, latents, text, image)
@@ -130,10 +152,12 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
       'benchmark': 'train_step', 'arch': arch, 'device_kind': jax.devices()[0].device_kind,
       'platform': jax.devices()[0].platform, 'num_devices': 1, 'batch': batch,
       'dtype': dtype_name, 'remat': remat, 'attention_impl': attention_impl,
+      'fused_attention_calls': common.fused_attention_calls(lowered),
       'encoders': 'excluded', 'steps_per_sec': round(steps_per_sec, 4),
       'samples_per_sec': round(steps_per_sec * batch, 3),
       'step_ms': round(1000 * elapsed / steps, 3), 'compile_s': round(compile_s, 2),
-      'flops_per_step': flops, 'compiled_flops_per_step': compiled_flops,
+      'flops_per_step': flops, 'program_flops_per_step': program_flops,
+      'compiled_flops_per_step': compiled_flops,
       'tflops_per_sec': round(tflops, 4),
       'peak_tflops': peak_tflops or None,
       'mfu': round(tflops / peak_tflops, 4) if peak_tflops else None,

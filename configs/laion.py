@@ -29,7 +29,7 @@ def get_config():
 
   config.model.scoring_hidden = 0  # = image feature width (1024 for ViT-L/14)
   config.model.dtype = 'bfloat16'  # frozen UNet compute
-  config.model.remat = True  # 64x64 self-attention activations dominate memory
+  config.model.remat = 'dots'  # keep the matmul outputs, recompute norms and attention
 
   config.sampler.num_steps = 50  # DDIM 50 steps
   config.sampler.guidance_text = 7.5

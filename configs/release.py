@@ -50,8 +50,8 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   # The release runs in bfloat16 (pipeline.py model_type='bf16'); float32 on CPU.
   config.model.dtype = 'bfloat16'
-  config.model.attention_impl = 'xla'  # 'cudnn' | 'auto' on GPUs (self-attention only)
-  config.model.remat = False
+  config.model.attention_impl = 'auto'  # fused kernels where they apply, see configs/tiny.py
+  config.model.remat = 'none'
 
   # ---- Sampling ----
   config.sampler = ml_collections.ConfigDict()

@@ -34,12 +34,15 @@ def get_config():
   # eps 1e-6 in the transformer blocks); 'diffusers_flax': diffusers' Flax UNet's.
   config.model.numerics = 'torch'
   config.model.dtype = 'float32'  # compute dtype of the frozen UNet ('bfloat16' on accelerators)
-  # 'xla' | 'cudnn' | 'auto' (cuDNN where it accepts the head width); self-attention only.
-  config.model.attention_impl = 'xla'
+  # Attention kernels: 'auto' (per layer: cuDNN flash attention on NVIDIA GPUs in
+  # bf16/fp16, the Pallas flash kernel on TPUs, XLA elsewhere) | 'xla' | 'cudnn' | 'pallas'.
+  config.model.attention_impl = 'auto'
   # Torch resizes the mask without antialiasing; jax.image.resize antialiases when it
   # downsamples unless told not to. False follows the authors (see README).
   config.model.mask_antialias = False
-  config.model.remat = False  # rematerialise transformer blocks (saves memory in training)
+  # Transformer-block remat in training: 'none' | 'dots' (keep the matmul outputs,
+  # recompute the rest) | 'full' (recompute everything; least memory).
+  config.model.remat = 'none'
 
   # ---- Tiny random models (used when `pretrained` is empty) ----
   config.tiny = ml_collections.ConfigDict()

@@ -30,20 +30,45 @@ def _merge_heads(x: Array) -> Array:
   return x.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
 
-def self_attention_impl(requested: str, head_dim: int,
-                        device: Optional[jax.Device] = None) -> str:
-  """The self-attention kernel one layer uses: 'xla' or 'cudnn'.
+# config.model.attention_impl: 'xla' (einsum, the probabilities materialised), 'cudnn'
+# (cuDNN flash attention through `jax.nn.dot_product_attention`, NVIDIA GPUs), 'pallas'
+# (JAX's Pallas TPU flash-attention kernel) or 'auto' (chosen per layer, `layer_attention_impl`).
+ATTENTION_IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
 
-  'auto' picks cuDNN's fused (flash) attention per layer where it is available: an NVIDIA
-  GPU, and a head width that is a multiple of 8 and at most 128 (256 from Hopper, compute
-  capability 9.0). SD 1.5's widths are 40 / 80 / 160, so on an A100 its 1280-channel
-  layers stay on XLA. (`jax.nn.dot_product_attention` left to choose, as of JAX 0.10,
-  always takes XLA.) 'xla' and 'cudnn' are taken as asked.
+# cuDNN's sequence lengths are padded to a multiple of this (see `fused_attention`).
+CUDNN_MULTIPLE = 8
+
+# The Pallas TPU kernel's tile: sequence lengths (and head widths above it) are padded to
+# a multiple of this.
+PALLAS_BLOCK = 128
+
+
+def layer_attention_impl(requested: str, head_dim: int, q_len: int = 0,
+                         dtype=jnp.bfloat16, device: Optional[jax.Device] = None) -> str:
+  """The attention kernel one layer uses: 'xla', 'cudnn' or 'pallas'.
+
+  'auto' picks a fused (flash) kernel per layer where it is available and pays off:
+  - NVIDIA GPU: cuDNN for half-precision inputs (cuDNN takes no float32) and a head width
+    that is a multiple of 8 and at most 128 (256 from Hopper, compute capability 9.0).
+    SD 1.5's widths are 40 / 80 / 160, so on an A100 its 1280-channel layers stay on
+    XLA. (`jax.nn.dot_product_attention` left to choose, as of JAX 0.10, always takes
+    XLA.)
+  - TPU: the Pallas flash kernel where the query length is a multiple of its 128-row tile
+    (SD's 64x64, 32x32 and 16x16 levels); shorter maps (8x8) stay on XLA, whose score
+    tensor is small there.
+  Anything else (CPU, older GPUs) takes XLA. 'xla', 'cudnn' and 'pallas' are taken as
+  asked.
   """
+  if requested not in ATTENTION_IMPLS:
+    raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, got {requested!r}')
   if requested != 'auto':
     return requested
   device = device or jax.devices()[0]
+  if device.platform == 'tpu':
+    return 'pallas' if q_len and q_len % PALLAS_BLOCK == 0 else 'xla'
   if device.platform != 'gpu' or 'nvidia' not in device.device_kind.lower():
+    return 'xla'
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return 'xla'
   try:
     major = int(str(getattr(device, 'compute_capability', '0')).split('.')[0])
@@ -51,6 +76,88 @@ def self_attention_impl(requested: str, head_dim: int,
     major = 0
   widest = 256 if major >= 9 else 128
   return 'cudnn' if head_dim % 8 == 0 and head_dim <= widest and major >= 8 else 'xla'
+
+
+def _selected_first(k: Array, v: Array, key_mask: Array) -> tuple[Array, Array, Array]:
+  """Moves each row's selected keys (and their values) to the front: (k, v, lengths).
+
+  Softmax attention does not depend on the order of its keys, so Eq. 10's top-k mask
+  becomes a key length, which the fused kernels take with static shapes.
+  """
+  order = jnp.argsort(~key_mask, axis=-1, stable=True)
+  take = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)
+  return take(k), take(v), jnp.sum(key_mask, axis=-1).astype(jnp.int32)
+
+
+def _pad_axis(x: Array, axis: int, multiple: int) -> Array:
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, extra)
+  return jnp.pad(x, pad)
+
+
+def _pallas_attention(q: Array, k: Array, v: Array, key_mask: Optional[Array]) -> Array:
+  """JAX's Pallas TPU flash attention on (B, T, N, D) inputs, any T, S and D.
+
+  The kernel works in 128-row tiles, and takes head widths above 128 only as multiples
+  of 128: sequences are zero-padded to whole tiles, padded and unselected keys are kept
+  out through segment ids, widths are zero-padded (zeros add nothing to Q K^T, and the
+  padded output columns are dropped). The scale is the true width's.
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
+  b, t, _, d = q.shape
+  s = k.shape[1]
+  keep = jnp.ones((b, s), bool) if key_mask is None else key_mask
+  width = d if d <= PALLAS_BLOCK else d + (-d % PALLAS_BLOCK)
+  to_bhtd = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - d),)).transpose(0, 2, 1, 3)
+  q, k, v = (_pad_axis(to_bhtd(x), 2, PALLAS_BLOCK) for x in (q, k, v))
+  segments = pallas_flash.SegmentIds(
+      q=jnp.ones(q.shape[:1] + q.shape[2:3], jnp.int32),
+      kv=_pad_axis(keep.astype(jnp.int32), 1, PALLAS_BLOCK))
+  out = pallas_flash.flash_attention(q, k, v, segment_ids=segments, sm_scale=d ** -0.5)
+  return out[:, :, :t, :d].transpose(0, 2, 1, 3)
+
+
+def fused_attention(q: Array, k: Array, v: Array, impl: str,
+                    key_mask: Optional[Array] = None) -> Array:
+  """Softmax(Q K^T / sqrt(d)) V without materialising the probabilities.
+
+  Args:
+    q: (B, T, N, D) queries (heads on axis 2, `jax.nn.dot_product_attention`'s layout).
+    k: (B, S, N, D) keys.
+    v: (B, S, N, D) values.
+    impl: 'cudnn' or 'pallas' (see `layer_attention_impl`); 'xla' runs the same maths
+      through `jax.nn.dot_product_attention`'s XLA kernel.
+    key_mask: optional (B, S) bool; False keys get no attention, and a row with no key
+      at all gives zeros (as `visual_cross_attention` does).
+
+  Returns:
+    (B, T, N, D) attention output.
+  """
+  if impl == 'pallas':
+    out = _pallas_attention(q, k, v, key_mask)
+  else:
+    t, s = q.shape[1], k.shape[1]
+    keep = key_mask
+    if impl == 'cudnn' and (t % CUDNN_MULTIPLE or s % CUDNN_MULTIPLE):
+      # cuDNN's training kernels take even lengths only (JAX checks T % 2 and S % 2 for
+      # the backward pass; the 77 CLIP text tokens fail it): padded queries are
+      # dropped afterwards, padded keys are kept out through the key length.
+      keep = jnp.ones(k.shape[:2], bool) if keep is None else keep
+      q = _pad_axis(q, 1, CUDNN_MULTIPLE)
+      k, v, keep = (_pad_axis(x, 1, CUDNN_MULTIPLE) for x in (k, v, keep))
+    if keep is None:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    else:
+      k, v, lengths = _selected_first(k, v, keep)
+      out = jax.nn.dot_product_attention(
+          q, k, v, key_value_seq_lengths=jnp.maximum(lengths, 1), implementation=impl)
+    out = out[:, :t]
+  if key_mask is not None:
+    out = out * jnp.any(key_mask, axis=-1)[:, None, None, None].astype(out.dtype)
+  return out
 
 
 def attention_probs(q: Array, k: Array, key_mask: Optional[Array] = None) -> Array:
@@ -87,22 +194,28 @@ def text_cross_attention(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
 
 
 def visual_cross_attention(q: Array, k_visual: Array, v_visual: Array,
-                           token_mask: Optional[Array] = None) -> Array:
+                           token_mask: Optional[Array] = None, impl: str = 'xla') -> Array:
   """Eq. 4, second term: Softmax(Q K_i^T / sqrt(d)) V_i over the selected image tokens.
 
   The top-k selection of Eq. 10 keeps all n_i tokens (static shapes under jit) and
-  removes the unselected ones from the softmax through `token_mask`. A row with no
-  selected token (gamma_num * n_i < 1, or image dropout in training) contributes zero.
+  removes the unselected ones from the softmax through `token_mask` (a fused kernel gets
+  them as a key length, see `fused_attention`). A row with no selected token
+  (gamma_num * n_i < 1, or image dropout in training) contributes zero.
 
   Args:
     q: (B, H, Nq, D) the same queries as the text attention.
     k_visual: (B, H, Ni, D) visual keys W_Ki f_ci.
     v_visual: (B, H, Ni, D) visual values W_Vi f_ci.
     token_mask: optional (B, Ni) bool, True for selected tokens.
+    impl: 'xla' (einsum) or a fused kernel ('cudnn', 'pallas').
 
   Returns:
     (B, H, Nq, D) visual attention output.
   """
+  if impl != 'xla':
+    heads_second = lambda x: x.transpose(0, 2, 1, 3)
+    return heads_second(fused_attention(heads_second(q), heads_second(k_visual),
+                                        heads_second(v_visual), impl, token_mask))
   probs = attention_probs(q, k_visual, token_mask)
   if token_mask is not None:
     any_selected = jnp.any(token_mask, axis=-1)
@@ -144,7 +257,8 @@ def word_attention_map(probs: Array, word_weights: Array, height: int, width: in
   """The target word's map in one layer: mean over heads, summed over its token indices.
 
   Args:
-    probs: (B, H, h*w, Nt) text attention probabilities (softmax over all Nt tokens).
+    probs: (B, H, h*w, Nt) text attention probabilities (softmax over all Nt tokens) of
+      the rows that have word weights.
     word_weights: (B, Nt), 1 at each token index of the word (every BPE piece of every
       occurrence), 0 elsewhere; or (B, R, Nt), one word per reference subject.
     height: h.
@@ -163,8 +277,8 @@ def word_attention_map(probs: Array, word_weights: Array, height: int, width: in
 
 def multi_reference_visual_attention(q: Array, k_visual: Array, v_visual: Array,
                                      token_mask: Optional[Array], scope: Optional[Array],
-                                     height: int, width: int,
-                                     antialias: bool = False) -> Array:
+                                     height: int, width: int, antialias: bool = False,
+                                     impl: str = 'xla') -> Array:
   """Several reference subjects: each attends alone, is gated by its own scope, summed.
 
   What the release's processor does with `multiple_reference_image` (one softmax per
@@ -179,6 +293,7 @@ def multi_reference_visual_attention(q: Array, k_visual: Array, v_visual: Array,
     height: the layer's h.
     width: the layer's w.
     antialias: see `resize_scope`.
+    impl: see `visual_cross_attention`.
 
   Returns:
     (B, Nq, H*D) the summed, gated visual output (heads merged).
@@ -186,7 +301,8 @@ def multi_reference_visual_attention(q: Array, k_visual: Array, v_visual: Array,
   total = 0.0
   for r in range(k_visual.shape[1]):
     out = _merge_heads(visual_cross_attention(
-        q, k_visual[:, r], v_visual[:, r], None if token_mask is None else token_mask[:, r]))
+        q, k_visual[:, r], v_visual[:, r], None if token_mask is None else token_mask[:, r],
+        impl))
     if scope is not None:
       out = gate_by_scope(out, scope[:, r], height, width, antialias)
     total = total + out
@@ -201,9 +317,10 @@ class Attention(nn.Module):
     heads: number of heads.
     dim_head: width per head.
     is_cross: attn2 (keys from the text, and the optional visual branch).
-    attention_impl: 'xla' (einsum) or an implementation name for
-      `jax.nn.dot_product_attention` ('cudnn', or 'auto': see `self_attention_impl`); used for
-      self-attention only, since cross-attention needs its probabilities.
+    attention_impl: one of ATTENTION_IMPLS, resolved per layer by `layer_attention_impl`.
+      A fused kernel never forms the probability tensor; where probabilities are read
+      (the word maps of Eq. 11, the release's self-attention maps) they are computed
+      for the rows that need them only, beside the fused output.
     mask_antialias: see `resize_scope`.
     dtype: compute dtype.
   """
@@ -226,8 +343,10 @@ class Attention(nn.Module):
 
     `visual_tokens` (B, Ni, c) is one subject; (B, R, Ni, c) is R reference subjects,
     with `visual_token_mask` (B, R, Ni) and `scope_mask` (B, R, H0, W0) per reference
-    (see `multi_reference_visual_attention`). `word_weights` (B, Nt) sows one word map,
-    (B, R, Nt) one per reference.
+    (see `multi_reference_visual_attention`). `word_weights` (B_w, Nt) sows one word map,
+    (B_w, R, Nt) one per reference, for the LAST B_w <= B rows (the sampler's
+    [uncond, T2I] call passes weights for its T2I half, and the uncond half's maps are
+    never computed).
     """
     inner = self.heads * self.dim_head
     dense = lambda name, bias=False: nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=name)
@@ -236,36 +355,56 @@ class Attention(nn.Module):
     q = dense('to_q')(hidden_states)
     k = dense('to_k')(context)
     v = dense('to_v')(context)
+    impl = layer_attention_impl(self.attention_impl, self.dim_head, q.shape[1], self.dtype)
 
     if not self.is_cross:
-      out = self._self_attention(q, k, v, sow=is_self)
-    else:
-      qh = _split_heads(q, self.heads)
-      text_out, probs = text_cross_attention(qh, _split_heads(k, self.heads),
-                                             _split_heads(v, self.heads))
-      out = _merge_heads(text_out)
-      if word_weights is not None:
-        self.sow('intermediates', 'word_map',
-                 word_attention_map(probs, word_weights, *spatial))
-      if visual_tokens is not None and visual_tokens.ndim == 4:
-        split = lambda x: jax.vmap(_split_heads, (1, None), 1)(x, self.heads)
-        out = out + multi_reference_visual_attention(
-            qh, split(dense('to_k_visual')(visual_tokens)),
-            split(dense('to_v_visual')(visual_tokens)), visual_token_mask, scope_mask,
-            *spatial, antialias=self.mask_antialias)
-      elif visual_tokens is not None:
-        k_vis = dense('to_k_visual')(visual_tokens)
-        v_vis = dense('to_v_visual')(visual_tokens)
-        vis = _merge_heads(visual_cross_attention(
-            qh, _split_heads(k_vis, self.heads), _split_heads(v_vis, self.heads),
-            visual_token_mask))
-        if scope_mask is not None:
-          vis = gate_by_scope(vis, scope_mask, *spatial, antialias=self.mask_antialias)
-        out = out + vis
-    return nn.Dense(self.query_dim, dtype=self.dtype, name='to_out_0')(out)
+      return self._out(self._self_attention(q, k, v, impl, sow=is_self))
+    qh = _split_heads(q, self.heads)
+    out = self._text_attention(q, qh, k, v, impl, spatial, word_weights)
+    if visual_tokens is not None and visual_tokens.ndim == 4:
+      split = lambda x: jax.vmap(_split_heads, (1, None), 1)(x, self.heads)
+      out = out + multi_reference_visual_attention(
+          qh, split(dense('to_k_visual')(visual_tokens)),
+          split(dense('to_v_visual')(visual_tokens)), visual_token_mask, scope_mask,
+          *spatial, antialias=self.mask_antialias, impl=impl)
+    elif visual_tokens is not None:
+      k_vis = dense('to_k_visual')(visual_tokens)
+      v_vis = dense('to_v_visual')(visual_tokens)
+      vis = _merge_heads(visual_cross_attention(
+          qh, _split_heads(k_vis, self.heads), _split_heads(v_vis, self.heads),
+          visual_token_mask, impl))
+      if scope_mask is not None:
+        vis = gate_by_scope(vis, scope_mask, *spatial, antialias=self.mask_antialias)
+      out = out + vis
+    return self._out(out)
 
-  def _self_attention(self, q: Array, k: Array, v: Array, sow: bool = False) -> Array:
-    impl = self_attention_impl(self.attention_impl, self.dim_head)
+  def _out(self, x: Array) -> Array:
+    return nn.Dense(self.query_dim, dtype=self.dtype, name='to_out_0')(x)
+
+  def _heads_last(self, x: Array) -> Array:
+    """(B, N, H*D) -> (B, N, H, D), the fused kernels' layout (a free reshape)."""
+    return x.reshape(x.shape[:2] + (self.heads, self.dim_head))
+
+  def _text_attention(self, q: Array, qh: Array, k: Array, v: Array, impl: str,
+                      spatial: tuple[int, int], word_weights: Optional[Array]) -> Array:
+    """Eq. 3, and the word maps of the rows that have word weights (sown)."""
+    kh = _split_heads(k, self.heads)
+    if impl == 'xla':
+      out, probs = text_cross_attention(qh, kh, _split_heads(v, self.heads))
+      out = _merge_heads(out)
+    else:
+      out = fused_attention(*(self._heads_last(x) for x in (q, k, v)), impl)
+      out = out.reshape(q.shape)
+    if word_weights is not None:
+      rows = word_weights.shape[0]
+      if impl != 'xla':  # the maps' rows only, not the fused output's
+        probs = attention_probs(qh[-rows:], kh[-rows:])
+      self.sow('intermediates', 'word_map',
+               word_attention_map(probs[-rows:], word_weights, *spatial))
+    return out
+
+  def _self_attention(self, q: Array, k: Array, v: Array, impl: str,
+                      sow: bool = False) -> Array:
     sow = sow and self.is_mutable_collection(SELF_ATTENTION_MAPS)
     if impl == 'xla' or sow:
       qh, kh, vh = (_split_heads(x, self.heads) for x in (q, k, v))
@@ -274,8 +413,5 @@ class Attention(nn.Module):
         self.sow(SELF_ATTENTION_MAPS, 'self_map', probs)
     if impl == 'xla':
       return _merge_heads(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(vh.dtype), vh))
-    b, n, _ = q.shape
-    shape = (b, n, self.heads, self.dim_head)
-    out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                       implementation=impl)
-    return out.reshape(b, n, self.heads * self.dim_head)
+    out = fused_attention(*(self._heads_last(x) for x in (q, k, v)), impl)
+    return out.reshape(q.shape)

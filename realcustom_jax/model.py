@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from realcustom_jax import adapter as adapter_lib
+from realcustom_jax.attention import ATTENTION_IMPLS
 from realcustom_jax.attention import resize_scope
 from realcustom_jax.release_encoder import RELEASE_DIM_HEAD
 from realcustom_jax.release_encoder import RELEASE_VISION_DIM
@@ -28,6 +29,7 @@ from realcustom_jax.scoring import SCORINGS
 from realcustom_jax.scoring import AdaptiveScoring
 from realcustom_jax.unet import NUMERICS
 from realcustom_jax.unet import RealCustomUNet
+from realcustom_jax.unet import remat_policy
 
 Array = jax.Array
 
@@ -127,8 +129,9 @@ class RealCustom(nn.Module):
         None: no gating (training).
       image_keep: (B,) bool; False drops the subject for that row (condition dropout
         in training), making the row a pure T2I prediction.
-      word_weights: (B, n_t) target-word token weights; every attn2 then sows its
-        word map (read them with `word_maps`).
+      word_weights: (B, n_t) target-word token weights, or (B_w, n_t) for the last B_w
+        rows only (their maps alone are computed); every attn2 then sows its word map
+        (read them with `word_maps`).
       added_cond: SDXL's {'text_embeds', 'time_ids'} (see `RealCustomUNet`); None for
         SD 1.x / 2.x.
 
@@ -182,14 +185,11 @@ class RealCustom(nn.Module):
     return self.subject_projector(global_features, local_features)
 
 
-ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
-
-
 # `config.model` as configs/tiny.py sets it; keys a config lacks take these values.
 # The release_* keys are read with projector='release_highres' only (the authors' widths).
 DEFAULT_MODEL_CONFIG = dict(scoring_hidden=0, fusion='timestep', scoring='adaptive',
-                            numerics='torch', dtype='float32', attention_impl='xla',
-                            mask_antialias=False, remat=False, projector='paper',
+                            numerics='torch', dtype='float32', attention_impl='auto',
+                            mask_antialias=False, remat='none', projector='paper',
                             release_vision_dim=RELEASE_VISION_DIM,
                             release_dim_head=RELEASE_DIM_HEAD)
 
@@ -206,6 +206,10 @@ def check_model_config(m) -> None:
                        ('attention_impl', ATTENTION_IMPLS), ('projector', PROJECTORS)):
     if m[key] not in allowed:
       raise ValueError(f'config.model.{key} must be one of {allowed}, got {m[key]!r}')
+  try:
+    remat_policy(m['remat'])
+  except ValueError as e:
+    raise ValueError(f'config.model.{e}') from None
   hidden = m['scoring_hidden']
   if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
     raise ValueError('config.model.scoring_hidden must be an integer >= 0 (0: image '
@@ -232,7 +236,7 @@ def build_model(config, unet_config) -> RealCustom:
   check_model_config(config.model)
   m = _model_settings(config.model)
   unet = RealCustomUNet.from_config(
-      unet_config, dtype=DTYPES[m['dtype']], remat=bool(m['remat']),
+      unet_config, dtype=DTYPES[m['dtype']], remat=m['remat'],
       attention_impl=m['attention_impl'], mask_antialias=bool(m['mask_antialias']),
       numerics=m['numerics'])
   return RealCustom(unet=unet, scoring_hidden=int(m['scoring_hidden']), fusion=m['fusion'],

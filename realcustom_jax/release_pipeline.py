@@ -64,7 +64,7 @@ def release_config() -> ml_collections.ConfigDict:
                   dino_layers=release_encoder.RELEASE_DINO_LAYERS,
                   patchify_scale=release_encoder.RELEASE_PATCHIFY_SCALE),
       model=dict(dtype='float32' if jax.default_backend() == 'cpu' else 'bfloat16',
-                 attention_impl='xla', remat=False),
+                 attention_impl='auto', remat='none'),
       sampler=dict(num_steps=RELEASE_NUM_STEPS, solver=defaults.SOLVER,
                    guidance_image=RELEASE_GUIDANCE, gamma_scope=RELEASE_MASK_SCOPE,
                    mask_strategy=RELEASE_MASK_STRATEGY,
@@ -185,7 +185,7 @@ class ReleasePipeline:
     model_config = dict(model_lib.DEFAULT_MODEL_CONFIG, **dict(self.config.get('model', {})))
     self.model = release.build_release_model(
         sdxl.unet_config, adapter_metadata, dtype=model_lib.DTYPES[model_config['dtype']],
-        attention_impl=model_config['attention_impl'], remat=bool(model_config['remat']))
+        attention_impl=model_config['attention_impl'], remat=model_config['remat'])
     down = factor * 2 ** (len(self.model.unet.block_out_channels) - 1) * 2
     if self.height % down or self.width % down or self.height < down or self.width < down:
       raise ValueError(f'height {self.height} and width {self.width} must be positive '

@@ -596,8 +596,6 @@ def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, la
   release = settings.guidance_mode == 'release'
   # Everything derived from the conditions alone is built once, outside the scan body.
   pair_text = jnp.concatenate([uncond_emb, text_emb], axis=0)
-  # Zero weights on the uncond half: its word maps are computed but never read.
-  pair_weights = jnp.concatenate([jnp.zeros_like(word_weights), word_weights], axis=0)
   if added_cond is not None:
     pair_added = _rows(added_cond if uncond_added_cond is None else uncond_added_cond,
                        added_cond)
@@ -607,12 +605,16 @@ def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, la
     pair_image = _rows(uncond_image_feats, image_feats)
 
   def text_branches(z, t):
-    """[uncond, T2I] in ONE call: eps(0), eps_T2I and the T2I word (and self) maps."""
+    """[uncond, T2I] in ONE call: eps(0), eps_T2I and the T2I word (and self) maps.
+
+    The word weights cover the last b rows (the T2I half), so the layers compute word
+    maps for those rows only (see `attention.Attention`).
+    """
     eps, maps, self_maps = _attention_maps(
         model, params, jnp.concatenate([z, z], axis=0), jnp.full((2 * b,), t),
-        pair_text, word_weights=pair_weights, self_maps=want_self_maps,
+        pair_text, word_weights=word_weights, self_maps=want_self_maps,
         **_added(pair_added))
-    return eps[:b], eps[b:], [m[b:] for m in maps], [m[b:] for m in self_maps]
+    return eps[:b], eps[b:], maps, [m[b:] for m in self_maps]
 
   def mask_pass(z, t):
     """The release's extra pass: T2I alone, for its maps; the scope."""

@@ -127,16 +127,41 @@ class TransformerBlock(nn.Module):
   def __call__(self, x: Array, context: Array, spatial: tuple[int, int],
                visual: Mapping[str, Any]) -> Array:
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
-    attn = lambda name, cross, impl='xla': Attention(
-        self.dim, self.heads, self.dim_head, is_cross=cross, attention_impl=impl,
-        mask_antialias=self.mask_antialias, dtype=self.dtype, name=name)
+    attn = lambda name, cross: Attention(
+        self.dim, self.heads, self.dim_head, is_cross=cross,
+        attention_impl=self.attention_impl, mask_antialias=self.mask_antialias,
+        dtype=self.dtype, name=name)
     h = norm('norm1')(x)
     if self.only_cross_attention:
       x = x + attn('attn1', False)(h, context)
     else:
-      x = x + attn('attn1', False, self.attention_impl)(h)
+      x = x + attn('attn1', False)(h)
     x = x + attn('attn2', True)(norm('norm2')(x), context, spatial=spatial, **visual)
     return x + FeedForward(self.dim, self.exact_gelu, self.dtype, name='ff')(norm('norm3')(x))
+
+
+# config.model.remat: what each transformer block keeps for the backward pass. 'full'
+# recomputes the whole block; 'dots' keeps the outputs of its matmuls without batch
+# dimensions (the projections and the feed-forward: costly to recompute, a few
+# (B, N, C) tensors to keep) and recomputes the norms, activations and attention (a fused
+# kernel recomputes its scores anyway). 'none' (or False) keeps everything.
+REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_policy(remat: Any) -> Optional[str]:
+  """None (no remat) or a REMAT_POLICIES key, from a policy name or a bool (True = 'full').
+
+  Raises:
+    ValueError: for anything else.
+  """
+  if remat is False or remat == 'none':
+    return None
+  if remat is True:
+    return 'full'
+  if isinstance(remat, str) and remat in REMAT_POLICIES:
+    return remat
+  raise ValueError(f"remat must be True, False, 'none' or one of {tuple(REMAT_POLICIES)}, "
+                   f'got {remat!r}')
 
 
 class Transformer2D(nn.Module):
@@ -147,7 +172,7 @@ class Transformer2D(nn.Module):
   only_cross_attention: bool = False
   attention_impl: str = 'xla'
   mask_antialias: bool = False
-  remat: bool = False
+  remat: Any = False  # see REMAT_POLICIES
   numerics: str = 'torch'
   dtype: jnp.dtype = jnp.float32
 
@@ -164,7 +189,9 @@ class Transformer2D(nn.Module):
       x = proj('proj_in')(x.reshape(b, h * w, c))
     else:
       x = proj('proj_in')(x).reshape(b, h * w, c)
-    block_cls = nn.remat(TransformerBlock, static_argnums=(3,)) if self.remat else TransformerBlock
+    policy = remat_policy(self.remat)
+    block_cls = (TransformerBlock if policy is None else
+                 nn.remat(TransformerBlock, static_argnums=(3,), policy=REMAT_POLICIES[policy]))
     for i in range(self.depth):
       x = block_cls(c, self.heads, c // self.heads, self.only_cross_attention,
                     self.attention_impl, self.mask_antialias, self.numerics == 'torch',
@@ -192,7 +219,7 @@ class _AttnSettings:
   use_linear_projection: bool
   attention_impl: str
   mask_antialias: bool
-  remat: bool
+  remat: Any
   numerics: str
 
 
@@ -372,7 +399,7 @@ class RealCustomUNet(nn.Module):
   projection_class_embeddings_input_dim: Optional[int] = None
   attention_impl: str = 'xla'
   mask_antialias: bool = False
-  remat: bool = False
+  remat: Any = False  # see REMAT_POLICIES
   numerics: str = 'torch'  # see NUMERICS
   dtype: jnp.dtype = jnp.float32
 
@@ -461,8 +488,9 @@ class RealCustomUNet(nn.Module):
         branch off (the T2I and unconditional branches).
       visual_token_mask: (B, Ni) bool, the tokens kept by Eq. 10's top-k.
       scope_mask: (B, H0, W0) influence scope (Eq. 11) gating the visual output (Eq. 12).
-      word_weights: (B, Nt) token weights of the target word; when given, every attn2
-        sows its word map into the 'intermediates' collection (see `model.word_maps`).
+      word_weights: (B, Nt) token weights of the target word, or (B_w, Nt) for the last
+        B_w rows only; when given, every attn2 sows its word map into the
+        'intermediates' collection (see `model.word_maps`).
       added_cond: SDXL only (required there, refused elsewhere): {'text_embeds': (B, P)
         pooled text embedding, 'time_ids': (B, n) size/crop micro-conditions},
         diffusers' `added_cond_kwargs`.

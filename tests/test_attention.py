@@ -79,3 +79,125 @@ def test_several_references_each_attend_alone_gated_by_their_scope(inputs):
   for r, (_, state) in enumerate(alone):
     np.testing.assert_allclose(maps[:, r], jax.tree.leaves(state)[0], atol=1e-6)
   np.testing.assert_allclose(first, with_zero, atol=1e-6)
+
+
+# ---- Fused kernels (issue 13): values and gradients against the einsum path ----
+
+def _reference_attention(q, k, v, key_mask):
+  """The einsum path in the fused kernels' (B, T, N, D) layout."""
+  heads_second = lambda x: x.transpose(0, 2, 1, 3)
+  return heads_second(attention.visual_cross_attention(
+      heads_second(q), heads_second(k), heads_second(v), key_mask))
+
+
+@pytest.mark.parametrize('impl, width, masked', [
+    # 'xla' runs the call the cuDNN path makes (selected keys first, key lengths) through
+    # JAX's own kernel: cuDNN needs a GPU, the call and its arguments do not.
+    ('xla', 40, True), ('xla', 40, False),
+    # The TPU kernel in Pallas' interpret mode: 40 queries and 77 keys padded to its
+    # 128-row tiles, width 160 padded to 256, unselected keys as segment ids.
+    ('pallas', 160, True),
+])
+def test_fused_attention_matches_the_einsum_path(impl, width, masked):
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  b, t, s, n = 2, 40, 77, 1
+  q, k, v = (_normal(rng, b, length, n, width) for length in (t, s, s))
+  key_mask = None
+  if masked:  # an unordered selection, and a row with none selected (image dropout)
+    key_mask = jnp.asarray(rng.uniform(size=(b, s)) > 0.4).at[1].set(False)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+  fused = lambda q, k, v: attention.fused_attention(q, k, v, impl, key_mask)
+  reference = lambda q, k, v: _reference_attention(q, k, v, key_mask)
+  want, want_grads = jax.value_and_grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  with pltpu.force_tpu_interpret_mode():
+    got, got_grads = jax.jit(jax.value_and_grad(loss(fused), argnums=(0, 1, 2)))(q, k, v)
+    out = jax.jit(fused)(q, k, v)
+  chex.assert_shape(out, (b, t, n, width))
+  chex.assert_trees_all_close(out, reference(q, k, v), atol=2e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  chex.assert_trees_all_close(got_grads, want_grads, atol=5e-5)
+  if masked:
+    np.testing.assert_array_equal(out[1], 0.0)
+
+
+def test_fused_layers_match_xla_and_compute_word_maps_for_the_last_rows_only(inputs,
+                                                                            monkeypatch):
+  # attn2 with the visual branch (top-k mask) and word maps for the last row only, as
+  # the sampler's [uncond, T2I] call asks; 'cudnn' is run by JAX's XLA kernel on CPU.
+  spatial = (H, W)
+  xla = attention.Attention(WIDTH, HEADS, DIM_HEAD, is_cross=True)
+  fused = attention.Attention(WIDTH, HEADS, DIM_HEAD, is_cross=True, attention_impl='cudnn')
+  vis, mask = inputs['refs'][:, 0], inputs['token_mask'][:, 0]
+  params = {'params': xla.init(jax.random.PRNGKey(2), inputs['hidden'], inputs['context'],
+                               visual_tokens=vis, spatial=spatial)['params']}
+  words = inputs['words'][:, 0]
+  run = lambda layer, rows: layer.apply(
+      params, inputs['hidden'], inputs['context'], spatial=spatial, visual_tokens=vis,
+      visual_token_mask=mask, word_weights=words[-rows:], mutable=['intermediates'])
+  want, want_state = run(xla, B)
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def on_cpu(*args, implementation=None, **kwargs):
+    calls.append((implementation, 'key_value_seq_lengths' in kwargs))
+    return real(*args, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
+  got, state = run(fused, 1)
+  # text (5 tokens: padded to 8, so with a key length), then visual (the top-k)
+  assert calls == [('cudnn', True), ('cudnn', True)]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  (maps,), (want_maps,) = (jax.tree.leaves(s) for s in (state, want_state))
+  chex.assert_shape(maps, (1, H, W))
+  np.testing.assert_allclose(maps, want_maps[-1:], atol=1e-6)
+
+
+@pytest.mark.parametrize('requested, head_dim, q_len, dtype, platform, want', [
+    ('auto', 40, 4096, jnp.bfloat16, 'tpu', 'pallas'),
+    ('auto', 160, 256, jnp.float32, 'tpu', 'pallas'),  # width padded, f32 fine on TPU
+    ('auto', 40, 64, jnp.bfloat16, 'tpu', 'xla'),  # under one 128-row tile
+    ('auto', 40, 4096, jnp.float32, 'gpu', 'xla'),  # cuDNN takes half precision only
+    ('auto', 40, 4096, jnp.float16, 'gpu', 'cudnn'),
+    ('pallas', 40, 64, jnp.float32, 'gpu', 'pallas'),  # as asked
+])
+def test_auto_picks_the_fused_kernel_per_layer(requested, head_dim, q_len, dtype, platform,
+                                               want):
+  import types  # pylint: disable=g-import-not-at-top
+  device = types.SimpleNamespace(platform=platform, compute_capability='9.0',
+                                 device_kind='TPU v5 lite' if platform == 'tpu'
+                                 else 'NVIDIA H100 80GB HBM3')
+  assert attention.layer_attention_impl(requested, head_dim, q_len, dtype, device) == want
+
+
+def test_unknown_attention_impl_is_refused():
+  with pytest.raises(ValueError, match="attention_impl must be one of .*'flash'"):
+    attention.layer_attention_impl('flash', 40, 4096)
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_cudnn_call_gets_even_padded_lengths_and_matches(masked, monkeypatch):
+  # cuDNN's backward pass takes even sequence lengths only; 39 queries and the 77 CLIP
+  # text tokens are padded to multiples of 8 and the padding is kept out (JAX's XLA
+  # kernel stands in for cuDNN behind the same call on a CPU).
+  rng = np.random.default_rng(4)
+  b, t, s, n, d = 2, 39, 77, 2, 8
+  q, k, v = (_normal(rng, b, length, n, d) for length in (t, s, s))
+  key_mask = jnp.asarray(rng.uniform(size=(b, s)) > 0.4) if masked else None
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def on_cpu(q, k, v, *, implementation=None, **kwargs):
+    calls.append((implementation, q.shape[1], k.shape[1]))
+    return real(q, k, v, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+  fused = lambda q, k, v: attention.fused_attention(q, k, v, 'cudnn', key_mask)
+  reference = lambda q, k, v: _reference_attention(q, k, v, key_mask)
+  got, got_grads = jax.value_and_grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
+  want, want_grads = jax.value_and_grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  assert calls and all(c == ('cudnn', 40, 80) for c in calls)
+  chex.assert_shape(fused(q, k, v), (b, t, n, d))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  chex.assert_trees_all_close(got_grads, want_grads, atol=5e-5)

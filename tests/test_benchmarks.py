@@ -51,9 +51,12 @@ def test_sampling_benchmark_rejects_bad_flags():
 def test_train_step_benchmark_counts_flops_and_mfu_and_writes_a_trace(tmp_path):
   prof = tmp_path / 'prof'
   r = _last_json(_run('benchmarks.train_step', '--steps=2', '--warmup=1', '--peak_tflops=1',
-                      f'--profile_dir={prof}'))
+                      f'--profile_dir={prof}', '--remat=dots'))
   assert r['benchmark'] == 'train_step' and r['encoders'] == 'excluded'
   assert r['flops_per_step'] > 0 and r['steps_per_sec'] > 0
+  # MFU counts model FLOPs: the remat program recomputes, the model count does not.
+  assert r['program_flops_per_step'] > r['flops_per_step'] and r['remat'] == 'dots'
+  assert r['fused_attention_calls'] == 0  # XLA attention on a CPU
   assert abs(r['mfu'] - r['tflops_per_sec'] / 1.0) < 1e-3
   assert abs(r['tflops_per_sec'] - r['flops_per_step'] * r['steps_per_sec'] / 1e12) < 1e-3
   assert r['adapter_params'] > 0 and r['frozen_unet_params'] > r['adapter_params']
@@ -92,6 +95,28 @@ def test_summarize_groups_ops_by_kind_and_module():
   assert [k['share'] for k in s['kinds']] == [0.6, 0.4]
   by_op = trace_summary.summarize(events, module='', by='op')
   assert by_op['kinds'][0]['op'] == 'fusion.4' and by_op['busy_us'] == 600.0
+
+
+def test_summarize_groups_command_buffer_kernels_by_name_and_category():
+  # On a GPU the kernels of a command buffer all carry the buffer's op name.
+  def kernel(name, dur, op='command_buffer_12'):
+    return {'ph': 'X', 'dur': dur, 'name': name,
+            'args': {'hlo_op': op, 'hlo_module': 'jit_step'}}
+  events = [kernel('cudnn_generated_fort_native_sdpa_sm90_flash_fprop', 50.0),
+            kernel('nvjet_tst_128x256_64x4_2x1_v_bz_TNT', 30.0),
+            kernel('loop_multiply_fusion_3', 5.0), kernel('loop_multiply_fusion_12', 5.0),
+            kernel('sm90_xmma_fprop_implicit_gemm_bf16', 8.0, op='cudnn-conv-bias-activation.4'),
+            kernel('memset32_aligned1D', 2.0),
+            # Not what their names' substrings suggest: a cast, and cuDNN attention's own.
+            kernel('loop_convert_fusion_2', 1.0),
+            kernel('void cudnn::fusion::convert_dq_to_16bits<true>(void const*)', 4.0)]
+  by_kernel = trace_summary.summarize(events, by='kernel')
+  assert ('loop_multiply_fusion', 10.0, 2) in [
+      (k['op'], k['us'], k['count']) for k in by_kernel['kinds']]
+  by_category = trace_summary.summarize(events, by='category')
+  assert [(k['op'], k['us']) for k in by_category['kinds']] == [
+      ('attention', 54.0), ('matmul', 30.0), ('fused elementwise / reduction', 11.0),
+      ('convolution', 8.0), ('other', 2.0)]
 
 
 def test_random_params_match_init_shapes_and_scales():

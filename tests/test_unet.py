@@ -171,13 +171,24 @@ def test_remat_gives_the_same_output():
   cfg = SD1_LIKE
   x, t, ctx, vis = _inputs(cfg)
   plain = RealCustomUNet.from_config(cfg)
-  remat = RealCustomUNet.from_config(cfg, remat=True)
   params = tiny.host_random_params(jax.eval_shape(
       plain.init, jax.random.PRNGKey(0), x, t, ctx, visual_tokens=vis)['params'], seed=0)
   loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x, t, ctx, visual_tokens=vis) ** 2)
   g1 = jax.jit(jax.grad(loss(plain)))(params)
-  g2 = jax.jit(jax.grad(loss(remat)))(params)
-  chex.assert_trees_all_close(g1, g2, atol=1e-5, rtol=1e-5)
+  for policy in (True, 'dots'):  # everything recomputed; the matmul outputs kept
+    remat = RealCustomUNet.from_config(cfg, remat=policy)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss(remat)))(params))
+    assert 'remat' in jaxpr or 'checkpoint' in jaxpr
+    g2 = jax.jit(jax.grad(loss(remat)))(params)
+    chex.assert_trees_all_close(g1, g2, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_remat_policy_is_refused():
+  cfg = SD1_LIKE
+  x, t, ctx, _ = _inputs(cfg)
+  with pytest.raises(ValueError, match="remat must be .*'dots'"):
+    jax.eval_shape(RealCustomUNet.from_config(cfg, remat='sometimes').init,
+                   jax.random.PRNGKey(0), x, t, ctx)
 
 
 def test_fused_attention_call_matches_xla_in_value_and_gradient(monkeypatch):
@@ -223,7 +234,7 @@ def _device(platform='gpu', kind='NVIDIA H100 80GB HBM3', cc='9.0'):
 ])
 def test_auto_picks_cudnn_only_where_it_accepts_the_head_width(requested, head_dim, device,
                                                               want):
-  assert attention.self_attention_impl(requested, head_dim, device) == want
+  assert attention.layer_attention_impl(requested, head_dim, device=device) == want
 
 
 def test_unknown_numerics_is_refused():
