@@ -183,14 +183,6 @@ def test_remat_gives_the_same_output():
     chex.assert_trees_all_close(g1, g2, atol=1e-5, rtol=1e-5)
 
 
-def test_unknown_remat_policy_is_refused():
-  cfg = SD1_LIKE
-  x, t, ctx, _ = _inputs(cfg)
-  with pytest.raises(ValueError, match="remat must be .*'dots'"):
-    jax.eval_shape(RealCustomUNet.from_config(cfg, remat='sometimes').init,
-                   jax.random.PRNGKey(0), x, t, ctx)
-
-
 def test_fused_attention_call_matches_xla_in_value_and_gradient(monkeypatch):
   # The 'cudnn' path calls jax.nn.dot_product_attention (B, T, N, H layout). cuDNN needs
   # a GPU, so here the layer is told to take that path and JAX runs its own XLA kernel
@@ -237,11 +229,13 @@ def test_auto_picks_cudnn_only_where_it_accepts_the_head_width(requested, head_d
   assert attention.layer_attention_impl(requested, head_dim, device=device) == want
 
 
-def test_unknown_numerics_is_refused():
+@pytest.mark.parametrize('setting, message', [
+    (dict(numerics='jax'), 'numerics'), (dict(remat='sometimes'), "remat must be .*'dots'")])
+def test_unknown_numerics_or_remat_is_refused(setting, message):
   cfg = SD1_LIKE
   x, t, ctx, _ = _inputs(cfg)
-  with pytest.raises(ValueError, match='numerics'):
-    jax.eval_shape(RealCustomUNet.from_config(cfg, numerics='jax').init,
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(RealCustomUNet.from_config(cfg, **setting).init,
                    jax.random.PRNGKey(0), x, t, ctx)
 
 
