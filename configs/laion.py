@@ -43,6 +43,9 @@ def get_config():
   config.data.min_aesthetic = 5.0  # aesthetic-score filter of LAION-5B (Sec. 4.1)
   config.data.batch_size = 256  # global (assumed; the paper does not state it)
   config.data.worker_count = 8
+  # True: encoders once, before training (README "Precomputed features"); prepare them with
+  # `python -m train.prepare ... --config.data.precompute_features=True` before a pod run.
+  config.data.precompute_features = False
 
   config.train.num_steps = 160_000  # "16w iterations"
   config.train.learning_rate = 1e-4

@@ -12,6 +12,11 @@ adapter leaves only. One step (one `jax.jit`, encoders included):
   image dropout: the subject is dropped for a fraction of rows (guidance training)
   loss = || eps - eps_theta(z_t, t, f_ct, f_ci) ||^2                           (Eq. 1)
 
+With precomputed features (`config.data.precompute_features`, train/precompute.py) the
+encoders ran once over the data set: `precomputed_train_step` takes the stored
+posterior moments and CLIP features and draws z_0 = s (mean + std * eps) with the same
+randomness as `train_step`, so both steps see the same eps, t and gamma_num.
+
 Kept free of the data pipeline (grain, tfds) and of checkpointing, so benchmarks and
 tests build and run the step without them; the loop is `train/train.py`.
 Config keys read: `config.model.*`, `config.seed`, `config.resolution` and
@@ -202,19 +207,43 @@ def vision_pixels(images: Array, models: Models) -> Array:
   return jnp.transpose(x, (0, 3, 1, 2))
 
 
-def encode_batch(frozen: Mapping, batch: Mapping[str, Array], rng: Array,
-                 models: Models) -> tuple[Array, Array, Array]:
-  """The frozen encoders: (z_0 NCHW, f_ct, f_ci) for a batch of images and captions."""
+def encode_features(frozen: Mapping, batch: Mapping[str, Array],
+                    models: Models) -> dict[str, Array]:
+  """The frozen encoders' deterministic outputs for a batch of images and captions.
+
+  What precomputation stores (train/precompute.py): the VAE posterior's moments rather
+  than one draw from it, so every step still draws its own z_0 (`sample_latents`).
+
+  Returns:
+    {'latent_mean', 'latent_std': (B, h, w, c) NHWC as the VAE gives them, unscaled;
+     'text': (B, L, c_t) f_ct; 'image': (B, n, c_i) f_ci}, in the encoders' dtype.
+  """
   images = batch['image'].astype(jnp.float32)
   posterior = models.vae.apply({'params': frozen['vae']}, jnp.transpose(images, (0, 3, 1, 2)),
                                method=models.vae.encode).latent_dist
-  latents = jnp.transpose(posterior.sample(rng), (0, 3, 1, 2)) * models.scaling_factor
-  text = encoders.encode_text(models.text_encoder, frozen['text'], batch['input_ids'])
-  image = encoders.image_features(models.vision_model, frozen['vision'],
-                                  vision_pixels(images, models))
-  return (jax.lax.stop_gradient(latents.astype(jnp.float32)),
-          jax.lax.stop_gradient(text.astype(jnp.float32)),
-          jax.lax.stop_gradient(image.astype(jnp.float32)))
+  return {'latent_mean': posterior.mean, 'latent_std': posterior.std,
+          'text': encoders.encode_text(models.text_encoder, frozen['text'], batch['input_ids']),
+          'image': encoders.image_features(models.vision_model, frozen['vision'],
+                                           vision_pixels(images, models))}
+
+
+def sample_latents(mean: Array, std: Array, rng: Array, scaling_factor: float) -> Array:
+  """z_0 = scaling_factor * (mean + std * eps), NCHW; eps drawn as diffusers'
+  `FlaxDiagonalGaussianDistribution.sample` draws it (NHWC), so a stored posterior and
+  the live one give the same z_0 for the same rng."""
+  mean, std = mean.astype(jnp.float32), std.astype(jnp.float32)
+  z = mean + std * jax.random.normal(rng, mean.shape, jnp.float32)
+  return jnp.transpose(z, (0, 3, 1, 2)) * scaling_factor
+
+
+def encode_batch(frozen: Mapping, batch: Mapping[str, Array], rng: Array,
+                 models: Models) -> tuple[Array, Array, Array]:
+  """The frozen encoders: (z_0 NCHW, f_ct, f_ci) for a batch of images and captions."""
+  f = encode_features(frozen, batch, models)
+  latents = sample_latents(f['latent_mean'], f['latent_std'], rng, models.scaling_factor)
+  return (jax.lax.stop_gradient(latents),
+          jax.lax.stop_gradient(f['text'].astype(jnp.float32)),
+          jax.lax.stop_gradient(f['image'].astype(jnp.float32)))
 
 
 def adapter_step(state: State, unet_params: Mapping, latents: Array, text: Array,
@@ -273,6 +302,24 @@ def train_step(state: State, frozen: Mapping, batch: Mapping[str, Array], *,
                       step_config=step_config, optimizer=optimizer)
 
 
+def precomputed_train_step(state: State, frozen: Mapping, batch: Mapping[str, Array], *,
+                           models: Models, step_config: StepConfig,
+                           optimizer: optax.GradientTransformation) -> tuple[State, dict]:
+  """`train_step` on features the encoders computed beforehand (no encoder runs).
+
+  `batch` holds `encode_features`' outputs (any float dtype); `frozen` needs only
+  'unet'. The rng is split as in `train_step`, so for the same state and the same
+  features both steps draw the same eps, t, gamma_num and dropout.
+  """
+  rng = jax.random.fold_in(state['rng'], state['step'])
+  enc_rng, step_rng = jax.random.split(rng)
+  latents = sample_latents(batch['latent_mean'], batch['latent_std'], enc_rng,
+                           models.scaling_factor)
+  return adapter_step(state, frozen['unet'], latents, batch['text'].astype(jnp.float32),
+                      batch['image'].astype(jnp.float32), step_rng, models=models,
+                      step_config=step_config, optimizer=optimizer)
+
+
 @dataclasses.dataclass
 class TrainSetup:
   """Everything the adapter step needs, built once; the train loop and the train-step
@@ -283,8 +330,8 @@ class TrainSetup:
     step_config: the step's hyper-parameters.
     optimizer: AdamW over the adapter tree.
     state: the train state ({'step', 'params', 'opt_state', 'rng'}), placed on `mesh`.
-    frozen: the frozen trees ({'unet', 'vae', 'text', 'vision'}; the benchmark holds
-      only 'unet'), placed on `mesh`.
+    frozen: the frozen trees ({'unet', 'vae', 'text', 'vision'}; only 'unet' with
+      precomputed features and in the train-step benchmark), placed on `mesh`.
     state_sharding: the state's shardings.
     frozen_sharding: the frozen trees' shardings.
     mesh: the device mesh.
@@ -302,12 +349,17 @@ class TrainSetup:
     """Each batch entry split along the mesh's batch axes."""
     return sharding.batch_shardings(batch, self.mesh)
 
-  def train_step(self, batch: Mapping[str, Any]):
-    """The sharded, donated step with the frozen encoders: ONE jax.jit with in/out
-    shardings, taking (state, frozen, batch) shaped like `batch`."""
-    fn = functools.partial(train_step, models=self.models, step_config=self.step_config,
+  def train_step(self, batch: Mapping[str, Any], precomputed: bool = False):
+    """The sharded, donated step: ONE jax.jit with in/out shardings, taking (state,
+    frozen, batch) shaped like `batch`; with the frozen encoders (`train_step`), or on
+    precomputed features (`precomputed_train_step`, whose frozen tree is {'unet'})."""
+    fn = functools.partial(precomputed_train_step if precomputed else train_step,
+                           models=self.models, step_config=self.step_config,
                            optimizer=self.optimizer)
-    return jax.jit(fn, in_shardings=(self.state_sharding, self.frozen_sharding,
+    frozen_sharding = self.frozen_sharding
+    if precomputed:
+      frozen_sharding = {'unet': frozen_sharding['unet']}
+    return jax.jit(fn, in_shardings=(self.state_sharding, frozen_sharding,
                                      self.batch_sharding(batch)),
                    out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
                    donate_argnums=(0,))
@@ -350,8 +402,17 @@ def place_train_setup(config, mesh, models: Models, step_config: StepConfig, ada
 
 
 def setup_training(config, mesh, sd: weights.StableDiffusionComponents,
-                   vision: weights.VisionEncoder) -> tuple[TrainSetup, dict]:
+                   vision: weights.VisionEncoder, *,
+                   with_encoders: bool = True) -> tuple[TrainSetup, dict]:
   """Builds everything the step needs from the frozen components, placed on `mesh`.
+
+  Args:
+    config: the experiment config.
+    mesh: the device mesh.
+    sd: the frozen Stable Diffusion components.
+    vision: the frozen CLIP vision encoder.
+    with_encoders: False places only the UNet (training on precomputed features), which
+      frees the VAE's and CLIP's device memory.
 
   Returns:
     (TrainSetup, feature shapes from `feature_shapes`).
@@ -361,6 +422,7 @@ def setup_training(config, mesh, sd: weights.StableDiffusionComponents,
   # Adapter first: its visual K/V start as copies of the full-precision text K/V.
   init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
   adapter = init_adapter(models.model, sd.unet_params, init_rng, shapes)
-  frozen = {'unet': sd.unet_params, 'vae': sd.vae_params, 'text': sd.text_params,
-            'vision': vision.params}
+  frozen = {'unet': sd.unet_params}
+  if with_encoders:
+    frozen.update(vae=sd.vae_params, text=sd.text_params, vision=vision.params)
   return place_train_setup(config, mesh, models, step_config, adapter, frozen), shapes

@@ -139,6 +139,7 @@ def test_main_bad_shards_dir_exits_2_with_one_line(tmp_path):
     ('fusion', 'avg', 'config.model.fusion'),
     ('scoring_hidden', -1, 'config.model.scoring_hidden'),
     ('attention_impl', 'flash', 'config.model.attention_impl'),
+    ('remat', 'sometimes', 'config.model.remat'),
 ])
 def test_bad_model_keys_are_config_errors(data_dir, tmp_path, key, value, message):
   config = _config(data_dir)

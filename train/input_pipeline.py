@@ -32,6 +32,8 @@ Config keys read (all under `config.data` unless noted):
   batch_size (int): GLOBAL batch size, divided evenly among processes.
   shuffle_seed (int): seed of the shuffle (used when `seed` is not passed).
   worker_count (int): grain worker processes; 0 reads in the main process.
+  precompute_features (bool), feature_dtype (str): train on the frozen encoders'
+    stored outputs instead (train/precompute.py, which builds on this module).
   config.resolution (int, top level): side of the square training images, pixels.
 """
 from collections.abc import Callable
@@ -106,6 +108,13 @@ def get_data_source(
     A `tfds` ArrayRecord data source; items are dicts with 'image' (uint8 HxWx3),
     'caption' (bytes) and 'aesthetic' (float32).
   """
+  return get_data_builder(config, workdir).as_data_source(split='train')
+
+
+def get_data_builder(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
+) -> laion_builder.LaionAesthetic:
+  """`get_data_source`'s prepared builder (its `data_dir` locates the set on disk)."""
   check_data_config(config)
   data_dir = os.fspath(tfds_data_dir(config, workdir))
 
@@ -128,7 +137,7 @@ def get_data_source(
       builder = prepare()
   else:
     builder = prepare()
-  return builder.as_data_source(split='train')
+  return builder
 
 
 def check_data_config(config: ml_collections.ConfigDict) -> None:
@@ -163,6 +172,12 @@ def tfds_data_dir(config: ml_collections.ConfigDict,
   """`config.data.tfds_data_dir`, or `<workdir>/tfds`; URLs stay URLs."""
   return cli.absolute_path(config.data.tfds_data_dir or
                            cli.absolute_path(workdir) / 'tfds')
+
+
+def tokenize_caption(tokenizer, caption: str) -> np.ndarray:
+  """Caption -> fixed-length ids; long LAION captions are cut without a warning each."""
+  return tokenizer(caption, padding='max_length', max_length=tokenizer.model_max_length,
+                   truncation=True, return_tensors='np').input_ids[0].astype(np.int32)
 
 
 class TrainPreprocess(grain.transforms.Map):
@@ -253,11 +268,12 @@ class ProcessBlockSampler:
 def create_train_loader(
     config: ml_collections.ConfigDict,
     data_source: Any,
-    tokenize_fn: Callable[[str], np.ndarray],
+    tokenize_fn: Callable[[str], np.ndarray] | None,
     seed: int | None = None,
     *,
     shard_options: grain.sharding.ShardOptions | None = None,
     num_epochs: int | None = None,
+    preprocess: grain.transforms.Map | None = None,
 ) -> grain.DataLoader:
   """Builds the shuffled, repeated, per-process-batched, checkpointable loader.
 
@@ -284,11 +300,16 @@ def create_train_loader(
     shard_options: defaults to one shard per JAX process; pass explicit
       `grain.sharding.ShardOptions` to simulate several processes.
     num_epochs: None repeats forever.
+    preprocess: the per-record transform; default `TrainPreprocess(tokenize_fn)`
+      (precomputed features pass `precompute.DecodeFeatures`, and no `tokenize_fn`).
 
   Returns:
     A `grain.DataLoader`; `iter(loader)` yields dicts 'image' float32
-    (B, H, W, 3) in [-1, 1] and 'input_ids' int32 (B, L), with B the per-process batch.
+    (B, H, W, 3) in [-1, 1] and 'input_ids' int32 (B, L), with B the per-process batch
+    (with `preprocess`, batches of what it returns).
   """
+  if preprocess is None:
+    preprocess = TrainPreprocess(tokenize_fn)
   if shard_options is None:
     shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
   batch_size = per_process_batch_size(
@@ -315,7 +336,7 @@ def create_train_loader(
       data_source=data_source,
       sampler=sampler,
       operations=[
-          TrainPreprocess(tokenize_fn),
+          preprocess,
           grain.transforms.Batch(batch_size=batch_size, drop_remainder=True),
       ],
       worker_count=config.data.worker_count,

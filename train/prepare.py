@@ -11,6 +11,11 @@ would then write it at once: run this on one host first, with the same config an
 workdir (or tfds_data_dir) that training gets. A rerun with the same shards does
 nothing; shards added since are detected and the set is prepared again.
 
+With `--config.data.precompute_features=True` it then loads the frozen models
+(`config.pretrained`, `config.vision_encoder`) and stores the encoders' features of the
+set (train/precompute.py), which training would otherwise compute on process 0 while
+the other hosts wait. A rerun with the same encoders and settings does nothing.
+
 Exit status: 0 prepared (or already), 2 a flag or config mistake (one line on stderr).
 """
 import sys
@@ -21,8 +26,10 @@ from absl import logging
 from ml_collections import config_flags
 
 from realcustom_jax import cli
+from realcustom_jax import components
 from train import input_pipeline
 from train import laion_builder
+from train import precompute
 
 FLAGS = flags.FLAGS
 
@@ -67,18 +74,35 @@ def prepare(config, workdir: str) -> tuple[str, dict[str, int]]:
   return str(builder.data_dir), laion_builder.read_prepare_stats(builder)
 
 
+def prepare_features(config, workdir: str) -> precompute.FeatureSource:
+  """Stores the frozen encoders' features of the prepared set (no-op if stored).
+
+  Raises:
+    ValueError: a config mistake (missing weights, a bad feature dtype) or features
+      that cannot be stored as asked.
+  """
+  precompute.check_config(config)
+  sd, vision = components.load_components(config)
+  return precompute.get_feature_source(config, workdir, sd, vision)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   try:
+    precompute.check_config(FLAGS.config)  # before hours of image preparation
     path, stats = prepare(FLAGS.config, FLAGS.workdir)
+    logging.info('prepared %s', path)
+    print(f'{path}: {stats["written"]} samples written, {stats["samples"]} read from '
+          f'{stats["shards"]} shards; skipped: '
+          + ', '.join(f'{k} {stats[k]}' for k in laion_builder.STAT_KEYS[4:]))
+    if precompute.enabled(FLAGS.config):
+      features = prepare_features(FLAGS.config, FLAGS.workdir)
+      print(f'{features.path}: precomputed features of {len(features)} samples, '
+            f'{len(features) * precompute.record_bytes(features.layout) / 1e6:.1f} MB')
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(cli.EXIT_USAGE)
-  logging.info('prepared %s', path)
-  print(f'{path}: {stats["written"]} samples written, {stats["samples"]} read from '
-        f'{stats["shards"]} shards; skipped: '
-        + ', '.join(f'{k} {stats[k]}' for k in laion_builder.STAT_KEYS[4:]))
 
 
 if __name__ == '__main__':

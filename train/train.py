@@ -5,6 +5,10 @@ module adds what a run needs around it: config validation, loading the frozen
 components, the grain input pipeline, resumable orbax checkpoints (train state and
 data iterator), metrics in `metrics.jsonl` and a guard that stops on a NaN loss.
 
+With `config.data.precompute_features` the frozen encoders run once over the prepared
+set before training (train/precompute.py) and the loop trains on their stored outputs
+(`training.precomputed_train_step`); the VAE and CLIP then stay off the devices.
+
 Config keys read (besides the model/data ones): `config.train.*` (see
 `validate_config`), `config.mesh.{data,fsdp,distributed}`.
 """
@@ -35,6 +39,7 @@ from realcustom_jax.model import check_model_config
 from realcustom_jax.training import setup_training
 from realcustom_jax.training import State
 from train import input_pipeline
+from train import precompute
 
 CHECKPOINT_DIR = 'checkpoints'
 METRICS_FILE = 'metrics.jsonl'
@@ -82,6 +87,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.data.batch_size must be positive, got {config.data.batch_size}')
   try:
     input_pipeline.check_data_config(config)  # one listing: the shards exist
+    precompute.check_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   missing_weights = cli.missing_weights_message(config)
@@ -231,12 +237,6 @@ def _stage(what: str):
   logging.info('%s: done in %.1fs', what, time.perf_counter() - t0)
 
 
-def _tokenize_caption(tokenizer, caption: str) -> np.ndarray:
-  """Caption -> fixed-length ids; long LAION captions are cut without a warning each."""
-  return tokenizer(caption, padding='max_length', max_length=tokenizer.model_max_length,
-                   truncation=True, return_tensors='np').input_ids[0].astype(np.int32)
-
-
 def _check_finite(pending: list[tuple[int, dict]], latest_ckpt: Optional[int]) -> None:
   for step, m in pending:
     if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
@@ -291,11 +291,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   # ---- Input ----
   with _stage(f'loading the frozen models ({config.pretrained or "tiny random"})'):
     sd, vision = load_components(config)
+  precomputed = precompute.enabled(config)
   try:
-    with _stage('preparing / opening the data set'):
-      source = input_pipeline.get_data_source(config, workdir)
-    loader = input_pipeline.create_train_loader(
-        config, source, functools.partial(_tokenize_caption, sd.tokenizer))
+    if precomputed:
+      with _stage('preparing / opening the data set and its precomputed features'):
+        source = precompute.get_feature_source(config, workdir, sd, vision)
+      loader = input_pipeline.create_train_loader(
+          config, source, None, preprocess=precompute.DecodeFeatures(source.layout))
+    else:
+      with _stage('preparing / opening the data set'):
+        source = input_pipeline.get_data_source(config, workdir)
+      loader = input_pipeline.create_train_loader(
+          config, source, functools.partial(input_pipeline.tokenize_caption, sd.tokenizer))
   except ValueError as e:
     raise ConfigError(str(e)) from None
   data_iter = iter(loader)
@@ -303,17 +310,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   # ---- Model & optimizer, shard & transfer ----
   logging.info('building the adapter and placing the frozen weights ...')
   t0 = time.perf_counter()
-  setup, shapes = setup_training(config, mesh, sd, vision)
+  setup, shapes = setup_training(config, mesh, sd, vision, with_encoders=not precomputed)
   state, frozen = setup.state, setup.frozen
   logging.info('adapter: %d trainable parameters; frozen: %d; setup %.1fs',
                adapter_lib.count_params(state['params']),
                adapter_lib.count_params(frozen), time.perf_counter() - t0)
-  abstract_batch = {
-      'image': jax.ShapeDtypeStruct(
-          (config.data.batch_size, config.resolution, config.resolution, 3), np.float32),
-      'input_ids': jax.ShapeDtypeStruct((config.data.batch_size, shapes['text'][0]),
-                                        np.int32)}
-  step_fn = setup.train_step(abstract_batch)
+  b = int(config.data.batch_size)
+  if precomputed:
+    abstract_batch = {k: jax.ShapeDtypeStruct((b,) + shape, dtype)
+                      for k, (shape, dtype) in source.layout.items()}
+  else:
+    abstract_batch = {
+        'image': jax.ShapeDtypeStruct((b, config.resolution, config.resolution, 3),
+                                      np.float32),
+        'input_ids': jax.ShapeDtypeStruct((b, shapes['text'][0]), np.int32)}
+  step_fn = setup.train_step(abstract_batch, precomputed=precomputed)
   logging.info('compiling the train step ...')
   t0 = time.perf_counter()
   # Ahead-of-time compile: the compile time is visible, and a retrace would fail loudly.
@@ -352,7 +363,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
       local = next(data_iter)
       if step == debug_nan_step:
         # Testing hook: a corrupt batch drives the real step to a NaN loss.
-        local = dict(local, image=np.full_like(local['image'], np.nan))
+        corrupt = 'latent_mean' if precomputed else 'image'
+        local = dict(local, **{corrupt: np.full_like(local[corrupt], np.nan)})
       batch = sharding.shard_batch(local, mesh)
       state, metrics = compiled_step(state, frozen, batch)
       pending.append((step, metrics))
