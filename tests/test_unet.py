@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from realcustom_jax import attention
 from realcustom_jax import tiny
+from realcustom_jax import unet as unet_lib
 from realcustom_jax import weights
 from realcustom_jax.unet import RealCustomUNet
 from tests.unet_configs import SD1_LIKE, SD2_LIKE, SDXL_BASE, SDXL_LIKE, SDXL_POOLED_DIM
@@ -175,12 +176,14 @@ def test_remat_gives_the_same_output():
       plain.init, jax.random.PRNGKey(0), x, t, ctx, visual_tokens=vis)['params'], seed=0)
   loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x, t, ctx, visual_tokens=vis) ** 2)
   g1 = jax.jit(jax.grad(loss(plain)))(params)
-  for policy in (True, 'dots'):  # everything recomputed; the matmul outputs kept
-    remat = RealCustomUNet.from_config(cfg, remat=policy)
-    jaxpr = str(jax.make_jaxpr(jax.grad(loss(remat)))(params))
-    assert 'remat' in jaxpr or 'checkpoint' in jaxpr
-    g2 = jax.jit(jax.grad(loss(remat)))(params)
-    chex.assert_trees_all_close(g1, g2, atol=1e-5, rtol=1e-5)
+  # 'dots' (the matmul outputs kept); 'full' is the same wrapper with no policy.
+  remat = RealCustomUNet.from_config(cfg, remat='dots')
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(remat)))(params))
+  assert 'remat' in jaxpr or 'checkpoint' in jaxpr
+  g2 = jax.jit(jax.grad(loss(remat)))(params)
+  chex.assert_trees_all_close(g1, g2, atol=1e-5, rtol=1e-5)
+  assert [unet_lib.remat_policy(r) for r in (True, False, 'none', 'full', 'dots')] == [
+      'full', None, None, 'full', 'dots']
 
 
 def test_fused_attention_call_matches_xla_in_value_and_gradient(monkeypatch):
