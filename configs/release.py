@@ -17,6 +17,7 @@ release_tiny.py runs the same pipeline on tiny random weights.
 """
 import ml_collections
 
+from configs import tiny
 from realcustom_jax import release_defaults as rd  # import-free: no JAX at config load
 
 
@@ -71,11 +72,5 @@ def get_config():
   config.sampler.mask_reused_step = rd.MASK_REUSED_STEP  # 12
 
   # ---- DreamBench evaluation (sample/evaluate.py) ----
-  config.eval = ml_collections.ConfigDict()
-  config.eval.clip_model = ''  # CLIP ViT-B/32 dir; '' = tiny random (scores meaningless)
-  config.eval.dino_model = ''  # DINO ViT-S/16 dir; '' = tiny random
-  config.eval.images_per_prompt = 1
-  config.eval.subject_image_index = 0
-  config.eval.prompt_limit = 0  # 0 = all prompts
-  config.eval.seed = 0
+  config.eval = tiny.eval_config()
   return config

@@ -111,12 +111,17 @@ def get_config():
   config.mesh.fsdp = 1
   config.mesh.distributed = False  # jax.distributed.initialize() (pods, multi-host GPU)
 
-  # ---- DreamBench evaluation (sample/evaluate.py) ----
-  config.eval = ml_collections.ConfigDict()
-  config.eval.clip_model = ''  # CLIP ViT-B/32 dir; '' = tiny random (scores meaningless)
-  config.eval.dino_model = ''  # DINO ViT-S/16 dir; '' = tiny random
-  config.eval.images_per_prompt = 1
-  config.eval.subject_image_index = 0
-  config.eval.prompt_limit = 0  # 0 = all prompts
-  config.eval.seed = 0
+  config.eval = eval_config()
   return config
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """DreamBench evaluation (sample/evaluate.py); configs/release.py shares it."""
+  ev = ml_collections.ConfigDict()
+  ev.clip_model = ''  # CLIP ViT-B/32 dir; '' = tiny random (scores meaningless)
+  ev.dino_model = ''  # DINO ViT-S/16 dir; '' = tiny random
+  ev.images_per_prompt = 1
+  ev.subject_image_index = 0
+  ev.prompt_limit = 0  # 0 = all prompts
+  ev.seed = 0
+  return ev

@@ -283,6 +283,16 @@ def _write_msgpack(path: str, params: Any) -> None:
     f.write(flax.serialization.to_bytes(params))
 
 
+def _write_random_diffusers_model(directory: str, flax_cls, class_name: str,
+                                  cfg: dict[str, Any], seed: int) -> None:
+  """A diffusers model folder (config.json + diffusion_flax_model.msgpack) of random
+  weights drawn on the host, as `from_pretrained` reads it."""
+  model = flax_cls.from_config(cfg)
+  _write_json(os.path.join(directory, 'config.json'), {'_class_name': class_name, **cfg})
+  _write_msgpack(os.path.join(directory, 'diffusion_flax_model.msgpack'),
+                 host_random_params(jax.eval_shape(model.init_weights, _ABSTRACT_KEY), seed))
+
+
 def write_tiny_sdxl(path: str, seed: int = 0, unet: dict[str, Any] | None = None) -> str:
   """Writes a tiny random SDXL directory in diffusers' layout, without torch.
 
@@ -306,23 +316,15 @@ def write_tiny_sdxl(path: str, seed: int = 0, unet: dict[str, Any] | None = None
   seeds = np.random.default_rng(seed).integers(0, 2**31, size=4)
 
   # ---- UNet ----
-  model = FlaxUNet2DConditionModel.from_config(unet_cfg)
-  _write_json(os.path.join(path, 'unet', 'config.json'),
-              {'_class_name': 'UNet2DConditionModel', **unet_cfg})
-  _write_msgpack(os.path.join(path, 'unet', 'diffusion_flax_model.msgpack'),
-                 host_random_params(jax.eval_shape(model.init_weights, _ABSTRACT_KEY),
-                                    int(seeds[0])))
+  _write_random_diffusers_model(os.path.join(path, 'unet'), FlaxUNet2DConditionModel,
+                                'UNet2DConditionModel', unet_cfg, int(seeds[0]))
 
   # ---- VAE ----
   blocks = SDXL_VAE['block_out_channels']
   vae_cfg = _vae_dict(blocks, SDXL_VAE['layers_per_block'], SDXL_VAE['latent_channels'],
                       unet_cfg['sample_size'] * 2 ** (len(blocks) - 1), SDXL_SCALING_FACTOR)
-  vae = FlaxAutoencoderKL.from_config(vae_cfg)
-  _write_json(os.path.join(path, 'vae', 'config.json'),
-              {'_class_name': 'AutoencoderKL', **vae_cfg})
-  _write_msgpack(os.path.join(path, 'vae', 'diffusion_flax_model.msgpack'),
-                 host_random_params(jax.eval_shape(vae.init_weights, _ABSTRACT_KEY),
-                                    int(seeds[1])))
+  _write_random_diffusers_model(os.path.join(path, 'vae'), FlaxAutoencoderKL, 'AutoencoderKL',
+                                vae_cfg, int(seeds[1]))
 
   # ---- Tokenizers and text encoders ----
   tokenizer = build_tokenizer()
