@@ -388,9 +388,9 @@ class Attention(nn.Module):
   def _text_attention(self, q: Array, qh: Array, k: Array, v: Array, impl: str,
                       spatial: tuple[int, int], word_weights: Optional[Array]) -> Array:
     """Eq. 3, and the word maps of the rows that have word weights (sown)."""
-    kh = _split_heads(k, self.heads)
     if impl == 'xla':
-      out, probs = text_cross_attention(qh, kh, _split_heads(v, self.heads))
+      out, probs = text_cross_attention(qh, _split_heads(k, self.heads),
+                                        _split_heads(v, self.heads))
       out = _merge_heads(out)
     else:
       out = fused_attention(*(self._heads_last(x) for x in (q, k, v)), impl)
@@ -398,7 +398,7 @@ class Attention(nn.Module):
     if word_weights is not None:
       rows = word_weights.shape[0]
       if impl != 'xla':  # the maps' rows only, not the fused output's
-        probs = attention_probs(qh[-rows:], kh[-rows:])
+        probs = attention_probs(qh[-rows:], _split_heads(k[-rows:], self.heads))
       self.sow('intermediates', 'word_map',
                word_attention_map(probs[-rows:], word_weights, *spatial))
     return out
