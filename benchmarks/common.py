@@ -64,6 +64,31 @@ def random_params(model: model_lib.RealCustom, a: Arch, seed: int = 0) -> Any:
   return tiny.host_random_params(shapes, seed)
 
 
+def flops(stage) -> float:
+  """FLOPs from XLA's cost analysis of a lowered or compiled computation (0 if none)."""
+  try:
+    cost = stage.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # some backends have none
+    return 0.0
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+    cost = cost[0]
+  return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def cpu_lowering_flops(fn: Callable, *args) -> float:
+  """FLOPs of `fn(*args)` as lowered for the CPU (shapes only: nothing is copied).
+
+  JAX 0.11 gives no cost analysis of a lowered GPU program, and after XLA's passes a
+  GPU count leaves out the work handed to cuBLAS / cuDNN: the CPU lowering counts what
+  the program computes on any backend. Build `fn`'s model with XLA attention (a fused
+  kernel is an opaque call here too).
+  """
+  on_cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
+                                                       sharding=on_cpu), args)
+  return flops(jax.jit(fn).lower(*shapes))
+
+
 def fused_attention_calls(lowered) -> int:
   """Fused attention kernels in a lowered program (cuDNN fMHA or Pallas TPU calls): that
   the fused path is the one taken, as compiled."""

@@ -2,8 +2,9 @@
 # Usage: [BUDGET=500] [OUT=dir] benchmarks/gpu.sh [RUN ...]
 # The SD1.5-size benchmarks on one GPU, after (fused attention: 'auto'; remat policy) and
 # before (XLA attention, no remat), into $OUT (or ./gpu_out): one log per run, the JSON
-# lines in results.jsonl, and for each profiled train step where its time goes
-# (NAME.ops.txt: by kernel category, then the top kernels).
+# lines in results.jsonl, and for each profiled train step or sampling run where its time
+# goes (NAME.ops.txt: by kernel category, then the top kernels; for sampling, the
+# RealCustom loop and the CFG loop one after the other).
 # RUNs (default: all, in this order, most telling first):
 #   attention_check train_auto_b16 sampling_auto_b8 sampling_xla_b8 train_xla_b16
 #   train_auto_b32_dots train_auto_b8 precompute_sd15
@@ -33,22 +34,32 @@ run() {  # name, least seconds it needs, command...
 }
 TRAIN="python3 -m benchmarks.train_step --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --peak_tflops=${PEAK_TFLOPS:-989} --steps=10"
 SAMPLE="python3 -m benchmarks.sampling --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --steps=50 --compile_steps=50 --repeats=3"
+summarise() {  # name, XLA module, trace dirs...: where the time goes, into NAME.ops.txt
+  local name=$1 module=$2; shift 2
+  for dir in "$@"; do
+    [ -d "$dir" ] || continue
+    echo "### $dir"
+    python3 -m benchmarks.trace_summary "$dir" --module="$module" --by=category --top=10
+    python3 -m benchmarks.trace_summary "$dir" --module="$module" --by=kernel --top=30
+  done > "$OUT/$name.ops.txt" 2>&1
+  grep '%' "$OUT/$name.ops.txt" | head -8
+}
 train() {  # name, flags...: the step, then where its time goes (three traced steps)
   local name=$1; shift
   run "$name" 100 $TRAIN "$@" --profile_dir="/tmp/prof_$name"
-  if [ -d "/tmp/prof_$name" ]; then
-    { python3 -m benchmarks.trace_summary "/tmp/prof_$name" --by=category --top=10
-      python3 -m benchmarks.trace_summary "/tmp/prof_$name" --by=kernel --top=30
-    } > "$OUT/$name.ops.txt" 2>&1
-    grep '%' "$OUT/$name.ops.txt" | head -8
-  fi
+  summarise "$name" jit_step "/tmp/prof_$name"
+}
+sample() {  # name, least seconds, flags...: both loops timed, then one call of each traced
+  local name=$1 least=$2; shift 2
+  run "$name" "$least" $SAMPLE "$@" --profile_dir="/tmp/prof_$name"
+  summarise "$name" "" "/tmp/prof_$name/realcustom" "/tmp/prof_$name/cfg"
 }
 one() {
   case $1 in
     attention_check) run attention_check 30 python3 -m benchmarks.attention_check ;;
     train_auto_b16) train train_auto_b16 --batch=16 --attention_impl=auto ;;
-    sampling_auto_b8) run sampling_auto_b8 90 $SAMPLE --batch=8 --attention_impl=auto ;;
-    sampling_xla_b8) run sampling_xla_b8 100 $SAMPLE --batch=8 --attention_impl=xla ;;
+    sampling_auto_b8) sample sampling_auto_b8 150 --batch=8 --attention_impl=auto --unet_passes ;;
+    sampling_xla_b8) sample sampling_xla_b8 100 --batch=8 --attention_impl=xla ;;
     train_xla_b16) train train_xla_b16 --batch=16 --attention_impl=xla ;;
     train_auto_b32_dots) train train_auto_b32_dots --batch=32 --attention_impl=auto --remat=dots ;;
     train_auto_b8) train train_auto_b8 --batch=8 --attention_impl=auto ;;

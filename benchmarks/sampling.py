@@ -4,6 +4,16 @@ Times only the jitted DDIM scan (UNet + scoring + influence scope), no VAE or
 encoders, so `ratio_vs_cfg` isolates the sampler: RealCustom makes three UNet passes
 per step against CFG's two, so 1.5 is the floor. Weights are random (nothing is read).
 
+Where a ratio above 1.5 comes from, in two figures beside it:
+  - `flops_ratio_vs_cfg`: model FLOPs per step of the two loops (XLA's cost analysis of
+    their CPU lowering, XLA attention): the compute RealCustom's extras add.
+  - with --unet_passes, `three_pass_floor` = 1 + t(B) / t(2B), the timed plain UNet
+    passes at batch B and 2B: what the ratio would be if the extras cost nothing. The
+    B-row TI2I call cannot join the 2B-row [uncond, T2I] call (its scope needs that
+    call's maps), so a small batch that under-fills the device raises this floor.
+--profile_dir traces one call of each loop after the timing (realcustom/, cfg/) for
+`benchmarks.trace_summary`.
+
   python -m benchmarks.sampling --config=configs/tiny.py                  # CPU, tiny
   python -m benchmarks.sampling --config=configs/tiny.py --arch=sd15 \\
       --dtype=bfloat16 --steps=50 --batch=1                               # accelerator
@@ -38,11 +48,20 @@ _ATTENTION = flags.DEFINE_enum('attention_impl', None, list(attention.ATTENTION_
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per sampler (median reported).')
 _COMPILE_STEPS = flags.DEFINE_list('compile_steps', ['10', '50'],
                                    'Step counts whose compile time is reported.')
+_UNET_PASSES = flags.DEFINE_bool('unet_passes', False, 'Also time one plain UNet pass at '
+                                 'batch B and 2B (two more compiles): three_pass_floor.')
+_PROFILE_DIR = flags.DEFINE_string('profile_dir', None, 'After timing, trace one call of '
+                                   'each loop into DIR/realcustom and DIR/cfg.')
+
+def _setup_model(config, arch_name: str, dtype: str, attention_impl: str):
+  return common.build_model(config, common.arch(config, arch_name), dtype=dtype,
+                            attention_impl=attention_impl)
+
 
 def _setup(config, arch_name: str, dtype: str, attention_impl: str):
   """The model, random params and the shapes of its inputs."""
   a = common.arch(config, arch_name)
-  model = common.build_model(config, a, dtype=dtype, attention_impl=attention_impl)
+  model = _setup_model(config, arch_name, dtype, attention_impl)
   params = common.random_params(model, a, seed=0)
   if dtype != 'float32':
     # Inference in half precision: the frozen UNet's weights too (the adapter stays f32).
@@ -92,8 +111,42 @@ def _time_interleaved(runs, repeats: int) -> list[float]:
   return [statistics.median(t) for t in times]
 
 
+def _flops_per_step(config, arch: str, dtype: str, params, x, settings) -> tuple[float, float]:
+  """(RealCustom, CFG) model FLOPs of one loop step, from one-step loops lowered for the
+  CPU with XLA attention (see `common.cpu_lowering_flops`)."""
+  model = _setup_model(config, arch, dtype, 'xla')
+  one_step = sampler.ddim_schedule(tiny.SCHEDULER_CONFIG, 1)
+  return (common.cpu_lowering_flops(sampler.build_sampler(model),
+                                    *_rc_args(params, one_step, x, settings)),
+          common.cpu_lowering_flops(sampler.build_cfg_sampler(model),
+                                    *_cfg_args(params, one_step, x, settings)))
+
+
+def _unet_pass_seconds(model, params, x, repeats: int) -> tuple[float, float]:
+  """Median seconds of one plain UNet pass (text only) at batch B and at 2B."""
+  def inputs(rows):
+    reps = rows // x['latents'].shape[0]
+    tile = lambda a: jnp.concatenate([a] * reps, axis=0)
+    return (params, tile(x['latents']), jnp.full((rows,), 500), tile(x['text']))
+
+  unet_pass = lambda p, z, t, c: model.apply({'params': p}, z, t, c)
+  batch = x['latents'].shape[0]
+  runs = []
+  for rows in (batch, 2 * batch):
+    args = inputs(rows)
+    runs.append((jax.jit(unet_pass).lower(*args).compile(), args))
+  return tuple(_time_interleaved(runs, repeats))
+
+
+def _profile(profile_dir: str, runs: dict) -> None:
+  for name, (compiled, args) in runs.items():
+    with jax.profiler.trace(f'{profile_dir}/{name}', create_perfetto_trace=True):
+      jax.block_until_ready(compiled(*args))
+
+
 def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None,
-              attention_impl=None, repeats: int = 5, compile_steps=(10, 50)) -> dict:
+              attention_impl=None, repeats: int = 5, compile_steps=(10, 50),
+              unet_passes: bool = False, profile_dir=None) -> dict:
   """Runs the benchmark and returns the result dict (see the module docstring).
 
   Compile times include persistent-cache hits unless the cache is off (`main` turns it
@@ -125,9 +178,12 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
   logging.info('compiling plain CFG for %d steps', steps)
   cfg, cfg_compile, _ = _compile(cfg_fn, _cfg_args(params, schedule, x, s))
   logging.info('timing (%d runs each)', repeats)
-  rc_s, cfg_s = _time_interleaved(
-      [(rc, _rc_args(params, schedule, x, s)), (cfg, _cfg_args(params, schedule, x, s))],
-      repeats)
+  runs = {'realcustom': (rc, _rc_args(params, schedule, x, s)),
+          'cfg': (cfg, _cfg_args(params, schedule, x, s))}
+  rc_s, cfg_s = _time_interleaved(list(runs.values()), repeats)
+  if profile_dir:
+    _profile(profile_dir, runs)
+  rc_flops, cfg_flops = _flops_per_step(config, arch, dtype, params, x, s)
   device = jax.devices()[0]
   result = dict(
       benchmark='sampling', arch=arch, device_kind=device.device_kind,
@@ -136,7 +192,13 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
       realcustom_s_per_image=rc_s / batch, cfg_s_per_image=cfg_s / batch,
       ratio_vs_cfg=rc_s / cfg_s, fused_attention_calls=fused_calls,
       realcustom_images_per_s=batch / rc_s, cfg_images_per_s=batch / cfg_s,
-      compile_s_cfg=cfg_compile)
+      compile_s_cfg=cfg_compile, realcustom_flops_per_step=rc_flops,
+      cfg_flops_per_step=cfg_flops, flops_ratio_vs_cfg=rc_flops / cfg_flops)
+  if unet_passes:
+    logging.info('timing plain UNet passes at batch %d and %d', batch, 2 * batch)
+    one, two = _unet_pass_seconds(model, params, x, repeats)
+    result.update(unet_pass_ms_b=1e3 * one, unet_pass_ms_2b=1e3 * two,
+                  three_pass_floor=1 + one / two)
   for n in compile_steps:
     result[f'compile_s_{n}_steps'] = compile_s[n]
   return {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}
@@ -147,7 +209,8 @@ def _from_flags() -> dict:
     raise ValueError('--config is required (e.g. --config=configs/tiny.py)')
   compile_steps = tuple(int(n) for n in _COMPILE_STEPS.value)
   return benchmark(_CONFIG.value, _ARCH.value, _BATCH.value, _STEPS.value, _DTYPE.value,
-                   _ATTENTION.value, _REPEATS.value, compile_steps)
+                   _ATTENTION.value, _REPEATS.value, compile_steps, _UNET_PASSES.value,
+                   _PROFILE_DIR.value)
 
 
 def main(argv) -> None:

@@ -54,17 +54,6 @@ flags.DEFINE_string('profile_dir', None, 'After timing, trace a few more steps w
 _PROFILE_STEPS = 3
 
 
-def _flops(stage) -> float:
-  """FLOPs from XLA's cost analysis of a lowered or compiled computation (0 if none)."""
-  try:
-    cost = stage.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # some backends have none
-    return 0.0
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
-    cost = cost[0]
-  return float(cost.get('flops', 0.0)) if cost else 0.0
-
-
 def model_flops(train_setup, *batch) -> float:
   """The step's model FLOPs: XLA's cost analysis of the step as lowered for the CPU, with
   XLA attention and no remat.
@@ -80,7 +69,7 @@ def model_flops(train_setup, *batch) -> float:
   cpu = jax.devices('cpu')[0]
   twin = train_setup(cpu, remat='none', attention_impl='xla')
   batch = [jax.device_put(x, cpu) for x in batch]
-  return _flops(twin.adapter_step().lower(twin.state, twin.frozen['unet'], *batch))
+  return common.flops(twin.adapter_step().lower(twin.state, twin.frozen['unet'], *batch))
 
 
 def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
@@ -129,7 +118,7 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   logging.info('compiled in %.1f s; timing %d steps', compile_s, steps)
-  program_flops, compiled_flops = _flops(lowered), _flops(compiled)
+  program_flops, compiled_flops = common.flops(lowered), common.flops(compiled)
   flops = model_flops(train_setup, latents, text, image)
 
   for _ in range(warmup):

@@ -70,12 +70,19 @@ def layer_attention_impl(requested: str, head_dim: int, q_len: int = 0,
     return 'xla'
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return 'xla'
+  widest = cudnn_widest_head(device)
+  return 'cudnn' if head_dim % 8 == 0 and 0 < widest and head_dim <= widest else 'xla'
+
+
+def cudnn_widest_head(device: Optional[jax.Device] = None) -> int:
+  """The widest head cuDNN's flash attention takes on this device: 256 from Hopper
+  (compute capability 9.0), 128 on Ampere, 0 where it has none."""
+  device = device or jax.devices()[0]
   try:
     major = int(str(getattr(device, 'compute_capability', '0')).split('.')[0])
   except ValueError:
     major = 0
-  widest = 256 if major >= 9 else 128
-  return 'cudnn' if head_dim % 8 == 0 and head_dim <= widest and major >= 8 else 'xla'
+  return 256 if major >= 9 else 128 if major >= 8 else 0
 
 
 def _selected_first(k: Array, v: Array, key_mask: Array) -> tuple[Array, Array, Array]:
@@ -98,13 +105,14 @@ def _pad_axis(x: Array, axis: int, multiple: int) -> Array:
   return jnp.pad(x, pad)
 
 
-def _pallas_attention(q: Array, k: Array, v: Array, key_mask: Optional[Array]) -> Array:
+def _pallas_attention(q: Array, k: Array, v: Array, key_mask: Optional[Array],
+                      scale: float) -> Array:
   """JAX's Pallas TPU flash attention on (B, T, N, D) inputs, any T, S and D.
 
   The kernel works in 128-row tiles, and takes head widths above 128 only as multiples
   of 128: sequences are zero-padded to whole tiles, padded and unselected keys are kept
   out through segment ids, widths are zero-padded (zeros add nothing to Q K^T, and the
-  padded output columns are dropped). The scale is the true width's.
+  padded output columns are dropped). The scale is the caller's.
   """
   from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
   b, t, _, d = q.shape
@@ -116,13 +124,13 @@ def _pallas_attention(q: Array, k: Array, v: Array, key_mask: Optional[Array]) -
   segments = pallas_flash.SegmentIds(
       q=jnp.ones(q.shape[:1] + q.shape[2:3], jnp.int32),
       kv=_pad_axis(keep.astype(jnp.int32), 1, PALLAS_BLOCK))
-  out = pallas_flash.flash_attention(q, k, v, segment_ids=segments, sm_scale=d ** -0.5)
+  out = pallas_flash.flash_attention(q, k, v, segment_ids=segments, sm_scale=scale)
   return out[:, :, :t, :d].transpose(0, 2, 1, 3)
 
 
 def fused_attention(q: Array, k: Array, v: Array, impl: str,
-                    key_mask: Optional[Array] = None) -> Array:
-  """Softmax(Q K^T / sqrt(d)) V without materialising the probabilities.
+                    key_mask: Optional[Array] = None, scale: Optional[float] = None) -> Array:
+  """Softmax(Q K^T * scale) V without materialising the probabilities.
 
   Args:
     q: (B, T, N, D) queries (heads on axis 2, `jax.nn.dot_product_attention`'s layout).
@@ -132,12 +140,14 @@ def fused_attention(q: Array, k: Array, v: Array, impl: str,
       through `jax.nn.dot_product_attention`'s XLA kernel.
     key_mask: optional (B, S) bool; False keys get no attention, and a row with no key
       at all gives zeros (as `visual_cross_attention` does).
+    scale: the logits' scale; default 1 / sqrt(D).
 
   Returns:
     (B, T, N, D) attention output.
   """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   if impl == 'pallas':
-    out = _pallas_attention(q, k, v, key_mask)
+    out = _pallas_attention(q, k, v, key_mask, scale)
   else:
     t, s = q.shape[1], k.shape[1]
     keep = key_mask
@@ -149,15 +159,56 @@ def fused_attention(q: Array, k: Array, v: Array, impl: str,
       q = _pad_axis(q, 1, CUDNN_MULTIPLE)
       k, v, keep = (_pad_axis(x, 1, CUDNN_MULTIPLE) for x in (k, v, keep))
     if keep is None:
-      out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+      out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
     else:
       k, v, lengths = _selected_first(k, v, keep)
       out = jax.nn.dot_product_attention(
-          q, k, v, key_value_seq_lengths=jnp.maximum(lengths, 1), implementation=impl)
+          q, k, v, key_value_seq_lengths=jnp.maximum(lengths, 1), scale=scale,
+          implementation=impl)
     out = out[:, :t]
   if key_mask is not None:
     out = out * jnp.any(key_mask, axis=-1)[:, None, None, None].astype(out.dtype)
   return out
+
+
+def fused_attention_with_word_maps(q: Array, k: Array, v: Array, word_weights: Array,
+                                   impl: str) -> tuple[Array, Array]:
+  """Eq. 3 and the word's attention mass of Eq. 11 from ONE fused kernel call.
+
+  A word map is sum_j w_j Softmax(Q K^T / sqrt(d))_{nj}: attention whose values are the
+  word weights. Appended to V as extra columns (with zero columns appended to Q and K,
+  which leave the scores unchanged), the weights come out of the same kernel beside
+  Eq. 3's output, so the (rows, heads, N, Nt) probabilities are never formed. The
+  widened head is rounded up to a multiple of 8 (cuDNN's granularity); the scale stays
+  the true width's. The maps carry the kernel's output precision (bfloat16 when the
+  model computes in it).
+
+  Args:
+    q: (B, T, N, D) queries, heads on axis 2.
+    k: (B, S, N, D) text keys.
+    v: (B, S, N, D) text values.
+    word_weights: (B_w, S) or (B_w, R, S) weights of the LAST B_w rows (see
+      `word_attention_map`).
+    impl: a fused kernel ('cudnn', 'pallas'), or 'xla' for JAX's kernel.
+
+  Returns:
+    The (B, T, N, D) attention output and the head-mean word maps of the last B_w rows,
+    float32 (B_w, T) or (B_w, R, T).
+  """
+  b, _, heads, d = q.shape
+  s = k.shape[1]
+  rows = word_weights.shape[0]
+  per_ref = word_weights.reshape(rows, -1, s)
+  refs = per_ref.shape[1]
+  columns = jnp.zeros((b, s, refs), v.dtype).at[b - rows:].set(
+      per_ref.transpose(0, 2, 1).astype(v.dtype))
+  v = jnp.concatenate([v, jnp.broadcast_to(columns[:, :, None], (b, s, heads, refs))], -1)
+  q, k, v = (_pad_axis(jnp.pad(x, ((0, 0),) * 3 + ((0, d + refs - x.shape[-1]),)), 3,
+                       CUDNN_MULTIPLE) for x in (q, k, v))
+  out = fused_attention(q, k, v, impl, scale=d ** -0.5)
+  maps = out[b - rows:, :, :, d:d + refs].astype(jnp.float32).mean(axis=2)
+  maps = maps.transpose(0, 2, 1)
+  return out[..., :d], maps if word_weights.ndim == 3 else maps[:, 0]
 
 
 def attention_probs(q: Array, k: Array, key_mask: Optional[Array] = None) -> Array:
@@ -391,17 +442,28 @@ class Attention(nn.Module):
     if impl == 'xla':
       out, probs = text_cross_attention(qh, _split_heads(k, self.heads),
                                         _split_heads(v, self.heads))
-      out = _merge_heads(out)
+      if word_weights is not None:
+        self.sow('intermediates', 'word_map', word_attention_map(
+            probs[-word_weights.shape[0]:], word_weights, *spatial))
+      return _merge_heads(out)
+    q, k, v = (self._heads_last(x) for x in (q, k, v))
+    if word_weights is None:
+      out = fused_attention(q, k, v, impl)
+      return out.reshape(out.shape[:2] + (-1,))
+    rows = word_weights.shape[0]
+    widened = self.dim_head + word_weights.size // rows // k.shape[1]
+    widened += -widened % CUDNN_MULTIPLE
+    if impl == 'cudnn' and widened > max(128, cudnn_widest_head()):
+      # No room for the word columns in this GPU's cuDNN head (every one takes 128):
+      # the maps' rows alone through XLA, beside the fused output.
+      probs = attention_probs(qh[-rows:], k[-rows:].transpose(0, 2, 1, 3))
+      out = fused_attention(q, k, v, impl)
+      maps = word_attention_map(probs, word_weights, *spatial)
     else:
-      out = fused_attention(*(self._heads_last(x) for x in (q, k, v)), impl)
-      out = out.reshape(q.shape)
-    if word_weights is not None:
-      rows = word_weights.shape[0]
-      if impl != 'xla':  # the maps' rows only, not the fused output's
-        probs = attention_probs(qh[-rows:], _split_heads(k[-rows:], self.heads))
-      self.sow('intermediates', 'word_map',
-               word_attention_map(probs[-rows:], word_weights, *spatial))
-    return out
+      out, maps = fused_attention_with_word_maps(q, k, v, word_weights, impl)
+      maps = maps.reshape(maps.shape[:-1] + tuple(spatial))
+    self.sow('intermediates', 'word_map', maps)
+    return out.reshape(out.shape[:2] + (-1,))
 
   def _self_attention(self, q: Array, k: Array, v: Array, impl: str,
                       sow: bool = False) -> Array:

@@ -1,4 +1,6 @@
 """Attention additions for the release: self-attention maps, several reference subjects."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -121,7 +123,8 @@ def test_fused_attention_matches_the_einsum_path(impl, width, masked):
     np.testing.assert_array_equal(out[1], 0.0)
 
 
-def test_fused_layers_match_xla_and_compute_word_maps_for_the_last_rows_only(inputs,
+@pytest.mark.parametrize('refs', [False, True])
+def test_fused_layers_match_xla_and_compute_word_maps_for_the_last_rows_only(inputs, refs,
                                                                             monkeypatch):
   # attn2 with the visual branch (top-k mask) and word maps for the last row only, as
   # the sampler's [uncond, T2I] call asks; 'cudnn' is run by JAX's XLA kernel on CPU.
@@ -131,7 +134,7 @@ def test_fused_layers_match_xla_and_compute_word_maps_for_the_last_rows_only(inp
   vis, mask = inputs['refs'][:, 0], inputs['token_mask'][:, 0]
   params = {'params': xla.init(jax.random.PRNGKey(2), inputs['hidden'], inputs['context'],
                                visual_tokens=vis, spatial=spatial)['params']}
-  words = inputs['words'][:, 0]
+  words = inputs['words'] if refs else inputs['words'][:, 0]
   run = lambda layer, rows: layer.apply(
       params, inputs['hidden'], inputs['context'], spatial=spatial, visual_tokens=vis,
       visual_token_mask=mask, word_weights=words[-rows:], mutable=['intermediates'])
@@ -139,18 +142,80 @@ def test_fused_layers_match_xla_and_compute_word_maps_for_the_last_rows_only(inp
   calls = []
   real = jax.nn.dot_product_attention
 
-  def on_cpu(*args, implementation=None, **kwargs):
-    calls.append((implementation, 'key_value_seq_lengths' in kwargs))
-    return real(*args, implementation='xla', **kwargs)
+  def on_cpu(q, k, v, *, implementation=None, **kwargs):
+    calls.append((implementation, 'key_value_seq_lengths' in kwargs, q.shape[-1],
+                  v.shape[-1], kwargs['scale']))
+    return real(q, k, v, implementation='xla', **kwargs)
 
   monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
   got, state = run(fused, 1)
-  # text (5 tokens: padded to 8, so with a key length), then visual (the top-k)
-  assert calls == [('cudnn', True), ('cudnn', True)]
+  # ONE text call (5 tokens padded to 8, so with a key length) whose heads are widened
+  # by the word columns (4 + 1 or 4 + 2, to 8); then the visual call (the top-k).
+  assert calls == [('cudnn', True, 8, 8, DIM_HEAD ** -0.5),
+                   ('cudnn', True, DIM_HEAD, DIM_HEAD, DIM_HEAD ** -0.5)]
   np.testing.assert_allclose(got, want, atol=1e-5)
   (maps,), (want_maps,) = (jax.tree.leaves(s) for s in (state, want_state))
-  chex.assert_shape(maps, (1, H, W))
+  chex.assert_shape(maps, (1,) + ((REFS,) if refs else ()) + (H, W))
+  assert np.max(np.asarray(maps)) > 0.05  # the word does get attention
   np.testing.assert_allclose(maps, want_maps[-1:], atol=1e-6)
+
+
+def test_word_maps_leave_the_fused_kernel_where_no_widened_head_fits(inputs, monkeypatch):
+  # A 128-wide head plus a word column would be 136: wider than an A100's (or, here,
+  # the CPU's) cuDNN takes, so the text call keeps width 128 and the maps come from
+  # the probabilities of the maps' rows.
+  dim_head, spatial = 128, (H, W)
+  width = HEADS * dim_head
+  rng = np.random.default_rng(5)
+  hidden, context = _normal(rng, B, H * W, width), _normal(rng, B, N_TEXT, width)
+  xla = attention.Attention(width, HEADS, dim_head, is_cross=True)
+  fused = attention.Attention(width, HEADS, dim_head, is_cross=True, attention_impl='cudnn')
+  params = {'params': xla.init(jax.random.PRNGKey(3), hidden, context)['params']}
+  words = inputs['words'][:, 0]
+  run = lambda layer: layer.apply(params, hidden, context, spatial=spatial,
+                                  word_weights=words[-1:], mutable=['intermediates'])
+  widths = []
+  real = jax.nn.dot_product_attention
+
+  def on_cpu(q, k, v, *, implementation=None, **kwargs):
+    widths.append(v.shape[-1])
+    return real(q, k, v, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
+  (want, want_state), (got, state) = run(xla), run(fused)
+  assert widths == [dim_head]
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  np.testing.assert_allclose(jax.tree.leaves(state)[0], jax.tree.leaves(want_state)[0][-1:],
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('impl, dtype, atol, map_atol', [
+    ('xla', jnp.float32, 2e-6, 1e-7),
+    # bfloat16 as the sampler runs: the maps carry the kernel's output rounding (2e-4
+    # here, of maps up to 0.09).
+    ('xla', jnp.bfloat16, 4e-3, 1e-3),
+    ('pallas', jnp.float32, 2e-6, 1e-7),  # the TPU kernel, interpret mode, width 41 -> 48
+])
+def test_word_maps_from_the_fused_kernel_match_the_probabilities(impl, dtype, atol,
+                                                                 map_atol):
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(6)
+  b, t, s, n, d, rows = 3, 64, 77, 2, 40, 2
+  q, k, v = (_normal(rng, b, length, n, d).astype(dtype) for length in (t, s, s))
+  words = jnp.zeros((rows, s)).at[0, 3].set(1.0).at[1, 5:7].set(1.0)
+  heads_second = lambda x: x.transpose(0, 2, 1, 3)
+  want_out, probs = attention.text_cross_attention(*(heads_second(x) for x in (q, k, v)))
+  want_maps = attention.word_attention_map(probs[-rows:], words, 8, 8).reshape(rows, t)
+  with pltpu.force_tpu_interpret_mode():
+    out, maps = jax.jit(functools.partial(
+        attention.fused_attention_with_word_maps, impl=impl))(q, k, v, words)
+  chex.assert_shape(out, (b, t, n, d))
+  chex.assert_shape(maps, (rows, t))
+  assert maps.dtype == jnp.float32 and out.dtype == dtype
+  chex.assert_trees_all_close(out.astype(jnp.float32),
+                              heads_second(want_out).astype(jnp.float32), atol=atol)
+  np.testing.assert_allclose(maps, want_maps, atol=map_atol)
+  assert np.max(want_maps) > 0.02  # a map worth comparing
 
 
 @pytest.mark.parametrize('requested, head_dim, q_len, dtype, platform, want', [

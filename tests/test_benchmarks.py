@@ -32,15 +32,24 @@ def _last_json(proc) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_sampling_benchmark_reports_ratio_and_compile_times():
+def test_sampling_benchmark_reports_ratio_and_compile_times(tmp_path):
   r = _last_json(_run('benchmarks.sampling', '--batch=2', '--steps=2', '--repeats=1',
-                      '--compile_steps=2,3'))
+                      '--compile_steps=2,3', '--unet_passes', f'--profile_dir={tmp_path}'))
   assert r['benchmark'] == 'sampling' and r['batch'] == 2 and r['steps'] == 2
   assert r['realcustom_s_per_image'] > 0 and r['cfg_s_per_image'] > 0
   # The reported times are rounded to 5 decimals (milliseconds here), the ratio is not.
   ratio = r['realcustom_s_per_image'] / r['cfg_s_per_image']
   assert abs(r['ratio_vs_cfg'] - ratio) < 0.05 * ratio
   assert r['compile_s_2_steps'] > 0 and r['compile_s_3_steps'] > 0
+  # Three UNet passes against two, plus the scoring, the visual K/V and Eq. 11: a
+  # little over 1.5 in FLOPs (1.514 here, 1.515 at SD 1.5 size).
+  assert 1.5 < r['flops_ratio_vs_cfg'] < 1.6
+  assert abs(r['flops_ratio_vs_cfg'] - r['realcustom_flops_per_step']
+             / r['cfg_flops_per_step']) < 1e-4
+  floor = 1 + r['unet_pass_ms_b'] / r['unet_pass_ms_2b']
+  assert 1.0 < r['three_pass_floor'] < 2.0 and abs(r['three_pass_floor'] - floor) < 1e-3
+  for loop in ('realcustom', 'cfg'):
+    assert list((tmp_path / loop).rglob('*.trace.json.gz')), loop
 
 
 def test_sampling_benchmark_rejects_bad_flags():
