@@ -7,8 +7,11 @@ GPU, Pallas on a TPU) in bfloat16 at SD 1.5's attention shapes (self-attention a
 64x64 / 32x32 / 16x16 levels with head widths 40 / 80 / 160; text cross-attention over
 77 tokens; the visual attention over 256 image tokens with a top-k key mask) and
 compares the output and the gradients of q, k and v with the einsum path computed in
-float32 from the same bfloat16 inputs. Prints one JSON line per shape, the last line
-being the summary; exits 1 if an error exceeds the bfloat16 tolerance.
+float32 from the same bfloat16 inputs. Then the sampler's word maps out of the fused text
+kernel (`attention.fused_attention_with_word_maps`, heads widened by the word column to
+48 / 88 / 168) against the float32 probabilities, with the output beside them. Prints
+one JSON line per check, the last line being the summary; exits 1 if an error exceeds
+the bfloat16 tolerance.
 """
 import json
 import sys
@@ -28,6 +31,9 @@ _HEADS = 8
 _SHAPES = (('self_64x64', 4096, 4096, 40, False), ('self_32x32', 1024, 1024, 80, False),
            ('self_16x16', 256, 256, 160, False), ('text_64x64', 4096, 77, 40, False),
            ('visual_64x64', 4096, 256, 40, True), ('visual_16x16', 256, 256, 160, True))
+# (name, query length, head width) of the text attention whose word maps are checked.
+_WORD_MAP_SHAPES = (('word_maps_64x64', 4096, 40), ('word_maps_32x32', 1024, 80),
+                    ('word_maps_16x16', 256, 160))
 # bf16 keeps 8 bits of mantissa: errors relative to the largest reference value.
 _TOLERANCE = 2e-2
 
@@ -54,13 +60,37 @@ def check(name: str, t: int, s: int, d: int, masked: bool, requested: str, b: in
   want = jax.jit(jax.value_and_grad(loss(reference), argnums=(0, 1, 2)))
   out, ref = jax.jit(fused)(q, k, v), jax.jit(reference)(q, k, v)
   (_, grads), (_, ref_grads) = got(q, k, v), want(q, k, v)
-  rel = lambda a, r: float(jnp.max(jnp.abs(a.astype(jnp.float32) - r)) /
-                           (jnp.max(jnp.abs(r)) + 1e-12))
-  errors = {'out': rel(out, ref)}
-  errors.update({f'grad_{n}': rel(g, r) for n, g, r in zip('qkv', grads, ref_grads)})
+  errors = {'out': _relative(out, ref)}
+  errors.update({f'grad_{n}': _relative(g, r) for n, g, r in zip('qkv', grads, ref_grads)})
   finite = bool(jnp.isfinite(out.astype(jnp.float32)).all())
   return dict(check=name, impl=impl, q_len=t, kv_len=s, head_dim=d, masked=masked,
               finite=finite, ok=finite and max(errors.values()) < _TOLERANCE,
+              **{k: round(e, 5) for k, e in errors.items()})
+
+
+def _relative(a, r) -> float:
+  return float(jnp.max(jnp.abs(a.astype(jnp.float32) - r)) / (jnp.max(jnp.abs(r)) + 1e-12))
+
+
+def check_word_maps(name: str, t: int, d: int, requested: str, b: int) -> dict:
+  """The [uncond, T2I] text call: output of all rows, word maps of the last half."""
+  impl = attention.layer_attention_impl(requested, d, t, jnp.bfloat16)
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  q, k, v = (jax.random.normal(key, (2 * b, n, _HEADS, d), jnp.bfloat16)
+             for key, n in zip(keys, (t, 77, 77)))
+  # A two-token word at 5-6 and a repeated one at 9: several columns per row.
+  words = jnp.zeros((b, 77)).at[:, 5:7].set(1.0).at[-1, 9].set(1.0)
+  fused = jax.jit(lambda q, k, v: attention.fused_attention_with_word_maps(
+      q, k, v, words, impl))
+  out, maps = fused(q, k, v)
+  heads_second = lambda x: x.astype(jnp.float32).transpose(0, 2, 1, 3)
+  ref_out, probs = attention.text_cross_attention(*(heads_second(x) for x in (q, k, v)))
+  ref_maps = attention.word_attention_map(probs[-b:], words, t, 1)[..., 0]
+  errors = {'out': _relative(out, ref_out.transpose(0, 2, 1, 3)),
+            'word_maps': _relative(maps, ref_maps)}
+  finite = bool(jnp.isfinite(maps).all() and jnp.isfinite(out.astype(jnp.float32)).all())
+  return dict(check=name, impl=impl, q_len=t, kv_len=77, head_dim=d, finite=finite,
+              ok=finite and max(errors.values()) < _TOLERANCE,
               **{k: round(e, 5) for k, e in errors.items()})
 
 
@@ -71,10 +101,15 @@ def main(argv):
     r = check(*shape, _IMPL.value, _BATCH.value)
     print(json.dumps(r), flush=True)
     results.append(r)
+  for shape in _WORD_MAP_SHAPES:
+    r = check_word_maps(*shape, _IMPL.value, _BATCH.value)
+    print(json.dumps(r), flush=True)
+    results.append(r)
   summary = dict(benchmark='attention_check', device_kind=jax.devices()[0].device_kind,
                  all_ok=all(r['ok'] for r in results),
                  impls=sorted({r['impl'] for r in results}),
-                 worst=max(max(v for k, v in r.items() if k == 'out' or k.startswith('grad'))
+                 worst=max(max(v for k, v in r.items()
+                               if k in ('out', 'word_maps') or k.startswith('grad'))
                            for r in results))
   print(json.dumps(summary), flush=True)
   sys.exit(0 if summary['all_ok'] else 1)
