@@ -17,3 +17,23 @@ import transformers  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
 transformers.logging.set_verbosity_error()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def cudnn_on_cpu(monkeypatch):
+  """Runs `jax.nn.dot_product_attention` calls made for cuDNN (or any kernel) through
+  JAX's own XLA kernel, as a CPU can, and records each call: a list of
+  (implementation, q, k, v, keyword arguments)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def on_cpu(q, k, v, *, implementation=None, **kwargs):
+    calls.append((implementation, q, k, v, kwargs))
+    return real(q, k, v, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
+  return calls

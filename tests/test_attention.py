@@ -125,7 +125,7 @@ def test_fused_attention_matches_the_einsum_path(impl, width, masked):
 
 @pytest.mark.parametrize('refs', [False, True])
 def test_fused_layers_match_xla_and_compute_word_maps_for_the_last_rows_only(inputs, refs,
-                                                                            monkeypatch):
+                                                                            cudnn_on_cpu):
   # attn2 with the visual branch (top-k mask) and word maps for the last row only, as
   # the sampler's [uncond, T2I] call asks; 'cudnn' is run by JAX's XLA kernel on CPU.
   spatial = (H, W)
@@ -139,16 +139,9 @@ def test_fused_layers_match_xla_and_compute_word_maps_for_the_last_rows_only(inp
       params, inputs['hidden'], inputs['context'], spatial=spatial, visual_tokens=vis,
       visual_token_mask=mask, word_weights=words[-rows:], mutable=['intermediates'])
   want, want_state = run(xla, B)
-  calls = []
-  real = jax.nn.dot_product_attention
-
-  def on_cpu(q, k, v, *, implementation=None, **kwargs):
-    calls.append((implementation, 'key_value_seq_lengths' in kwargs, q.shape[-1],
-                  v.shape[-1], kwargs['scale']))
-    return real(q, k, v, implementation='xla', **kwargs)
-
-  monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
   got, state = run(fused, 1)
+  calls = [(impl, 'key_value_seq_lengths' in kw, q.shape[-1], v.shape[-1], kw['scale'])
+           for impl, q, _, v, kw in cudnn_on_cpu]
   # ONE text call (5 tokens padded to 8, so with a key length) whose heads are widened
   # by the word columns (4 + 1 or 4 + 2, to 8); then the visual call (the top-k).
   assert calls == [('cudnn', True, 8, 8, DIM_HEAD ** -0.5),
@@ -160,7 +153,7 @@ def test_fused_layers_match_xla_and_compute_word_maps_for_the_last_rows_only(inp
   np.testing.assert_allclose(maps, want_maps[-1:], atol=1e-6)
 
 
-def test_word_maps_leave_the_fused_kernel_where_no_widened_head_fits(inputs, monkeypatch):
+def test_word_maps_leave_the_fused_kernel_where_no_widened_head_fits(inputs, cudnn_on_cpu):
   # A 128-wide head plus a word column would be 136: wider than an A100's (or, here,
   # the CPU's) cuDNN takes, so the text call keeps width 128 and the maps come from
   # the probabilities of the maps' rows.
@@ -174,16 +167,8 @@ def test_word_maps_leave_the_fused_kernel_where_no_widened_head_fits(inputs, mon
   words = inputs['words'][:, 0]
   run = lambda layer: layer.apply(params, hidden, context, spatial=spatial,
                                   word_weights=words[-1:], mutable=['intermediates'])
-  widths = []
-  real = jax.nn.dot_product_attention
-
-  def on_cpu(q, k, v, *, implementation=None, **kwargs):
-    widths.append(v.shape[-1])
-    return real(q, k, v, implementation='xla', **kwargs)
-
-  monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
   (want, want_state), (got, state) = run(xla), run(fused)
-  assert widths == [dim_head]
+  assert [v.shape[-1] for _, _, _, v, _ in cudnn_on_cpu] == [dim_head]
   np.testing.assert_allclose(got, want, atol=1e-4)
   np.testing.assert_allclose(jax.tree.leaves(state)[0], jax.tree.leaves(want_state)[0][-1:],
                              atol=1e-6)
@@ -241,7 +226,7 @@ def test_unknown_attention_impl_is_refused():
 
 
 @pytest.mark.parametrize('masked', [False, True])
-def test_cudnn_call_gets_even_padded_lengths_and_matches(masked, monkeypatch):
+def test_cudnn_call_gets_even_padded_lengths_and_matches(masked, cudnn_on_cpu):
   # cuDNN's backward pass takes even sequence lengths only; 39 queries and the 77 CLIP
   # text tokens are padded to multiples of 8 and the padding is kept out (JAX's XLA
   # kernel stands in for cuDNN behind the same call on a CPU).
@@ -249,19 +234,12 @@ def test_cudnn_call_gets_even_padded_lengths_and_matches(masked, monkeypatch):
   b, t, s, n, d = 2, 39, 77, 2, 8
   q, k, v = (_normal(rng, b, length, n, d) for length in (t, s, s))
   key_mask = jnp.asarray(rng.uniform(size=(b, s)) > 0.4) if masked else None
-  calls = []
-  real = jax.nn.dot_product_attention
-
-  def on_cpu(q, k, v, *, implementation=None, **kwargs):
-    calls.append((implementation, q.shape[1], k.shape[1]))
-    return real(q, k, v, implementation='xla', **kwargs)
-
-  monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
   fused = lambda q, k, v: attention.fused_attention(q, k, v, 'cudnn', key_mask)
   reference = lambda q, k, v: _reference_attention(q, k, v, key_mask)
   got, got_grads = jax.value_and_grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
   want, want_grads = jax.value_and_grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  calls = [(impl, q.shape[1], k.shape[1]) for impl, q, k, _, _ in cudnn_on_cpu]
   assert calls and all(c == ('cudnn', 40, 80) for c in calls)
   chex.assert_shape(fused(q, k, v), (b, t, n, d))
   np.testing.assert_allclose(got, want, rtol=1e-5)

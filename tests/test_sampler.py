@@ -124,7 +124,7 @@ def test_soft_mask_at_every_step(setup, default_run):
   assert default_run.x0.shape == (STEPS,) + setup[3]['latents'].shape
 
 
-def test_fused_attention_gives_the_same_scopes_and_samples(setup, default_run, monkeypatch):
+def test_fused_attention_gives_the_same_scopes_and_samples(setup, default_run, cudnn_on_cpu):
   # Every layer on the 'cudnn' path, run by JAX's XLA kernel behind the same call on a
   # CPU: the T2I word maps then come out of the text kernel's widened heads
   # (`fused_attention_with_word_maps`), and scopes and latents must not move.
@@ -132,20 +132,12 @@ def test_fused_attention_gives_the_same_scopes_and_samples(setup, default_run, m
   config = tiny_config.get_config()
   fused = model_lib.RealCustom(unet=RealCustomUNet.from_config(config.tiny.unet,
                                                                attention_impl='cudnn'))
-  widths = []
-  real = jax.nn.dot_product_attention
-
-  def on_cpu(q, k, v, *, implementation=None, **kwargs):
-    widths.append(v.shape[-1])
-    return real(q, k, v, implementation='xla', **kwargs)
-
-  monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
   out = sampler.build_sampler(fused, return_trajectory=True)(
       params, schedule, x['latents'], x['text_emb'], x['uncond_emb'], x['image_feats'],
       x['word_weights'], sampler.GuidanceSettings.create(gamma_scope=GAMMA_SCOPE))
   # Self and visual calls at the heads' width 16; the [uncond, T2I] text calls at 16 + 1
   # word column, rounded up to 24 (the TI2I call's text attention has no maps: 16).
-  assert sorted(set(widths)) == [16, 24]
+  assert sorted({v.shape[-1] for _, _, _, v, _ in cudnn_on_cpu}) == [16, 24]
   np.testing.assert_array_equal(np.asarray(out.masks) > 0, np.asarray(default_run.masks) > 0)
   np.testing.assert_allclose(out.masks, default_run.masks, atol=1e-5)
   np.testing.assert_allclose(out.latents, default_run.latents, atol=1e-4, rtol=1e-4)

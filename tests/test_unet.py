@@ -186,7 +186,7 @@ def test_remat_gives_the_same_output():
       'full', None, None, 'full', 'dots']
 
 
-def test_fused_attention_call_matches_xla_in_value_and_gradient(monkeypatch):
+def test_fused_attention_call_matches_xla_in_value_and_gradient(cudnn_on_cpu):
   # The 'cudnn' path calls jax.nn.dot_product_attention (B, T, N, H layout). cuDNN needs
   # a GPU, so here the layer is told to take that path and JAX runs its own XLA kernel
   # behind the same call: a swapped axis or a wrong scale breaks the match.
@@ -198,16 +198,8 @@ def test_fused_attention_call_matches_xla_in_value_and_gradient(monkeypatch):
       xla.init, jax.random.PRNGKey(0), x, t, ctx, visual_tokens=vis)['params'], seed=0)
   loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x, t, ctx, visual_tokens=vis) ** 2)
   v1, g1 = jax.jit(jax.value_and_grad(loss(xla)))(params)
-  calls = []
-  real = jax.nn.dot_product_attention
-
-  def on_cpu(*args, implementation=None, **kwargs):
-    calls.append(implementation)
-    return real(*args, implementation='xla', **kwargs)
-
-  monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
   v2, g2 = jax.jit(jax.value_and_grad(loss(fused)))(params)
-  assert calls and set(calls) == {'cudnn'}
+  assert cudnn_on_cpu and {c[0] for c in cudnn_on_cpu} == {'cudnn'}
   np.testing.assert_allclose(v1, v2, rtol=1e-5)
   chex.assert_trees_all_close(g1, g2, atol=1e-4)
 
