@@ -6,8 +6,10 @@
 # goes (NAME.ops.txt: by kernel category, then the top kernels; for sampling, the
 # RealCustom loop and the CFG loop one after the other).
 # RUNs (default: all, in this order, most telling first):
-#   attention_check train_auto_b16 sampling_auto_b8 sampling_xla_b8 train_xla_b16
-#   train_auto_b32_dots train_auto_b8 precompute_sd15
+#   attention_check train_auto_b16 sampling_auto_b8 sampling_probs_b8 sampling_xla_b8
+#   train_xla_b16 train_auto_b32_dots train_auto_b8 precompute_sd15
+# (sampling_probs_b8: the word maps' probabilities through XLA, as before they moved into
+# the fused kernel.)
 # Runs go in order while BUDGET seconds last (an SD1.5 compile takes about a minute); a
 # run with too little time left is skipped and says so.
 # On a machine without the pins, install wheels first (diffusers 0.39.0, transformers 4.57.6,
@@ -59,6 +61,8 @@ one() {
     attention_check) run attention_check 30 python3 -m benchmarks.attention_check ;;
     train_auto_b16) train train_auto_b16 --batch=16 --attention_impl=auto ;;
     sampling_auto_b8) sample sampling_auto_b8 150 --batch=8 --attention_impl=auto --unet_passes ;;
+    sampling_probs_b8) run sampling_probs_b8 90 $SAMPLE --batch=8 --attention_impl=auto \
+        --nofused_word_maps ;;
     sampling_xla_b8) sample sampling_xla_b8 100 --batch=8 --attention_impl=xla ;;
     train_xla_b16) train train_xla_b16 --batch=16 --attention_impl=xla ;;
     train_auto_b32_dots) train train_auto_b32_dots --batch=32 --attention_impl=auto --remat=dots ;;
@@ -69,8 +73,8 @@ one() {
   esac
 }
 if [ $# -eq 0 ]; then
-  set -- attention_check train_auto_b16 sampling_auto_b8 sampling_xla_b8 train_xla_b16 \
-         train_auto_b32_dots train_auto_b8 precompute_sd15
+  set -- attention_check train_auto_b16 sampling_auto_b8 sampling_probs_b8 sampling_xla_b8 \
+         train_xla_b16 train_auto_b32_dots train_auto_b8 precompute_sd15
 fi
 for name in "$@"; do one "$name"; done
 grep -h '^{' "$OUT"/*.log > "$OUT/results.jsonl"; cat "$OUT/results.jsonl"

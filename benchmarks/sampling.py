@@ -50,6 +50,9 @@ _COMPILE_STEPS = flags.DEFINE_list('compile_steps', ['10', '50'],
                                    'Step counts whose compile time is reported.')
 _UNET_PASSES = flags.DEFINE_bool('unet_passes', False, 'Also time one plain UNet pass at '
                                  'batch B and 2B (two more compiles): three_pass_floor.')
+_FUSED_WORD_MAPS = flags.DEFINE_bool(
+    'fused_word_maps', True, 'T2I word maps out of the fused text kernel; --no: their '
+    "probabilities through XLA beside it (the way before, for a before/after ratio).")
 _PROFILE_DIR = flags.DEFINE_string('profile_dir', None, 'After timing, trace one call of '
                                    'each loop into DIR/realcustom and DIR/cfg.')
 
@@ -192,6 +195,7 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
       realcustom_s_per_image=rc_s / batch, cfg_s_per_image=cfg_s / batch,
       ratio_vs_cfg=rc_s / cfg_s, fused_attention_calls=fused_calls,
       realcustom_images_per_s=batch / rc_s, cfg_images_per_s=batch / cfg_s,
+      fused_word_maps=attention.FUSED_WORD_MAPS,
       compile_s_cfg=cfg_compile, realcustom_flops_per_step=rc_flops,
       cfg_flops_per_step=cfg_flops, flops_ratio_vs_cfg=rc_flops / cfg_flops)
   if unet_passes:
@@ -207,6 +211,7 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
 def _from_flags() -> dict:
   if _CONFIG.value is None:
     raise ValueError('--config is required (e.g. --config=configs/tiny.py)')
+  attention.FUSED_WORD_MAPS = _FUSED_WORD_MAPS.value
   compile_steps = tuple(int(n) for n in _COMPILE_STEPS.value)
   return benchmark(_CONFIG.value, _ARCH.value, _BATCH.value, _STEPS.value, _DTYPE.value,
                    _ATTENTION.value, _REPEATS.value, compile_steps, _UNET_PASSES.value,

@@ -38,6 +38,11 @@ ATTENTION_IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
 # cuDNN's sequence lengths are padded to a multiple of this (see `fused_attention`).
 CUDNN_MULTIPLE = 8
 
+# Word maps out of the fused text kernel (`fused_attention_with_word_maps`). False: the
+# maps' rows' probabilities through XLA beside the fused output, as before; read at trace
+# time, for benchmarks.sampling's before/after comparison (--nofused_word_maps) only.
+FUSED_WORD_MAPS = True
+
 # The Pallas TPU kernel's tile: sequence lengths (and head widths above it) are padded to
 # a multiple of this.
 PALLAS_BLOCK = 128
@@ -453,7 +458,7 @@ class Attention(nn.Module):
     rows = word_weights.shape[0]
     widened = self.dim_head + word_weights.size // rows // k.shape[1]
     widened += -widened % CUDNN_MULTIPLE
-    if impl == 'cudnn' and widened > max(128, cudnn_widest_head()):
+    if not FUSED_WORD_MAPS or impl == 'cudnn' and widened > max(128, cudnn_widest_head()):
       # No room for the word columns in this GPU's cuDNN head (every one takes 128):
       # the maps' rows alone through XLA, beside the fused output.
       probs = attention_probs(qh[-rows:], k[-rows:].transpose(0, 2, 1, 3))

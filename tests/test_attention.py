@@ -153,11 +153,18 @@ def test_fused_layers_match_xla_and_compute_word_maps_for_the_last_rows_only(inp
   np.testing.assert_allclose(maps, want_maps[-1:], atol=1e-6)
 
 
-def test_word_maps_leave_the_fused_kernel_where_no_widened_head_fits(inputs, cudnn_on_cpu):
-  # A 128-wide head plus a word column would be 136: wider than an A100's (or, here,
-  # the CPU's) cuDNN takes, so the text call keeps width 128 and the maps come from
-  # the probabilities of the maps' rows.
-  dim_head, spatial = 128, (H, W)
+@pytest.mark.parametrize('dim_head, fused_word_maps', [
+    # A 128-wide head plus a word column would be 136: wider than an A100's (or, here,
+    # the CPU's) cuDNN takes.
+    (128, True),
+    (8, False),  # the benchmarks' switch back to the way before (--nofused_word_maps)
+])
+def test_word_maps_leave_the_fused_kernel_where_no_widened_head_fits(
+    inputs, dim_head, fused_word_maps, cudnn_on_cpu, monkeypatch):
+  # The text call keeps the head's width and the maps come from the probabilities of
+  # the maps' rows.
+  monkeypatch.setattr(attention, 'FUSED_WORD_MAPS', fused_word_maps)
+  spatial = (H, W)
   width = HEADS * dim_head
   rng = np.random.default_rng(5)
   hidden, context = _normal(rng, B, H * W, width), _normal(rng, B, N_TEXT, width)
