@@ -374,9 +374,9 @@ class Attention(nn.Module):
     dim_head: width per head.
     is_cross: attn2 (keys from the text, and the optional visual branch).
     attention_impl: one of ATTENTION_IMPLS, resolved per layer by `layer_attention_impl`.
-      A fused kernel never forms the probability tensor; where probabilities are read
-      (the word maps of Eq. 11, the release's self-attention maps) they are computed
-      for the rows that need them only, beside the fused output.
+      A fused kernel never forms the probability tensor: the word maps of Eq. 11 come
+      out of the text kernel itself (`fused_attention_with_word_maps`), and the
+      release's self-attention maps, where asked for, are computed beside it.
     mask_antialias: see `resize_scope`.
     dtype: compute dtype.
   """
