@@ -5,9 +5,9 @@
 # lines in results.jsonl, and for each profiled train step or sampling run where its time
 # goes (NAME.ops.txt: by kernel category, then the top kernels; for sampling, the
 # RealCustom loop and the CFG loop one after the other).
-# RUNs (default: all, in this order, most telling first):
-#   attention_check train_auto_b16 sampling_auto_b8 sampling_probs_b8 sampling_xla_b8
-#   train_xla_b16 train_auto_b32_dots train_auto_b8 precompute_sd15
+# RUNs (default: all, in this order: what no GPU has measured yet first, then the rest):
+#   attention_check sampling_auto_b8 sampling_probs_b8 train_auto_b8 precompute_sd15
+#   train_auto_b16 sampling_xla_b8 train_xla_b16 train_auto_b32_dots
 # (sampling_probs_b8: the word maps' probabilities through XLA, as before they moved into
 # the fused kernel.)
 # Runs go in order while BUDGET seconds last (an SD1.5 compile takes about a minute); a
@@ -73,8 +73,8 @@ one() {
   esac
 }
 if [ $# -eq 0 ]; then
-  set -- attention_check train_auto_b16 sampling_auto_b8 sampling_probs_b8 sampling_xla_b8 \
-         train_xla_b16 train_auto_b32_dots train_auto_b8 precompute_sd15
+  set -- attention_check sampling_auto_b8 sampling_probs_b8 train_auto_b8 precompute_sd15 \
+         train_auto_b16 sampling_xla_b8 train_xla_b16 train_auto_b32_dots
 fi
 for name in "$@"; do one "$name"; done
 grep -h '^{' "$OUT"/*.log > "$OUT/results.jsonl"; cat "$OUT/results.jsonl"
