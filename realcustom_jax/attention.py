@@ -4,11 +4,15 @@ Parameter names follow diffusers' `FlaxAttention` (`to_q`, `to_k`, `to_v`, `to_o
 that Stable Diffusion checkpoints load unchanged; the visual branch adds the bias-free
 `to_k_visual` / `to_v_visual` projections of Eq. 4.
 """
-from typing import Optional
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from realcustom_jax.sharding import BATCH_AXES
 
 Array = jax.Array
 
@@ -129,8 +133,69 @@ def _pallas_attention(q: Array, k: Array, v: Array, key_mask: Optional[Array],
   segments = pallas_flash.SegmentIds(
       q=jnp.ones(q.shape[:1] + q.shape[2:3], jnp.int32),
       kv=_pad_axis(keep.astype(jnp.int32), 1, PALLAS_BLOCK))
-  out = pallas_flash.flash_attention(q, k, v, segment_ids=segments, sm_scale=scale)
+  kernel = lambda q, k, v, segments: pallas_flash.flash_attention(
+      q, k, v, segment_ids=segments, sm_scale=scale)
+  out = per_batch_shard(kernel, q, k, v, segments)
   return out[:, :, :t, :d].transpose(0, 2, 1, 3)
+
+
+_BATCH_MESH = contextvars.ContextVar('realcustom_batch_mesh', default=None)
+
+
+@contextlib.contextmanager
+def batch_mesh(mesh: jax.sharding.Mesh) -> Iterator[None]:
+  """Within it, functions being traced run Pallas kernels per device over `mesh`'s batch
+  axes (`per_batch_shard`). Plain Python state read at trace time: enter it inside the
+  function being jitted (as `training.TrainSetup`'s steps do) or around its first call."""
+  token = _BATCH_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _BATCH_MESH.reset(token)
+
+
+def current_batch_mesh():
+  """The mesh `per_batch_shard` splits over: `batch_mesh`'s, else JAX's own (the abstract
+  mesh of `jax.set_mesh`), else None."""
+  mesh = _BATCH_MESH.get()
+  if mesh is None:
+    mesh = getattr(jax.sharding, 'get_abstract_mesh', lambda: None)()
+    mesh = None if mesh is None or mesh.empty else mesh
+  return mesh
+
+
+def per_batch_shard(kernel: Callable[..., Array], *args) -> Array:
+  """Runs `kernel` on each device's slice of the batch when a mesh splits the batch.
+
+  A Pallas kernel is a custom call that XLA's SPMD partitioner cannot split: inside a
+  step whose batch is sharded over the mesh (the train step on a pod), it would gather
+  every input onto one device and compute the global batch there (with 8 CPU devices
+  the gather even deadlocked). Under a mesh (`current_batch_mesh`), the kernel runs in a
+  `shard_map` over the mesh's batch axes present (`sharding.BATCH_AXES`) whose sizes
+  divide the batch; without a mesh, or with none of them, it runs as it is.
+
+  Args:
+    kernel: a function of arrays (pytrees) whose leading axis is the batch.
+    *args: its arguments.
+
+  Returns:
+    kernel(*args), batch-sharded like its inputs.
+  """
+  mesh = current_batch_mesh()
+  batch = args[0].shape[0]
+  axes, size = [], 1
+  for name in BATCH_AXES if mesh is not None else ():
+    n = dict(mesh.shape).get(name, 1)
+    if n > 1 and batch % (size * n) == 0:
+      axes.append(name)
+      size *= n
+  if not axes:
+    return kernel(*args)
+  spec = jax.sharding.PartitionSpec(tuple(axes))
+  # check_vma off: the kernel's outputs vary over the batch axes like its inputs, which
+  # pallas_call cannot state.
+  return jax.shard_map(kernel, mesh=mesh, in_specs=spec, out_specs=spec,
+                       check_vma=False)(*args)
 
 
 def fused_attention(q: Array, k: Array, v: Array, impl: str,

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import attention
 from realcustom_jax import encoders
 from realcustom_jax import sharding
 from realcustom_jax import weights
@@ -359,7 +360,7 @@ class TrainSetup:
     frozen_sharding = self.frozen_sharding
     if precomputed:
       frozen_sharding = {'unet': frozen_sharding['unet']}
-    return jax.jit(fn, in_shardings=(self.state_sharding, frozen_sharding,
+    return jax.jit(self._in_mesh(fn), in_shardings=(self.state_sharding, frozen_sharding,
                                      self.batch_sharding(batch)),
                    out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
                    donate_argnums=(0,))
@@ -372,7 +373,17 @@ class TrainSetup:
       return adapter_step(state, unet_params, latents, text, image, rng,
                           models=self.models, step_config=self.step_config,
                           optimizer=self.optimizer)
-    return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(self._in_mesh(step), donate_argnums=(0,))
+
+  def _in_mesh(self, fn):
+    """`fn` traced under the mesh, so that kernels XLA cannot partition run per device
+    over the batch axes (`attention.per_batch_shard`)."""
+    def traced_in_mesh(*args):
+      with attention.batch_mesh(self.mesh):
+        return fn(*args)
+    # The XLA module keeps the step's name ('jit_step', 'jit_train_step', ...).
+    traced_in_mesh.__name__ = getattr(fn, '__name__', None) or fn.func.__name__
+    return traced_in_mesh
 
 
 def place_train_setup(config, mesh, models: Models, step_config: StepConfig, adapter: dict,

@@ -251,3 +251,71 @@ def test_cudnn_call_gets_even_padded_lengths_and_matches(masked, cudnn_on_cpu):
   chex.assert_shape(fused(q, k, v), (b, t, n, d))
   np.testing.assert_allclose(got, want, rtol=1e-5)
   chex.assert_trees_all_close(got_grads, want_grads, atol=5e-5)
+
+
+# ---- Pallas under a batch-sharded mesh: per device, not gathered onto one ----
+
+def _mesh(data, fsdp):
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  return Mesh(np.asarray(jax.devices()[:data * fsdp]).reshape(data, fsdp), ('data', 'fsdp'))
+
+
+@pytest.mark.parametrize('batch, want_axes', [
+    (4, ('data', 'fsdp')), (2, ('data',)), (3, ()),  # 3: no axis divides it, runs whole
+])
+def test_per_batch_shard_splits_the_batch_over_the_mesh_axes_that_divide_it(batch, want_axes):
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = _mesh(2, 2)
+  seen = []
+
+  def kernel(x, extra):
+    seen.append((x.shape[0], extra['ids'].shape[0]))
+    return x * 2.0 + extra['ids'][:, None]
+
+  x = jnp.arange(batch * 3, dtype=jnp.float32).reshape(batch, 3)
+  ids = jnp.arange(batch, dtype=jnp.float32)
+  with attention.batch_mesh(mesh):
+    out = jax.jit(lambda x, ids: attention.per_batch_shard(kernel, x, {'ids': ids}))(x, ids)
+  np.testing.assert_array_equal(out, x * 2.0 + ids[:, None])
+  per_device = batch // int(np.prod([dict(mesh.shape)[a] for a in want_axes]))
+  assert seen == [(per_device, per_device)]
+  if want_axes:
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(want_axes)), 2)
+  # Without a mesh the kernel sees the whole batch.
+  seen.clear()
+  jax.jit(lambda x, ids: attention.per_batch_shard(kernel, x, {'ids': ids}))(x, ids)
+  assert seen == [(batch, batch)]
+
+
+def test_pallas_attention_runs_per_device_in_a_batch_sharded_step(monkeypatch):
+  # Unwrapped, XLA's SPMD partitioner gathers a Pallas call's sharded inputs onto one
+  # device (on CPU devices the gather deadlocks); under the mesh each device runs the
+  # kernel on its own rows, and values and gradients are those of the einsum path.
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = _mesh(2, 2)
+  rng = np.random.default_rng(7)
+  b, t, s, n, d = 4, 40, 77, 2, 8
+  q, k, v = (_normal(rng, b, length, n, d) for length in (t, s, s))
+  key_mask = jnp.asarray(rng.uniform(size=(b, s)) > 0.4)
+  on_mesh = NamedSharding(mesh, P(('data', 'fsdp')))
+  qs, ks, vs = (jax.device_put(x, on_mesh) for x in (q, k, v))
+  batches = []
+  real = pallas_flash.flash_attention
+
+  def spy(q, *args, **kwargs):
+    batches.append(q.shape[0])
+    return real(q, *args, **kwargs)
+
+  monkeypatch.setattr(pallas_flash, 'flash_attention', spy)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+  fused = lambda q, k, v: attention.fused_attention(q, k, v, 'pallas', key_mask)
+  with pltpu.force_tpu_interpret_mode(), jax.set_mesh(mesh):
+    got, got_grads = jax.jit(jax.value_and_grad(loss(fused), argnums=(0, 1, 2)))(qs, ks, vs)
+  want, want_grads = jax.value_and_grad(
+      loss(lambda q, k, v: _reference_attention(q, k, v, key_mask)), argnums=(0, 1, 2))(q, k, v)
+  assert batches and set(batches) == {1}  # 4 rows over 2 x 2 devices
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  chex.assert_trees_all_close(got_grads, want_grads, atol=5e-5)
+  assert got_grads[0].sharding.is_equivalent_to(on_mesh, 4)

@@ -5,6 +5,7 @@ import pytest
 
 from configs import tiny as tiny_config
 from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import attention
 from realcustom_jax import sharding
 from realcustom_jax import tiny
 from realcustom_jax import training
@@ -67,6 +68,65 @@ def test_sharded_step_matches_single_device(components, data, fsdp):
   # With fsdp=2, some adapter leaves really are split over the 'fsdp' axis.
   specs = [x.sharding.spec for x in jax.tree.leaves(live['params'])]
   assert any(sharding.FSDP_AXIS in tuple(s) for s in specs)
+
+
+def test_both_steps_trace_under_their_mesh(components, monkeypatch):
+  # What lets a Pallas kernel run per device (`attention.per_batch_shard`): the steps
+  # are traced under the setup's mesh.
+  config, sd, vision, batch = components
+  mesh = sharding.create_mesh({'data': 4, 'fsdp': 2})
+  setup, _ = training.setup_training(config, mesh, sd, vision)
+  seen = []
+
+  def spy(state, *args, **kwargs):
+    seen.append(attention.current_batch_mesh())
+    return state, {'loss': jax.numpy.zeros(())}
+
+  monkeypatch.setattr(training, 'train_step', spy)
+  monkeypatch.setattr(training, 'adapter_step', spy)
+  lowered = setup.train_step(batch).lower(setup.state, setup.frozen,
+                                          sharding.shard_batch(batch, mesh))
+  b, size = BATCH, config.tiny.unet['sample_size']
+  setup.adapter_step().lower(setup.state, setup.frozen['unet'],
+                             np.zeros((b, 4, size, size), np.float32),
+                             np.zeros((b, 77, 32), np.float32),
+                             np.zeros((b, 4, 32), np.float32))
+  assert [dict(m.shape) for m in seen] == [{'data': 4, 'fsdp': 2}] * 2
+  # The XLA module keeps the step function's name (here the spy's), not the wrapper's.
+  assert 'module @jit_spy' in lowered.as_text()
+  assert attention.current_batch_mesh() is None  # and nothing leaks out
+
+
+@pytest.mark.slow  # `make test-slow` (Makefile: the suite's time budget): about 90 s
+def test_pallas_attention_in_a_sharded_step_matches_one_device(components, monkeypatch):
+  # The TPU kernel (Pallas interpret mode on CPU devices) in every layer of a step
+  # sharded 2 x 2: each device runs it on its own row, and the step equals the
+  # one-device step with XLA attention.
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
+  config, sd, vision, batch = components
+  batch = {k: v[:4] for k, v in batch.items()}
+  mesh1 = sharding.create_mesh({'data': 1, 'fsdp': 1}, devices=jax.devices()[:1])
+  one, _, _, _, m1 = _run_step(config, sd, vision, batch, mesh1)
+  rows = []
+  real = pallas_flash.flash_attention
+
+  def spy(q, *args, **kwargs):
+    rows.append(q.shape[0])
+    return real(q, *args, **kwargs)
+
+  monkeypatch.setattr(pallas_flash, 'flash_attention', spy)
+  config = config.copy_and_resolve_references()
+  config.model.attention_impl = 'pallas'
+  mesh4 = sharding.create_mesh({'data': 2, 'fsdp': 2}, devices=jax.devices()[:4])
+  with pltpu.force_tpu_interpret_mode():
+    many, _, _, _, m4 = _run_step(config, sd, vision, batch, mesh4)
+  assert rows and set(rows) == {1}
+  np.testing.assert_allclose(float(m1['loss']), float(m4['loss']), rtol=1e-5)
+  # AdamW's first step moves each entry by about lr = 1e-4 times g / |g|: where g is
+  # near zero the two kernels' rounding shows, so a third of a step is the bound.
+  close = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), one['params'], many['params'])
+  assert max(jax.tree.leaves(close)) <= 3e-5, close
 
 
 def test_optimizer_state_holds_only_adapter_leaves(components):
