@@ -37,3 +37,19 @@ def cudnn_on_cpu(monkeypatch):
 
   monkeypatch.setattr(jax.nn, 'dot_product_attention', on_cpu)
   return calls
+
+
+@pytest.fixture
+def pallas_rows(monkeypatch):
+  """Records the batch (leading) size of every Pallas TPU flash-attention call traced:
+  how many rows one device's kernel sees."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
+  rows = []
+  real = pallas_flash.flash_attention
+
+  def spy(q, *args, **kwargs):
+    rows.append(q.shape[0])
+    return real(q, *args, **kwargs)
+
+  monkeypatch.setattr(pallas_flash, 'flash_attention', spy)
+  return rows

@@ -287,12 +287,11 @@ def test_per_batch_shard_splits_the_batch_over_the_mesh_axes_that_divide_it(batc
   assert seen == [(batch, batch)]
 
 
-def test_pallas_attention_runs_per_device_in_a_batch_sharded_step(monkeypatch):
+def test_pallas_attention_runs_per_device_in_a_batch_sharded_step(pallas_rows):
   # Unwrapped, XLA's SPMD partitioner gathers a Pallas call's sharded inputs onto one
   # device (on CPU devices the gather deadlocks); under the mesh each device runs the
   # kernel on its own rows, and values and gradients are those of the einsum path.
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   mesh = _mesh(2, 2)
   rng = np.random.default_rng(7)
@@ -301,21 +300,13 @@ def test_pallas_attention_runs_per_device_in_a_batch_sharded_step(monkeypatch):
   key_mask = jnp.asarray(rng.uniform(size=(b, s)) > 0.4)
   on_mesh = NamedSharding(mesh, P(('data', 'fsdp')))
   qs, ks, vs = (jax.device_put(x, on_mesh) for x in (q, k, v))
-  batches = []
-  real = pallas_flash.flash_attention
-
-  def spy(q, *args, **kwargs):
-    batches.append(q.shape[0])
-    return real(q, *args, **kwargs)
-
-  monkeypatch.setattr(pallas_flash, 'flash_attention', spy)
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
   fused = lambda q, k, v: attention.fused_attention(q, k, v, 'pallas', key_mask)
   with pltpu.force_tpu_interpret_mode(), jax.set_mesh(mesh):
     got, got_grads = jax.jit(jax.value_and_grad(loss(fused), argnums=(0, 1, 2)))(qs, ks, vs)
   want, want_grads = jax.value_and_grad(
       loss(lambda q, k, v: _reference_attention(q, k, v, key_mask)), argnums=(0, 1, 2))(q, k, v)
-  assert batches and set(batches) == {1}  # 4 rows over 2 x 2 devices
+  assert pallas_rows and set(pallas_rows) == {1}  # 4 rows over 2 x 2 devices
   np.testing.assert_allclose(got, want, rtol=1e-5)
   chex.assert_trees_all_close(got_grads, want_grads, atol=5e-5)
   assert got_grads[0].sharding.is_equivalent_to(on_mesh, 4)

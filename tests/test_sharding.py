@@ -98,30 +98,21 @@ def test_both_steps_trace_under_their_mesh(components, monkeypatch):
 
 
 @pytest.mark.slow  # `make test-slow` (Makefile: the suite's time budget): about 90 s
-def test_pallas_attention_in_a_sharded_step_matches_one_device(components, monkeypatch):
+def test_pallas_attention_in_a_sharded_step_matches_one_device(components, pallas_rows):
   # The TPU kernel (Pallas interpret mode on CPU devices) in every layer of a step
   # sharded 2 x 2: each device runs it on its own row, and the step equals the
   # one-device step with XLA attention.
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
   config, sd, vision, batch = components
   batch = {k: v[:4] for k, v in batch.items()}
   mesh1 = sharding.create_mesh({'data': 1, 'fsdp': 1}, devices=jax.devices()[:1])
   one, _, _, _, m1 = _run_step(config, sd, vision, batch, mesh1)
-  rows = []
-  real = pallas_flash.flash_attention
-
-  def spy(q, *args, **kwargs):
-    rows.append(q.shape[0])
-    return real(q, *args, **kwargs)
-
-  monkeypatch.setattr(pallas_flash, 'flash_attention', spy)
   config = config.copy_and_resolve_references()
   config.model.attention_impl = 'pallas'
   mesh4 = sharding.create_mesh({'data': 2, 'fsdp': 2}, devices=jax.devices()[:4])
   with pltpu.force_tpu_interpret_mode():
     many, _, _, _, m4 = _run_step(config, sd, vision, batch, mesh4)
-  assert rows and set(rows) == {1}
+  assert pallas_rows and set(pallas_rows) == {1}
   np.testing.assert_allclose(float(m1['loss']), float(m4['loss']), rtol=1e-5)
   # AdamW's first step moves each entry by about lr = 1e-4 times g / |g|: where g is
   # near zero the two kernels' rounding shows, so a third of a step is the bound.
