@@ -237,16 +237,6 @@ def sample_latents(mean: Array, std: Array, rng: Array, scaling_factor: float) -
   return jnp.transpose(z, (0, 3, 1, 2)) * scaling_factor
 
 
-def encode_batch(frozen: Mapping, batch: Mapping[str, Array], rng: Array,
-                 models: Models) -> tuple[Array, Array, Array]:
-  """The frozen encoders: (z_0 NCHW, f_ct, f_ci) for a batch of images and captions."""
-  f = encode_features(frozen, batch, models)
-  latents = sample_latents(f['latent_mean'], f['latent_std'], rng, models.scaling_factor)
-  return (jax.lax.stop_gradient(latents),
-          jax.lax.stop_gradient(f['text'].astype(jnp.float32)),
-          jax.lax.stop_gradient(f['image'].astype(jnp.float32)))
-
-
 def adapter_step(state: State, unet_params: Mapping, latents: Array, text: Array,
                  image: Array, rng: Array, *, models: Models, step_config: StepConfig,
                  optimizer: optax.GradientTransformation) -> tuple[State, dict]:
@@ -293,14 +283,12 @@ def train_step(state: State, frozen: Mapping, batch: Mapping[str, Array], *,
                optimizer: optax.GradientTransformation) -> tuple[State, dict]:
   """Encode with the frozen models, then update the adapter; one jit around both.
 
-  The randomness of step s is fold_in(rng, s): a resumed run draws what an
-  uninterrupted one would.
+  The step on precomputed features (`precomputed_train_step`) run on what the encoders
+  give here, so the two draw the same randomness by construction.
   """
-  rng = jax.random.fold_in(state['rng'], state['step'])
-  enc_rng, step_rng = jax.random.split(rng)
-  latents, text, image = encode_batch(frozen, batch, enc_rng, models)
-  return adapter_step(state, frozen['unet'], latents, text, image, step_rng, models=models,
-                      step_config=step_config, optimizer=optimizer)
+  features = jax.lax.stop_gradient(encode_features(frozen, batch, models))
+  return precomputed_train_step(state, frozen, features, models=models,
+                                step_config=step_config, optimizer=optimizer)
 
 
 def precomputed_train_step(state: State, frozen: Mapping, batch: Mapping[str, Array], *,
@@ -309,8 +297,9 @@ def precomputed_train_step(state: State, frozen: Mapping, batch: Mapping[str, Ar
   """`train_step` on features the encoders computed beforehand (no encoder runs).
 
   `batch` holds `encode_features`' outputs (any float dtype); `frozen` needs only
-  'unet'. The rng is split as in `train_step`, so for the same state and the same
-  features both steps draw the same eps, t, gamma_num and dropout.
+  'unet'. The randomness of step s is fold_in(rng, s): a resumed run draws what an
+  uninterrupted one would; its first half draws z_0 from the stored posterior, the
+  second eps, t, gamma_num and dropout (`adapter_step`).
   """
   rng = jax.random.fold_in(state['rng'], state['step'])
   enc_rng, step_rng = jax.random.split(rng)

@@ -76,14 +76,17 @@ def test_stored_features_equal_the_in_step_encoders(prepared, components):
   stored = _features(features, ROWS)
   assert all(v.dtype == np.float16 for v in stored.values())
   models, _ = training.build_models(config, sd, vision)
-  encode = jax.jit(functools.partial(training.encode_batch, models=models))
+  encode = jax.jit(functools.partial(training.encode_features, models=models))
   frozen = {'vae': sd.vae_params, 'text': sd.text_params, 'vision': vision.params}
   rng = jax.random.PRNGKey(3)
-  live = encode(frozen, _images(builder, sd, ROWS), rng)
+  f = encode(frozen, _images(builder, sd, ROWS))
+  to_z = lambda f: training.sample_latents(f['latent_mean'], f['latent_std'], rng,
+                                           models.scaling_factor)
+  as_f32 = lambda f: (to_z(f), np.asarray(f['text'], np.float32),
+                      np.asarray(f['image'], np.float32))
+  live = as_f32(f)
   # The same rng draws the same eps from the stored posterior as from the live one.
-  from_store = (training.sample_latents(stored['latent_mean'], stored['latent_std'], rng,
-                                        models.scaling_factor),
-                stored['text'].astype(np.float32), stored['image'].astype(np.float32))
+  from_store = as_f32(stored)
   chex.assert_trees_all_close(from_store, live, rtol=2e-3, atol=2e-3)  # float16 rounding
   # That tolerance tells records apart: the stored rows are those records, in order.
   swapped = _features(features, ROWS[::-1])
