@@ -18,6 +18,7 @@ work). MFU is achieved FLOP/s over `--peak_tflops` (e.g. 989 for H100 SXM bf16 d
 
 The LAST line printed is the JSON result.
 """
+import functools
 import time
 
 from absl import app
@@ -54,9 +55,9 @@ flags.DEFINE_string('profile_dir', None, 'After timing, trace a few more steps w
 _PROFILE_STEPS = 3
 
 
-def model_flops(train_setup, *batch) -> float:
-  """The step's model FLOPs: XLA's cost analysis of the step as lowered for the CPU, with
-  XLA attention and no remat.
+def model_flops(models: training.Models, setup: training.TrainSetup, *batch) -> float:
+  """The step's model FLOPs: XLA's cost analysis of the step as lowered for the CPU
+  (`common.cpu_lowering_flops`), with `models` built with XLA attention and no remat.
 
   As lowered, before XLA's passes: after them, XLA:GPU leaves out the work it hands to
   cuBLAS / cuDNN custom calls (on an H200 it counted 1.8 of 13.6 TFLOP at SD 1.5 batch
@@ -66,10 +67,10 @@ def model_flops(train_setup, *batch) -> float:
   same step (a lowering, not a compile: seconds) counts what the model computes on any
   backend.
   """
-  cpu = jax.devices('cpu')[0]
-  twin = train_setup(cpu, remat='none', attention_impl='xla')
-  batch = [jax.device_put(x, cpu) for x in batch]
-  return common.flops(twin.adapter_step().lower(twin.state, twin.frozen['unet'], *batch))
+  step = functools.partial(training.adapter_step, models=models,
+                           step_config=setup.step_config, optimizer=setup.optimizer)
+  return common.cpu_lowering_flops(step, setup.state, setup.frozen['unet'], *batch,
+                                   jax.random.PRNGKey(0))
 
 
 def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
@@ -90,21 +91,21 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
   config.train.frozen_dtype = dtype_name
   step_config = training.build_step_config(config, tiny.SCHEDULER_CONFIG)
 
-  def train_setup(device, **model_overrides):
+  def models_with(**model_overrides) -> training.Models:
     model = common.build_model(config, a, dtype=dtype_name, **model_overrides)
-    models = training.Models(model=model, vae=None, text_encoder=None, vision_model=None,
-                             scaling_factor=1.0, vision_resize=0, vision_size=0,
-                             vision_mean=(0.0,) * 3, vision_std=(1.0,) * 3)
-    # The train loop's own set-up (optimizer, state, placement) on one device.
-    mesh = sharding.create_mesh({'data': 1, 'fsdp': 1}, [device])
-    return training.place_train_setup(config, mesh, models, step_config, adapter,
-                                      {'unet': base['unet']})
+    return training.Models(model=model, vae=None, text_encoder=None, vision_model=None,
+                           scaling_factor=1.0, vision_resize=0, vision_size=0,
+                           vision_mean=(0.0,) * 3, vision_std=(1.0,) * 3)
 
   # ---- Random weights drawn on the host (no model.init compile) ----
   params = adapter_lib.init_visual_kv_from_text(
       common.random_params(common.build_model(config, a, dtype=dtype_name), a, seed=0))
   base, adapter = adapter_lib.split_params(params)
-  setup = train_setup(jax.devices()[0], remat=remat, attention_impl=attention_impl)
+  # The train loop's own set-up (optimizer, state, placement) on one device.
+  setup = training.place_train_setup(
+      config, sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1]),
+      models_with(remat=remat, attention_impl=attention_impl), step_config, adapter,
+      {'unet': base['unet']})
   state, unet_params = setup.state, setup.frozen['unet']
 
   keys = jax.random.split(jax.random.PRNGKey(2), 4)
@@ -119,7 +120,8 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
   compile_s = time.perf_counter() - t0
   logging.info('compiled in %.1f s; timing %d steps', compile_s, steps)
   program_flops, compiled_flops = common.flops(lowered), common.flops(compiled)
-  flops = model_flops(train_setup, latents, text, image)
+  flops = model_flops(models_with(remat='none', attention_impl='xla'), setup, latents, text,
+                      image)
 
   for _ in range(warmup):
     state, metrics = compiled(state, unet_params, latents, text, image)
