@@ -126,18 +126,24 @@ def get_data_builder(
         aesthetic_field=config.data.aesthetic_field,
         min_aesthetic=config.data.min_aesthetic)
 
-  if jax.process_count() > 1:
-    # One writer: process 0 prepares (a no-op when `train.prepare` ran), the others wait
-    # on the coordination service, then find the set prepared and only open it. If
-    # process 0 fails, its peers end through the watchdog (sharding.PeerWatchdog).
-    if jax.process_index() == 0:
-      builder = prepare()
-    sharding.barrier('realcustom_data_prepared', PREPARE_TIMEOUT_S)
-    if jax.process_index() != 0:
-      builder = prepare()
-  else:
-    builder = prepare()
-  return builder
+  return prepared_by_process_zero_first(prepare, 'realcustom_data_prepared')
+
+
+def prepared_by_process_zero_first(prepare: Callable[[], Any], barrier_name: str) -> Any:
+  """`prepare()` on every process, process 0 first: one writer on a shared directory.
+
+  Process 0 prepares (a no-op when `train.prepare` ran), the others wait on the
+  coordination service, then find the work done and only open it. If process 0 fails,
+  its peers end through the watchdog (sharding.PeerWatchdog).
+  """
+  if jax.process_count() == 1:
+    return prepare()
+  if jax.process_index() == 0:
+    result = prepare()
+  sharding.barrier(barrier_name, PREPARE_TIMEOUT_S)
+  if jax.process_index() != 0:
+    result = prepare()
+  return result
 
 
 def check_data_config(config: ml_collections.ConfigDict) -> None:

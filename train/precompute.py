@@ -339,12 +339,5 @@ def get_feature_source(config, workdir: str | os.PathLike[str],
   image_source = builder.as_data_source(split='train')
   prepare = functools.partial(prepare_features, config, builder.data_dir, image_source, sd,
                               vision)
-  if jax.process_count() > 1:
-    if jax.process_index() == 0:
-      path = prepare()
-    sharding.barrier('realcustom_features_prepared', input_pipeline.PREPARE_TIMEOUT_S)
-    if jax.process_index() != 0:
-      path = prepare()
-  else:
-    path = prepare()
+  path = input_pipeline.prepared_by_process_zero_first(prepare, 'realcustom_features_prepared')
   return FeatureSource(path, image_source)
