@@ -241,6 +241,13 @@ def fused_attention(q: Array, k: Array, v: Array, impl: str,
   return out
 
 
+def word_map_head_width(head_dim: int, refs: int) -> int:
+  """The head width `fused_attention_with_word_maps` calls its kernel with: the head
+  plus one word column per reference, rounded up to a multiple of 8."""
+  width = head_dim + refs
+  return width + -width % CUDNN_MULTIPLE
+
+
 def fused_attention_with_word_maps(q: Array, k: Array, v: Array, word_weights: Array,
                                    impl: str) -> tuple[Array, Array]:
   """Eq. 3 and the word's attention mass of Eq. 11 from ONE fused kernel call.
@@ -273,8 +280,8 @@ def fused_attention_with_word_maps(q: Array, k: Array, v: Array, word_weights: A
   columns = jnp.zeros((b, s, refs), v.dtype).at[b - rows:].set(
       per_ref.transpose(0, 2, 1).astype(v.dtype))
   v = jnp.concatenate([v, jnp.broadcast_to(columns[:, :, None], (b, s, heads, refs))], -1)
-  q, k, v = (_pad_axis(jnp.pad(x, ((0, 0),) * 3 + ((0, d + refs - x.shape[-1]),)), 3,
-                       CUDNN_MULTIPLE) for x in (q, k, v))
+  width = word_map_head_width(d, refs)
+  q, k, v = (jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),)) for x in (q, k, v))
   out = fused_attention(q, k, v, impl, scale=d ** -0.5)
   maps = out[b - rows:, :, :, d:d + refs].astype(jnp.float32).mean(axis=2)
   maps = maps.transpose(0, 2, 1)
@@ -521,8 +528,8 @@ class Attention(nn.Module):
       out = fused_attention(q, k, v, impl)
       return out.reshape(out.shape[:2] + (-1,))
     rows = word_weights.shape[0]
-    widened = self.dim_head + word_weights.size // rows // k.shape[1]
-    widened += -widened % CUDNN_MULTIPLE
+    refs = word_weights.shape[1] if word_weights.ndim == 3 else 1
+    widened = word_map_head_width(self.dim_head, refs)
     if not FUSED_WORD_MAPS or impl == 'cudnn' and widened > max(128, cudnn_widest_head()):
       # No room for the word columns in this GPU's cuDNN head (every one takes 128):
       # the maps' rows alone through XLA, beside the fused output.
