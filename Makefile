@@ -29,7 +29,7 @@ test: $(STAMP)
 # The two longest end-to-end runs (kill -9 of a 2-process training and its restart; the
 # toy reproduction's smoke run), about 3.5 CPU-minutes cold: outside `make test` only to
 # keep it under 15 minutes on 2 cores. Run them before a release or after touching
-# train/, sharding or benchmarks/toy_reproduction.
+# train/, runtime/ or toy/.
 test-slow: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m slow tests
 

@@ -2,13 +2,13 @@
 
   python -m benchmarks.attention_check [--impl=auto]
 
-Runs `attention.fused_attention` with the kernel `--impl` resolves to (cuDNN on an NVIDIA
+Runs `kernels.fused_attention` with the kernel `--impl` resolves to (cuDNN on an NVIDIA
 GPU, Pallas on a TPU) in bfloat16 at SD 1.5's attention shapes (self-attention at the
 64x64 / 32x32 / 16x16 levels with head widths 40 / 80 / 160; text cross-attention over
 77 tokens; the visual attention over 256 image tokens with a top-k key mask) and
 compares the output and the gradients of q, k and v with the einsum path computed in
 float32 from the same bfloat16 inputs. Then the sampler's word maps out of the fused text
-kernel (`attention.fused_attention_with_word_maps`, heads widened by the word column to
+kernel (`kernels.fused_attention_with_word_maps`, heads widened by the word column to
 48 / 88 / 168) against the float32 probabilities, with the output beside them. Prints
 one JSON line per check, the last line being the summary; exits 1 if an error exceeds
 the bfloat16 tolerance.
@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from realcustom_jax import attention
+from realcustom_jax import kernels
 
-_IMPL = flags.DEFINE_enum('impl', 'auto', list(attention.ATTENTION_IMPLS),
+_IMPL = flags.DEFINE_enum('impl', 'auto', list(kernels.ATTENTION_IMPLS),
                           'Kernel to check (auto: the one a bf16 layer would take here).')
 _BATCH = flags.DEFINE_integer('batch', 2, 'Batch size.')
 _HEADS = 8
@@ -46,7 +47,7 @@ def _reference(q, k, v, key_mask):
 
 
 def check(name: str, t: int, s: int, d: int, masked: bool, requested: str, b: int) -> dict:
-  impl = attention.layer_attention_impl(requested, d, t, jnp.bfloat16)
+  impl = kernels.layer_attention_impl(requested, d, t, jnp.bfloat16)
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v = (jax.random.normal(key, (b, n, _HEADS, d), jnp.bfloat16)
              for key, n in zip(keys, (t, s, s)))
@@ -54,7 +55,7 @@ def check(name: str, t: int, s: int, d: int, masked: bool, requested: str, b: in
   if masked:  # 80% of the tokens, unordered, and no token at all in the last row
     key_mask = (jax.random.uniform(keys[3], (b, s)) < 0.8).at[-1].set(False)
   loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2)
-  fused = lambda q, k, v: attention.fused_attention(q, k, v, impl, key_mask)
+  fused = lambda q, k, v: kernels.fused_attention(q, k, v, impl, key_mask)
   reference = lambda q, k, v: _reference(q, k, v, key_mask)
   got = jax.jit(jax.value_and_grad(loss(fused), argnums=(0, 1, 2)))
   want = jax.jit(jax.value_and_grad(loss(reference), argnums=(0, 1, 2)))
@@ -74,13 +75,13 @@ def _relative(a, r) -> float:
 
 def check_word_maps(name: str, t: int, d: int, requested: str, b: int) -> dict:
   """The [uncond, T2I] text call: output of all rows, word maps of the last half."""
-  impl = attention.layer_attention_impl(requested, d, t, jnp.bfloat16)
+  impl = kernels.layer_attention_impl(requested, d, t, jnp.bfloat16)
   keys = jax.random.split(jax.random.PRNGKey(1), 3)
   q, k, v = (jax.random.normal(key, (2 * b, n, _HEADS, d), jnp.bfloat16)
              for key, n in zip(keys, (t, 77, 77)))
   # A two-token word at 5-6 and a repeated one at 9: several columns per row.
   words = jnp.zeros((b, 77)).at[:, 5:7].set(1.0).at[-1, 9].set(1.0)
-  fused = jax.jit(lambda q, k, v: attention.fused_attention_with_word_maps(
+  fused = jax.jit(lambda q, k, v: kernels.fused_attention_with_word_maps(
       q, k, v, words, impl))
   out, maps = fused(q, k, v)
   heads_second = lambda x: x.astype(jnp.float32).transpose(0, 2, 1, 3)

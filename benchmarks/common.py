@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from realcustom_jax import model as model_lib
-from realcustom_jax import tiny
+from realcustom_jax.loading import tiny
+from realcustom_jax.runtime import cli
 
 # SD 1.5's UNet (stable-diffusion-v1-5 unet/config.json, the fields we use).
 SD15_UNET = dict(
@@ -106,6 +107,7 @@ def report(argv: list[str], compute: Callable[[], dict]) -> None:
   if len(argv) > 1:
     print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
     sys.exit(2)
+  cli.quiet_libraries()
   logging.set_verbosity(logging.INFO)
   jax.config.update('jax_enable_compilation_cache', False)  # before the first compile
   try:

@@ -67,7 +67,7 @@ one() {
     train_xla_b16) train train_xla_b16 --batch=16 --attention_impl=xla ;;
     train_auto_b32_dots) train train_auto_b32_dots --batch=32 --attention_impl=auto --remat=dots ;;
     train_auto_b8) train train_auto_b8 --batch=8 --attention_impl=auto ;;
-    precompute_sd15) run precompute_sd15 90 python3 -m benchmarks.precompute --dtype=bfloat16 \
+    precompute_sd15) run precompute_sd15 90 python3 -m benchmarks.precompute_speed --dtype=bfloat16 \
         --config=configs/tiny.py --arch=sd15 --batch=8 ;;
     *) echo "unknown run: $1" >&2; exit 2 ;;
   esac

@@ -31,10 +31,11 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from benchmarks import common
-from realcustom_jax import attention
+from realcustom_jax import kernels
 from realcustom_jax import sampler
-from realcustom_jax import tiny  # DDIM scheduler config of SD 1.5
-from realcustom_jax import training
+from realcustom_jax import schedules
+from realcustom_jax.loading import tiny  # DDIM scheduler config of SD 1.5
+from realcustom_jax import adapter_training as training
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/tiny.py).')
 _ARCH = flags.DEFINE_enum('arch', 'tiny', ['tiny', 'sd15'],
@@ -43,7 +44,7 @@ _BATCH = flags.DEFINE_integer('batch', 1, 'Images per sampler call.')
 _STEPS = flags.DEFINE_integer('steps', None, 'DDIM steps (default config.sampler.num_steps).')
 _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
                            'UNet compute and weight dtype (default config.model.dtype).')
-_ATTENTION = flags.DEFINE_enum('attention_impl', None, list(attention.ATTENTION_IMPLS),
+_ATTENTION = flags.DEFINE_enum('attention_impl', None, list(kernels.ATTENTION_IMPLS),
                                'Attention kernels (default from the config).')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per sampler (median reported).')
 _COMPILE_STEPS = flags.DEFINE_list('compile_steps', ['10', '50'],
@@ -56,15 +57,16 @@ _FUSED_WORD_MAPS = flags.DEFINE_bool(
 _PROFILE_DIR = flags.DEFINE_string('profile_dir', None, 'After timing, trace one call of '
                                    'each loop into DIR/realcustom and DIR/cfg.')
 
-def _setup_model(config, arch_name: str, dtype: str, attention_impl: str):
+def _setup_model(config, arch_name: str, dtype: str, attention_impl: str,
+                 fused_word_maps: bool = True):
   return common.build_model(config, common.arch(config, arch_name), dtype=dtype,
-                            attention_impl=attention_impl)
+                            attention_impl=attention_impl, fused_word_maps=fused_word_maps)
 
 
-def _setup(config, arch_name: str, dtype: str, attention_impl: str):
+def _setup(config, arch_name: str, dtype: str, attention_impl: str, fused_word_maps: bool):
   """The model, random params and the shapes of its inputs."""
   a = common.arch(config, arch_name)
-  model = _setup_model(config, arch_name, dtype, attention_impl)
+  model = _setup_model(config, arch_name, dtype, attention_impl, fused_word_maps)
   params = common.random_params(model, a, seed=0)
   if dtype != 'float32':
     # Inference in half precision: the frozen UNet's weights too (the adapter stays f32).
@@ -76,20 +78,20 @@ def _inputs(model, batch, latent, text_len, n_i, c_i):
   k = jax.random.split(jax.random.PRNGKey(1), 4)
   c_t = model.unet.cross_attention_dim
   word_weights = jnp.zeros((batch, text_len)).at[:, 2].set(1.0)
-  return dict(latents=jax.random.normal(k[0], (batch,) + latent),
-              text=jax.random.normal(k[1], (batch, text_len, c_t)),
-              uncond=jax.random.normal(k[2], (batch, text_len, c_t)),
-              image=jax.random.normal(k[3], (batch, n_i, c_i)),
-              word_weights=word_weights)
+  conditions = sampler.Conditions(
+      text=jax.random.normal(k[1], (batch, text_len, c_t)),
+      uncond_text=jax.random.normal(k[2], (batch, text_len, c_t)),
+      image=jax.random.normal(k[3], (batch, n_i, c_i)), word_weights=word_weights)
+  return dict(latents=jax.random.normal(k[0], (batch,) + latent), conditions=conditions)
 
 
 def _rc_args(params, schedule, x, settings):
-  return (params, schedule, x['latents'], x['text'], x['uncond'], x['image'],
-          x['word_weights'], settings)
+  return (params, schedule, x['latents'], x['conditions'], settings)
 
 
 def _cfg_args(params, schedule, x, settings):
-  return (params, schedule, x['latents'], x['text'], x['uncond'], settings)
+  text_only = x['conditions'].replace(image=None, word_weights=None)
+  return (params, schedule, x['latents'], text_only, settings)
 
 
 def _compile(fn, args) -> tuple:
@@ -118,7 +120,7 @@ def _flops_per_step(config, arch: str, dtype: str, params, x, settings) -> tuple
   """(RealCustom, CFG) model FLOPs of one loop step, from one-step loops lowered for the
   CPU with XLA attention (see `common.cpu_lowering_flops`)."""
   model = _setup_model(config, arch, dtype, 'xla')
-  one_step = sampler.ddim_schedule(tiny.SCHEDULER_CONFIG, 1)
+  one_step = schedules.ddim_schedule(tiny.SCHEDULER_CONFIG, 1)
   return (common.cpu_lowering_flops(sampler.build_sampler(model),
                                     *_rc_args(params, one_step, x, settings)),
           common.cpu_lowering_flops(sampler.build_cfg_sampler(model),
@@ -130,7 +132,7 @@ def _unet_pass_seconds(model, params, x, repeats: int) -> tuple[float, float]:
   def inputs(rows):
     reps = rows // x['latents'].shape[0]
     tile = lambda a: jnp.concatenate([a] * reps, axis=0)
-    return (params, tile(x['latents']), jnp.full((rows,), 500), tile(x['text']))
+    return (params, tile(x['latents']), jnp.full((rows,), 500), tile(x['conditions'].text))
 
   unet_pass = lambda p, z, t, c: model.apply({'params': p}, z, t, c)
   batch = x['latents'].shape[0]
@@ -149,7 +151,7 @@ def _profile(profile_dir: str, runs: dict) -> None:
 
 def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None,
               attention_impl=None, repeats: int = 5, compile_steps=(10, 50),
-              unet_passes: bool = False, profile_dir=None) -> dict:
+              unet_passes: bool = False, profile_dir=None, fused_word_maps: bool = True) -> dict:
   """Runs the benchmark and returns the result dict (see the module docstring).
 
   Compile times include persistent-cache hits unless the cache is off (`main` turns it
@@ -164,7 +166,8 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
   for name, value in (('batch', batch), ('steps', steps), ('repeats', repeats)):
     if value < 1:
       raise ValueError(f'--{name} must be positive, got {value}')
-  model, params, latent, text_len, n_i, c_i = _setup(config, arch, dtype, attention_impl)
+  model, params, latent, text_len, n_i, c_i = _setup(config, arch, dtype, attention_impl,
+                                                     fused_word_maps)
   x = _inputs(model, batch, latent, text_len, n_i, c_i)
   s = sampler.GuidanceSettings.from_config(config.sampler)
   scheduler_config = tiny.SCHEDULER_CONFIG
@@ -175,9 +178,9 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
   for n in sorted(set(compile_steps) | {steps}):
     logging.info('compiling RealCustom for %d steps', n)
     compiled[n], compile_s[n], fused_calls = _compile(
-        rc_fn, _rc_args(params, sampler.ddim_schedule(scheduler_config, n), x, s))
+        rc_fn, _rc_args(params, schedules.ddim_schedule(scheduler_config, n), x, s))
   rc = compiled[steps]
-  schedule = sampler.ddim_schedule(scheduler_config, steps)
+  schedule = schedules.ddim_schedule(scheduler_config, steps)
   logging.info('compiling plain CFG for %d steps', steps)
   cfg, cfg_compile, _ = _compile(cfg_fn, _cfg_args(params, schedule, x, s))
   logging.info('timing (%d runs each)', repeats)
@@ -195,7 +198,7 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
       realcustom_s_per_image=rc_s / batch, cfg_s_per_image=cfg_s / batch,
       ratio_vs_cfg=rc_s / cfg_s, fused_attention_calls=fused_calls,
       realcustom_images_per_s=batch / rc_s, cfg_images_per_s=batch / cfg_s,
-      fused_word_maps=attention.FUSED_WORD_MAPS,
+      fused_word_maps=fused_word_maps,
       compile_s_cfg=cfg_compile, realcustom_flops_per_step=rc_flops,
       cfg_flops_per_step=cfg_flops, flops_ratio_vs_cfg=rc_flops / cfg_flops)
   if unet_passes:
@@ -211,11 +214,10 @@ def benchmark(config, arch: str = 'tiny', batch: int = 1, steps=None, dtype=None
 def _from_flags() -> dict:
   if _CONFIG.value is None:
     raise ValueError('--config is required (e.g. --config=configs/tiny.py)')
-  attention.FUSED_WORD_MAPS = _FUSED_WORD_MAPS.value
   compile_steps = tuple(int(n) for n in _COMPILE_STEPS.value)
   return benchmark(_CONFIG.value, _ARCH.value, _BATCH.value, _STEPS.value, _DTYPE.value,
                    _ATTENTION.value, _REPEATS.value, compile_steps, _UNET_PASSES.value,
-                   _PROFILE_DIR.value)
+                   _PROFILE_DIR.value, _FUSED_WORD_MAPS.value)
 
 
 def main(argv) -> None:

@@ -29,10 +29,10 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from realcustom_jax import adapter as adapter_lib
-from realcustom_jax import attention
-from realcustom_jax import tiny
-from realcustom_jax import sharding
-from realcustom_jax import training
+from realcustom_jax import kernels
+from realcustom_jax.loading import tiny
+from realcustom_jax.runtime import sharding
+from realcustom_jax import adapter_training as training
 from realcustom_jax import unet as unet_lib
 
 FLAGS = flags.FLAGS
@@ -47,7 +47,7 @@ flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of the device for MFU; 0: none.')
 flags.DEFINE_enum('remat', 'none', ['none', *unet_lib.REMAT_POLICIES],
                   'Transformer-block remat policy (see unet.REMAT_POLICIES).')
-flags.DEFINE_enum('attention_impl', None, list(attention.ATTENTION_IMPLS),
+flags.DEFINE_enum('attention_impl', None, list(kernels.ATTENTION_IMPLS),
                   'Attention kernels; default config.model.attention_impl.')
 flags.DEFINE_string('profile_dir', None, 'After timing, trace a few more steps with the JAX '
                     'profiler into this directory (TensorBoard / Perfetto; summarise it '

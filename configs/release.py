@@ -18,7 +18,7 @@ release_tiny.py runs the same pipeline on tiny random weights.
 import ml_collections
 
 from configs import tiny
-from realcustom_jax import release_defaults as rd  # import-free: no JAX at config load
+from realcustom_jax.release import defaults as rd  # import-free: no JAX at config load
 
 
 def get_config():
@@ -34,7 +34,7 @@ def get_config():
   config.adapter = ''  # python -m sample.convert_release output (.safetensors)
   config.allow_pickle = False  # refuse torch .bin SDXL weights unless set
   # inference_single_image.sh: HEIGHT=768, WIDTH=1024 (landscape). pipeline.py and the
-  # Gradio demo default to 1024 x 1024. Multiples of 32 px (see realcustom_jax.release).
+  # Gradio demo default to 1024 x 1024. Multiples of 32 px (see realcustom_jax.release.convert).
   config.height = rd.HEIGHT
   config.width = rd.WIDTH
   # prompts/validation_negative.txt, read by both scripts.

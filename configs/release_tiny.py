@@ -2,7 +2,7 @@
 
 Nothing is downloaded: the first run writes a tiny SDXL directory, the two timm ViT
 folders and a release-style .pth (with torch), converts the .pth with the converter
-users run on RealCustom_highres.pth (`realcustom_jax.tiny_release`), then loads all of
+users run on RealCustom_highres.pth (`realcustom_jax.release.tiny`), then loads all of
 it as it loads the real files. Later runs reuse the written files (a cache directory,
 or --config.tiny_release.dir).
 

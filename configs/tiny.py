@@ -37,6 +37,9 @@ def get_config():
   # Attention kernels: 'auto' (per layer: cuDNN flash attention on NVIDIA GPUs in
   # bf16/fp16, the Pallas flash kernel on TPUs, XLA elsewhere) | 'xla' | 'cudnn' | 'pallas'.
   config.model.attention_impl = 'auto'
+  # With a fused kernel, the T2I word maps of Eq. 11 come out of the text kernel itself;
+  # False computes their rows' probabilities through XLA beside it (a before/after switch).
+  config.model.fused_word_maps = True
   # Torch resizes the mask without antialiasing; jax.image.resize antialiases when it
   # downsamples unless told not to. False follows the authors (see README).
   config.model.mask_antialias = False

@@ -1,7 +1,7 @@
 """The toy-world reproduction: base model, adapter and evaluation sizes (CPU, minutes).
 
-  python -m benchmarks.toy_reproduction --workdir=/tmp/toy_repro            # ~20 min, 2 cores
-  python -m benchmarks.toy_reproduction --workdir=/tmp/toy_smoke --smoke    # wiring only
+  python -m toy.reproduction --workdir=/tmp/toy_repro            # ~20 min, 2 cores
+  python -m toy.reproduction --workdir=/tmp/toy_smoke --smoke    # wiring only
 
 The adapter stage runs `python -m train.main --config=configs/toy_world.py` with
 `--config.pretrained` / `--config.vision_encoder` pointing at the base model the
@@ -41,7 +41,7 @@ def get_config(arg: str = ''):
   # ---- Sampling (Sec. 4.1 settings; fewer DDIM steps) ----
   config.sampler.num_steps = 4 if smoke else 25
 
-  # ---- The base model and the evaluation (benchmarks/toy_reproduction.py) ----
+  # ---- The base model and the evaluation (toy/reproduction.py) ----
   config.toy = dict(
       num_train_images=64 if smoke else 4096,
       vae_steps=3 if smoke else 600,

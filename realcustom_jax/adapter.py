@@ -7,11 +7,22 @@ Two kinds of adapter files exist, told apart by their metadata ('adapter_kind'):
 'paper', trained here (scoring, visual_proj, visual K/V), and 'release_highres', the
 authors' released RealCustom_highres weights converted by `sample.convert_release`
 (subject_projector, visual K/V). Neither loads into the other's model.
+
+An adapter file is ONE safetensors file (`save_adapter`): '/'-joined tree paths as keys,
+str -> str metadata in its header (the training `config.model` as JSON, the layout, the
+kind); `read_adapter` checks its kind and layout and reads it back.
 """
+import os
 from typing import Any, Mapping
 
+import flax
+from flax import traverse_util
 import jax
 import numpy as np
+import safetensors
+import safetensors.numpy
+
+Params = dict[str, Any]
 
 VISUAL_KV = ('to_k_visual', 'to_v_visual')
 # 'subject_projector': the release's projector (model.RealCustom, projector='release_highres').
@@ -63,7 +74,7 @@ def check_adapter_metadata(metadata: Mapping[str, str], what: str,
   the layout this version reads.
 
   Args:
-    metadata: the safetensors metadata (`weights.load_adapter_metadata`); files
+    metadata: the safetensors metadata (`load_adapter_metadata`); files
       without 'adapter_kind' are paper adapters.
     what: the file, for the message.
     kind: PAPER_KIND or RELEASE_KIND, what the model needs.
@@ -83,15 +94,6 @@ def check_adapter_metadata(metadata: Mapping[str, str], what: str,
 def is_adapter_path(path: tuple[str, ...]) -> bool:
   """True for parameters that train (Sec. 3.2: scoring module and W_Ki, W_Vi)."""
   return path[0] in ADAPTER_MODULES or any(p in VISUAL_KV for p in path)
-
-
-def _key_names(path) -> tuple[str, ...]:
-  return tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path)
-
-
-def adapter_mask(params) -> Any:
-  """A tree of bools, True where the parameter belongs to the adapter (for optax)."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: is_adapter_path(_key_names(p)), params)
 
 
 def _filter(tree: Mapping, keep, prefix=()) -> dict:
@@ -154,33 +156,6 @@ def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def expected_adapter_size(unet, image_dim: int, latent_channels: int, text_dim: int,
-                          scoring_hidden: int = 0, scoring: str = 'adaptive') -> int:
-  """Adapter parameter count from the config, for checks and the README.
-
-  Per attn2: W_Ki and W_Vi, each text_dim x inner (inner = the block's channels).
-  Scoring: W_a^t (c_t), W_a^v (c), two MLPs [c_i + ctx] -> hidden -> 1 with biases
-  (none with scoring='none').
-  Projection: c_i x c_t + bias, LayerNorm scale + bias.
-  """
-  hidden = scoring_hidden or image_dim
-  channels = tuple(unet.block_out_channels)
-  n = len(channels)
-  depth = unet._per_block(unet.transformer_layers_per_block)
-  kv = 0
-  for i, t in enumerate(unet.down_block_types):
-    if t.startswith('CrossAttn'):
-      kv += unet.layers_per_block * depth[i] * 2 * text_dim * channels[i]
-  for i, t in enumerate(unet.up_block_types):
-    if t.startswith('CrossAttn'):
-      kv += (unet.layers_per_block + 1) * depth[n - 1 - i] * 2 * text_dim * channels[n - 1 - i]
-  kv += depth[-1] * 2 * text_dim * channels[-1]
-  mlp = lambda ctx: (image_dim + ctx) * hidden + hidden + hidden + 1
-  score_nets = text_dim + latent_channels + mlp(text_dim) + mlp(latent_channels)
-  proj = image_dim * text_dim + text_dim + 2 * text_dim
-  return kv + (score_nets if scoring == 'adaptive' else 0) + proj
-
-
 def check_tree_fits(got, expected, what: str) -> None:
   """ValueError when `got` lacks, adds or reshapes any parameter of `expected`."""
   flat_got = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(got)}
@@ -195,3 +170,72 @@ def check_tree_fits(got, expected, what: str) -> None:
     if tuple(flat_got[key].shape) != tuple(value.shape):
       raise ValueError(f'{what}: {key} has shape {tuple(flat_got[key].shape)}, this '
                        f'model needs {tuple(value.shape)}')
+
+
+# ---------------------------------------------------------------------------------
+# The adapter file
+# ---------------------------------------------------------------------------------
+
+
+def save_adapter(path: str, adapter_params: Params,
+                 metadata: dict[str, str] | None = None) -> None:
+  """Writes adapter parameters to ONE safetensors file.
+
+  Args:
+    path: destination, must end in `.safetensors`.
+    adapter_params: nested dict of arrays; keys become '/'-joined tree paths.
+    metadata: optional str -> str pairs (e.g. the model config as JSON) stored in the
+      safetensors header. 'adapter_layout' defaults to `ADAPTER_LAYOUT`.
+  """
+  path = os.fspath(path)
+  if not path.endswith('.safetensors'):
+    raise ValueError(f'adapter path {path} must end in .safetensors')
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(adapter_params), sep='/')
+  if not flat:
+    raise ValueError(f'refusing to write an empty adapter to {path}')
+  metadata = dict(metadata or {})
+  metadata.setdefault('adapter_layout', str(ADAPTER_LAYOUT))
+  bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+  if bad:
+    raise ValueError(f'adapter metadata must map str to str; bad entries: {bad}')
+  arrays = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in flat.items()}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  safetensors.numpy.save_file(arrays, path, metadata=metadata)
+
+
+def load_adapter(path: str) -> Params:
+  """Reads a file written by `save_adapter` back into a nested dict of NumPy arrays."""
+  path = os.fspath(path)
+  if not path.endswith('.safetensors'):
+    raise ValueError(f'adapter path {path} must end in .safetensors')
+  if not os.path.isfile(path):
+    raise ValueError(f'adapter file {path} does not exist')
+  try:
+    flat = safetensors.numpy.load_file(path)
+  except Exception as e:  # SafetensorError
+    raise ValueError(f'cannot read safetensors file {path}: {e}') from None
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def load_adapter_metadata(path: str) -> dict[str, str]:
+  """Returns the str -> str metadata stored by `save_adapter` (empty when none)."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ValueError(f'adapter file {path} does not exist')
+  try:
+    with safetensors.safe_open(path, framework='numpy') as f:
+      return dict(f.metadata() or {})
+  except Exception as e:  # SafetensorError
+    raise ValueError(f'cannot read safetensors file {path}: {e}') from None
+
+
+def read_adapter(path: str, kind: str = PAPER_KIND) -> tuple[Params, dict[str, str]]:
+  """An adapter file of `kind`, checked: (tree of NumPy arrays, its metadata).
+
+  Raises:
+    ValueError: (one line) no such file, not safetensors, another kind, or a layout
+      this version does not read.
+  """
+  metadata = load_adapter_metadata(path)
+  check_adapter_metadata(metadata, f'adapter file {os.fspath(path)}', kind)
+  return load_adapter(path), metadata

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from realcustom_jax import weights
+from realcustom_jax.loading import weights
 
 
 def _check_prompts(prompts) -> list[str]:

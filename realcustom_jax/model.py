@@ -3,7 +3,7 @@
 Parameter tree: {'unet': <diffusers' UNet tree + to_k_visual/to_v_visual in each attn2>,
 'scoring': <AdaptiveScoring> (absent with scoring='none'), 'visual_proj': <Dense +
 LayerNorm>}. With projector='release_highres' (the authors' released model, see
-`realcustom_jax.release`), 'subject_projector' (the release's ProjectorHighResMinAttn)
+`realcustom_jax.release.convert`), 'subject_projector' (the release's ProjectorHighResMinAttn)
 replaces 'visual_proj' and there is no 'scoring'.
 
 The order of the visual path is a deliberate deviation from a literal reading of the
@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from realcustom_jax import adapter as adapter_lib
-from realcustom_jax.attention import ATTENTION_IMPLS
 from realcustom_jax.attention import resize_scope
-from realcustom_jax.release_encoder import RELEASE_DIM_HEAD
-from realcustom_jax.release_encoder import RELEASE_VISION_DIM
-from realcustom_jax.release_encoder import SubjectProjector
+from realcustom_jax.kernels import ATTENTION_IMPLS
+from realcustom_jax.projectors import PROJECTORS
+from realcustom_jax.projectors import RELEASE_DIM_HEAD
+from realcustom_jax.projectors import RELEASE_VISION_DIM
+from realcustom_jax.projectors import SubjectProjector
+from realcustom_jax.projectors import VisualProjection
 from realcustom_jax.scoring import FUSIONS
 from realcustom_jax.scoring import SCORINGS
 from realcustom_jax.scoring import AdaptiveScoring
@@ -36,32 +38,10 @@ Array = jax.Array
 # config.model.dtype / config.train.frozen_dtype names.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
-# config.model.projector: how image features become visual tokens. 'paper': our
-# VisualProjection of CLIP tokens (trained here); 'release_highres': the authors'
-# released projector over their SigLIP + DINOv2 (global, local) features.
-PROJECTORS = ('paper', 'release_highres')
-
 # One subject: (B, n_i, c_i) CLIP tokens (paper), or the release encoder's
 # (global (B, n_g, c), local (B, n_l, c)) pair; with R reference subjects each array
 # gains an R axis after B (release projector only).
 ImageFeatures = Union[Array, tuple[Array, Array]]
-
-
-class VisualProjection(nn.Module):
-  """Maps CLIP image tokens (c_i) to the UNet's cross-attention width (c_t).
-
-  The paper feeds f_ci straight into W_Ki / W_Vi; with SD 1.5 (c_t = 768) and CLIP
-  ViT-L/14 (c_i = 1024) the widths differ, so, as IP-Adapter does, a trainable linear
-  map + LayerNorm comes first. The visual K/V then have the text K/V's shapes and can
-  start as their copies (`adapter.init_visual_kv_from_text`). The LayerNorm is why
-  Eq. 9 is applied to this module's output, not to its input.
-  """
-  width: int
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    x = nn.Dense(self.width, name='dense')(x.astype(jnp.float32))
-    return nn.LayerNorm(epsilon=1e-5, name='norm')(x)
 
 
 class RealCustom(nn.Module):
@@ -75,7 +55,7 @@ class RealCustom(nn.Module):
       enters the visual attention unscored; the tree has no 'scoring').
     projector: see PROJECTORS. 'release_highres' needs scoring_mode='none' (the
       release has no scoring) and takes the (global, local) features of
-      `release_encoder.SubjectEncoder`.
+      `realcustom_jax.release.encoder.SubjectEncoder`.
     release_vision_dim: the release projector's input width (2176 as released).
     release_dim_head: its MinAttention head width (64 as released).
   """
@@ -190,6 +170,7 @@ class RealCustom(nn.Module):
 DEFAULT_MODEL_CONFIG = dict(scoring_hidden=0, fusion='timestep', scoring='adaptive',
                             numerics='torch', dtype='float32', attention_impl='auto',
                             mask_antialias=False, remat='none', projector='paper',
+                            fused_word_maps=True,
                             release_vision_dim=RELEASE_VISION_DIM,
                             release_dim_head=RELEASE_DIM_HEAD)
 
@@ -210,6 +191,9 @@ def check_model_config(m) -> None:
     remat_policy(m['remat'])
   except ValueError as e:
     raise ValueError(f'config.model.{e}') from None
+  if not isinstance(m['fused_word_maps'], bool):
+    raise ValueError('config.model.fused_word_maps must be True or False, got '
+                     f"{m['fused_word_maps']!r}")
   hidden = m['scoring_hidden']
   if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
     raise ValueError('config.model.scoring_hidden must be an integer >= 0 (0: image '
@@ -238,7 +222,7 @@ def build_model(config, unet_config) -> RealCustom:
   unet = RealCustomUNet.from_config(
       unet_config, dtype=DTYPES[m['dtype']], remat=m['remat'],
       attention_impl=m['attention_impl'], mask_antialias=bool(m['mask_antialias']),
-      numerics=m['numerics'])
+      numerics=m['numerics'], fused_word_maps=bool(m['fused_word_maps']))
   return RealCustom(unet=unet, scoring_hidden=int(m['scoring_hidden']), fusion=m['fusion'],
                     scoring_mode=m['scoring'], projector=m['projector'],
                     release_vision_dim=int(m['release_vision_dim']),
@@ -327,12 +311,6 @@ def _init_fn(model: RealCustom, latent_shape, text_len: int, image_tokens: int,
     cond = {k: jnp.zeros((1,) + s) for k, s in cond.items()}
   return lambda r: model.init(r, *args, sqrt_alpha_bar=jnp.ones((1,)),
                               scope_mask=jnp.ones((1, h, w)), added_cond=cond)['params']
-
-
-def init_params(model: RealCustom, rng: Array, latent_shape, text_len: int,
-                image_tokens: int, image_dim: int) -> dict:
-  """Random init of the full tree (base + adapter), jitted."""
-  return jax.jit(_init_fn(model, latent_shape, text_len, image_tokens, image_dim))(rng)
 
 
 def param_shapes(model: RealCustom, latent_shape, text_len: int, image_tokens: int,

@@ -1,9 +1,10 @@
 """Stable Diffusion 1.x / 2.x / XL UNet with RealCustom's visual cross-attention.
 
 Our own linen module because diffusers' Flax UNet cannot be extended from outside (no
-attention processors, attention modules built inside its setup). Its parameter tree has exactly the names and shapes of diffusers'
-`FlaxUNet2DConditionModel` (0.39.0) plus `to_k_visual` / `to_v_visual` in every `attn2`,
-so real SD checkpoints load unchanged and diffusers' model can check ours (tests).
+attention processors, attention modules built inside its setup). Its parameter tree has
+exactly the names and shapes of diffusers' `FlaxUNet2DConditionModel` (0.39.0) plus
+`to_k_visual` / `to_v_visual` in every `attn2`, so real SD checkpoints load unchanged and
+diffusers' model can check ours (tests).
 SDXL adds `add_embedding` (the 'text_time' added conditioning) and deeper transformers
 per block, both named as in diffusers.
 
@@ -122,6 +123,7 @@ class TransformerBlock(nn.Module):
   mask_antialias: bool = False
   exact_gelu: bool = True
   dtype: jnp.dtype = jnp.float32
+  fused_word_maps: bool = True
 
   @nn.compact
   def __call__(self, x: Array, context: Array, spatial: tuple[int, int],
@@ -130,7 +132,7 @@ class TransformerBlock(nn.Module):
     attn = lambda name, cross: Attention(
         self.dim, self.heads, self.dim_head, is_cross=cross,
         attention_impl=self.attention_impl, mask_antialias=self.mask_antialias,
-        dtype=self.dtype, name=name)
+        fused_word_maps=self.fused_word_maps, dtype=self.dtype, name=name)
     h = norm('norm1')(x)
     if self.only_cross_attention:
       x = x + attn('attn1', False)(h, context)
@@ -175,6 +177,7 @@ class Transformer2D(nn.Module):
   remat: Any = False  # see REMAT_POLICIES
   numerics: str = 'torch'
   dtype: jnp.dtype = jnp.float32
+  fused_word_maps: bool = True
 
   @nn.compact
   def __call__(self, x: Array, context: Array, visual: Mapping[str, Any]) -> Array:
@@ -195,7 +198,8 @@ class Transformer2D(nn.Module):
     for i in range(self.depth):
       x = block_cls(c, self.heads, c // self.heads, self.only_cross_attention,
                     self.attention_impl, self.mask_antialias, self.numerics == 'torch',
-                    self.dtype, name=f'transformer_blocks_{i}')(x, context, (h, w), visual)
+                    self.dtype, fused_word_maps=self.fused_word_maps,
+                    name=f'transformer_blocks_{i}')(x, context, (h, w), visual)
     if self.use_linear_projection:
       x = proj('proj_out')(x).reshape(b, h, w, c)
     else:
@@ -221,6 +225,7 @@ class _AttnSettings:
   mask_antialias: bool
   remat: Any
   numerics: str
+  fused_word_maps: bool
 
 
 class DownBlock(nn.Module):
@@ -291,7 +296,8 @@ def _transformer(block, name: str) -> Transformer2D:
   s = block.settings
   return Transformer2D(block.channels, block.heads, block.depth, s.use_linear_projection,
                        block.only_cross_attention, s.attention_impl, s.mask_antialias,
-                       s.remat, s.numerics, block.dtype, name=name)
+                       s.remat, s.numerics, block.dtype,
+                       fused_word_maps=s.fused_word_maps, name=name)
 
 
 class _Downsample(nn.Module):
@@ -402,6 +408,10 @@ class RealCustomUNet(nn.Module):
   remat: Any = False  # see REMAT_POLICIES
   numerics: str = 'torch'  # see NUMERICS
   dtype: jnp.dtype = jnp.float32
+  # The T2I word maps out of the fused text kernel (`kernels.fused_attention_with_word_maps`);
+  # False: their rows' probabilities through XLA beside it (benchmarks.sampling's
+  # --nofused_word_maps before/after). No effect with XLA attention.
+  fused_word_maps: bool = True
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any], **overrides) -> 'RealCustomUNet':
@@ -510,7 +520,8 @@ class RealCustomUNet(nn.Module):
     if self.numerics not in NUMERICS:
       raise ValueError(f'numerics must be one of {NUMERICS}, got {self.numerics!r}')
     settings = _AttnSettings(self.use_linear_projection, self.attention_impl,
-                             self.mask_antialias, self.remat, self.numerics)
+                             self.mask_antialias, self.remat, self.numerics,
+                             self.fused_word_maps)
     visual = dict(visual_tokens=visual_tokens, visual_token_mask=visual_token_mask,
                   scope_mask=scope_mask, word_weights=word_weights)
     context = encoder_hidden_states.astype(self.dtype)

@@ -11,7 +11,7 @@
 The `.pth` (`ckpts/realcustom/RealCustom_highres.pth` of the Hugging Face repository
 bytedance-research/RealCustom) is a torch pickle: reading it needs torch, and
 unpickling can run code, hence --allow_pickle. The output holds every attn2's visual
-K/V and the projector (`realcustom_jax.release` gives the key mapping) with metadata
+K/V and the projector (`realcustom_jax.release.convert` gives the key mapping) with metadata
 naming the adapter kind, so it loads torch-free into the release model only.
 
 User mistakes (no --allow_pickle, a missing or unreadable file, a checkpoint that lacks
@@ -25,7 +25,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from realcustom_jax import cli
+from realcustom_jax.runtime import cli
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, "The release's RealCustom_highres.pth.")
 _OUT = flags.DEFINE_string('out', None, 'Destination .safetensors file.')
@@ -63,8 +63,9 @@ def main(argv) -> None:
   if not os.path.isdir(out_dir):
     _fail(f'--out={_OUT.value}: directory {out_dir} does not exist')
   logging.set_verbosity(logging.WARNING)  # JAX's backend probing is not news here
+  cli.quiet_libraries()
   # Heavy imports (JAX, torch) only once the command line is known to be usable.
-  from realcustom_jax import release  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.release import convert as release  # pylint: disable=g-import-not-at-top
   try:
     info = release.convert_release_checkpoint(
         checkpoint, _OUT.value, allow_pickle=True,

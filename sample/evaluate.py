@@ -36,9 +36,9 @@ from PIL import ImageFont
 from PIL import ImageOps
 import tqdm
 
-from realcustom_jax import cli
-from realcustom_jax import dreambench
-from realcustom_jax import metrics
+from realcustom_jax.runtime import cli
+from realcustom_jax.eval import dreambench
+from realcustom_jax.eval import metrics
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
 _BENCH_DIR = flags.DEFINE_string('bench_dir', None, 'DreamBench-layout directory.')
@@ -82,9 +82,9 @@ def sample_seed(base: int, subject: str, prompt: str) -> int:
 
 
 def pipeline_generate_fn(config: ml_collections.ConfigDict) -> GenerateFn:
-  """Wraps `RealCustomPipeline.from_config(config)` as a `GenerateFn`."""
-  from realcustom_jax import pipeline  # pylint: disable=g-import-not-at-top
-  pipe = pipeline.RealCustomPipeline.from_config(config)
+  """Wraps the pipeline `config` asks for (`pipelines.load_pipeline`) as a `GenerateFn`."""
+  from realcustom_jax import pipelines  # pylint: disable=g-import-not-at-top
+  pipe = pipelines.load_pipeline(config)
 
   def generate(subject, prompts, words, seed):
     return pipe([subject] * len(prompts), list(prompts), list(words), seed=seed).images
@@ -437,9 +437,9 @@ def main(argv):
   if not _OUT_DIR.value:
     _fail('--out_dir is required')
   cli.enable_compile_cache()  # before the first compile
-  missing_weights = (cli.release_paths_message(_CONFIG.value)
-                     if _CONFIG.value.get('pipeline', 'paper') == 'release'
-                     else cli.missing_weights_message(_CONFIG.value))
+  cli.quiet_libraries()
+  from realcustom_jax import pipelines  # pylint: disable=g-import-not-at-top
+  missing_weights = pipelines.missing_weights_message(_CONFIG.value)
   if missing_weights:
     _fail(missing_weights)
   try:

@@ -27,7 +27,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from realcustom_jax import cli
+from realcustom_jax.release import paths as release_paths
+from realcustom_jax.runtime import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/tiny.py).')
 _SUBJECT = flags.DEFINE_string('subject', None, 'Subject image file.')
@@ -92,17 +93,13 @@ def _apply_flags(config) -> None:
       config.allow_pickle = True
 
 
-def _is_release(config) -> bool:
-  return config.get('pipeline', 'paper') == 'release'
-
-
 def _check_word(config, prompt: str, word: str) -> None:
   """Fails fast on a word not in the prompt, before any model is loaded."""
-  if _is_release(config):  # the release finds its target phrase with str.find
+  if release_paths.is_release_config(config):  # the release finds its phrase with str.find
     if not word.strip() or word not in prompt:
       raise UsageError(f'target word {word!r} does not occur in prompt {prompt!r}')
     return
-  from realcustom_jax import components  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.loading import components  # pylint: disable=g-import-not-at-top
   from realcustom_jax import encoders  # pylint: disable=g-import-not-at-top
   encoders.word_token_indices(components.load_tokenizer(config), prompt, word)
 
@@ -113,53 +110,46 @@ def run(config) -> None:
     if not flag.value:
       raise UsageError(f'--{flag.name} is required')
   _apply_flags(config)
-  s = config.sampler
   from realcustom_jax import sampler  # pylint: disable=g-import-not-at-top
-  sampler.GuidanceSettings.from_config(s)  # the ratios and scales, checked at config load
-  if not isinstance(s.num_steps, int) or s.num_steps < 1:
-    raise UsageError(f'config.sampler.num_steps must be a positive integer, got {s.num_steps!r}')
+  from realcustom_jax import schedules  # pylint: disable=g-import-not-at-top
+  # Checked before any model loads, and made once: the pipeline call takes them as they are.
+  settings = sampler.GuidanceSettings.from_config(config.sampler)
+  schedules.check_num_steps(config.sampler.num_steps)
   if not 0 <= _SEED.value < 2**32:
     raise UsageError(f'--seed must lie in [0, 2**32), got {_SEED.value}')
   _check_output(_OUT.value, 'out')
   if _MASK_GRID.value:
     _check_output(_MASK_GRID.value, 'mask_grid')
 
-  from realcustom_jax import images  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.loading import images  # pylint: disable=g-import-not-at-top
   subject = images.load_subject_image(_SUBJECT.value)
   logging.info('subject %s: %dx%d', _SUBJECT.value, *subject.size)
-  missing_weights = (cli.release_paths_message(config) if _is_release(config)
-                     else cli.missing_weights_message(config))
+  from realcustom_jax import pipelines  # pylint: disable=g-import-not-at-top
+  missing_weights = pipelines.missing_weights_message(config)
   if missing_weights:  # before the tiny models fail on the resolution
     raise UsageError(missing_weights)
   _check_word(config, _PROMPT.value, _WORD.value)
 
-  from realcustom_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from realcustom_jax import pipeline_common  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   logging.info('loading models (%s)', config.pretrained or (
-      'tiny random release' if _is_release(config) else 'tiny embedded default'))
-  pipe = pipeline_lib.RealCustomPipeline.from_config(config)
+      'tiny random release' if release_paths.is_release_config(config)
+      else 'tiny embedded default'))
+  pipe = pipelines.load_pipeline(config)
   logging.info('loaded in %.1f s', time.perf_counter() - start)
 
   start = time.perf_counter()
-  out = pipe([subject], [_PROMPT.value], [_WORD.value], seed=_SEED.value,
+  out = pipe([subject], [_PROMPT.value], [_WORD.value], seed=_SEED.value, settings=settings,
              return_masks=bool(_MASK_GRID.value))
   logging.info('generated in %.1f s (compile included)', time.perf_counter() - start)
   try:
     out.images[0].save(_OUT.value)
     logging.info('wrote %s', _OUT.value)
     if _MASK_GRID.value:
-      pipeline_lib.save_mask_grid(out, _MASK_GRID.value)
+      pipeline_common.save_mask_grid(out, _MASK_GRID.value)
       logging.info('wrote %s', _MASK_GRID.value)
   except OSError as e:
     raise UsageError(f'cannot write output: {e}') from None
-
-
-def _writes_tiny_release(config) -> bool:
-  """Whether this run first writes the tiny release's .pth (which needs torch)."""
-  if _PRETRAINED.value or not _is_release(config):
-    return False
-  folder = cli.tiny_release_dir(config)
-  return bool(folder) and not os.path.isfile(os.path.join(folder, cli.TINY_RELEASE_DONE))
 
 
 def main(argv) -> None:
@@ -169,9 +159,10 @@ def main(argv) -> None:
     _fail('--config is required (e.g. --config=configs/tiny.py)')
   cli.enable_compile_cache()  # before the first compile
   if not (_ALLOW_PICKLE.value or _CONFIG.value.get('allow_pickle', False)
-          or _writes_tiny_release(_CONFIG.value)):
+          or (not _PRETRAINED.value and release_paths.tiny_release_pending(_CONFIG.value))):
     cli.skip_torch()
   warnings.showwarning = _show_warning
+  cli.quiet_libraries()
   logging.set_verbosity(logging.INFO)
   try:
     run(_CONFIG.value)

@@ -1,12 +1,12 @@
-"""Test setup: 8 fake CPU devices (sharding tests) and a persistent compile cache.
-
-Both must be set before JAX initialises its backend, hence at import of conftest.
+"""Test setup: 8 fake CPU devices (sharding tests) and a persistent compile cache (both
+set before JAX initialises its backend, hence at import of conftest), and the fixtures
+several test files share: the tiny models in memory and on disk, kernel call spies.
 """
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-from realcustom_jax import cli  # noqa: E402  (absl and etils only: JAX stays unstarted)
+from realcustom_jax.runtime import cli  # noqa: E402  (absl and etils only: JAX stays unstarted)
 
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', cli.default_compile_cache_dir())
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
@@ -53,3 +53,23 @@ def pallas_rows(monkeypatch):
 
   monkeypatch.setattr(pallas_flash, 'flash_attention', spy)
   return rows
+
+
+@pytest.fixture(scope='session')
+def tiny_components():
+  """(StableDiffusionComponents, VisionEncoder): configs/tiny.py's tiny random models,
+  built once per test process."""
+  from configs import tiny as tiny_config  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.loading import tiny  # pylint: disable=g-import-not-at-top
+  return tiny.build_tiny_components(tiny_config.get_config())
+
+
+@pytest.fixture(scope='session')
+def tiny_pretrained(tmp_path_factory):
+  """(sd_dir, vision_dir): tiny random torch models of configs/tiny.py's sizes, saved once
+  per test process in the real diffusers / transformers layouts (needs torch)."""
+  pytest.importorskip('torch')
+  from configs import tiny as tiny_config  # pylint: disable=g-import-not-at-top
+  from tests import testing  # pylint: disable=g-import-not-at-top
+  return testing.save_tiny_pretrained(str(tmp_path_factory.mktemp('tiny_pretrained')),
+                                      tiny_config.get_config())

@@ -32,8 +32,8 @@ from absl import app  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from realcustom_jax import cli  # noqa: E402
-from realcustom_jax import sharding  # noqa: E402
+from realcustom_jax.runtime import cli  # noqa: E402
+from realcustom_jax.runtime import sharding  # noqa: E402
 from train import input_pipeline  # noqa: E402
 from train import main as train_main  # noqa: E402  (defines the flags)
 

@@ -53,13 +53,14 @@ def build_model(folder: str):
   base through our diffusers loader, the `.pth` through our converter (needs torch)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from realcustom_jax import release  # pylint: disable=g-import-not-at-top
-  from realcustom_jax import weights  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.release import convert as release  # pylint: disable=g-import-not-at-top
+  from realcustom_jax import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.loading import weights  # pylint: disable=g-import-not-at-top
   unet_config, base = weights._load_unet(  # pylint: disable=protected-access
       write_unet_dir(folder), False, jnp.float32, sdxl=True)
   path = os.path.join(folder, 'adapter.safetensors')
   release.convert_release_checkpoint(CHECKPOINT, path, allow_pickle=True,
                                      unet_config=RELEASE_CONFIG)
-  model = release.build_release_model(unet_config, weights.load_adapter_metadata(path))
+  model = release.build_release_model(unet_config, adapter_lib.load_adapter_metadata(path))
   adapter, _ = release.load_release_adapter(path, model)
   return model, base, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), adapter)

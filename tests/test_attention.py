@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from realcustom_jax import attention
+from realcustom_jax import kernels
 
 B, HEADS, DIM_HEAD, H, W, N_TEXT, N_IMAGE, REFS = 2, 2, 4, 3, 4, 5, 3, 2
 WIDTH = HEADS * DIM_HEAD
@@ -109,7 +110,7 @@ def test_fused_attention_matches_the_einsum_path(impl, width, masked):
   if masked:  # an unordered selection, and a row with none selected (image dropout)
     key_mask = jnp.asarray(rng.uniform(size=(b, s)) > 0.4).at[1].set(False)
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
-  fused = lambda q, k, v: attention.fused_attention(q, k, v, impl, key_mask)
+  fused = lambda q, k, v: kernels.fused_attention(q, k, v, impl, key_mask)
   reference = lambda q, k, v: _reference_attention(q, k, v, key_mask)
   want, want_grads = jax.value_and_grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
   with pltpu.force_tpu_interpret_mode():
@@ -160,16 +161,16 @@ def test_fused_layers_match_xla_and_compute_word_maps_for_the_last_rows_only(inp
     (8, False),  # the benchmarks' switch back to the way before (--nofused_word_maps)
 ])
 def test_word_maps_leave_the_fused_kernel_where_no_widened_head_fits(
-    inputs, dim_head, fused_word_maps, cudnn_on_cpu, monkeypatch):
+    inputs, dim_head, fused_word_maps, cudnn_on_cpu):
   # The text call keeps the head's width and the maps come from the probabilities of
   # the maps' rows.
-  monkeypatch.setattr(attention, 'FUSED_WORD_MAPS', fused_word_maps)
   spatial = (H, W)
   width = HEADS * dim_head
   rng = np.random.default_rng(5)
   hidden, context = _normal(rng, B, H * W, width), _normal(rng, B, N_TEXT, width)
   xla = attention.Attention(width, HEADS, dim_head, is_cross=True)
-  fused = attention.Attention(width, HEADS, dim_head, is_cross=True, attention_impl='cudnn')
+  fused = attention.Attention(width, HEADS, dim_head, is_cross=True, attention_impl='cudnn',
+                              fused_word_maps=fused_word_maps)
   params = {'params': xla.init(jax.random.PRNGKey(3), hidden, context)['params']}
   words = inputs['words'][:, 0]
   run = lambda layer: layer.apply(params, hidden, context, spatial=spatial,
@@ -200,7 +201,7 @@ def test_word_maps_from_the_fused_kernel_match_the_probabilities(impl, dtype, at
   want_maps = attention.word_attention_map(probs[-rows:], words, 8, 8).reshape(rows, t)
   with pltpu.force_tpu_interpret_mode():
     out, maps = jax.jit(functools.partial(
-        attention.fused_attention_with_word_maps, impl=impl))(q, k, v, words)
+        kernels.fused_attention_with_word_maps, impl=impl))(q, k, v, words)
   chex.assert_shape(out, (b, t, n, d))
   chex.assert_shape(maps, (rows, t))
   assert maps.dtype == jnp.float32 and out.dtype == dtype
@@ -224,12 +225,12 @@ def test_auto_picks_the_fused_kernel_per_layer(requested, head_dim, q_len, dtype
   device = types.SimpleNamespace(platform=platform, compute_capability='9.0',
                                  device_kind='TPU v5 lite' if platform == 'tpu'
                                  else 'NVIDIA H100 80GB HBM3')
-  assert attention.layer_attention_impl(requested, head_dim, q_len, dtype, device) == want
+  assert kernels.layer_attention_impl(requested, head_dim, q_len, dtype, device) == want
 
 
 def test_unknown_attention_impl_is_refused():
   with pytest.raises(ValueError, match="attention_impl must be one of .*'flash'"):
-    attention.layer_attention_impl('flash', 40, 4096)
+    kernels.layer_attention_impl('flash', 40, 4096)
 
 
 @pytest.mark.parametrize('masked', [False, True])
@@ -242,7 +243,7 @@ def test_cudnn_call_gets_even_padded_lengths_and_matches(masked, cudnn_on_cpu):
   q, k, v = (_normal(rng, b, length, n, d) for length in (t, s, s))
   key_mask = jnp.asarray(rng.uniform(size=(b, s)) > 0.4) if masked else None
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
-  fused = lambda q, k, v: attention.fused_attention(q, k, v, 'cudnn', key_mask)
+  fused = lambda q, k, v: kernels.fused_attention(q, k, v, 'cudnn', key_mask)
   reference = lambda q, k, v: _reference_attention(q, k, v, key_mask)
   got, got_grads = jax.value_and_grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
   want, want_grads = jax.value_and_grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
@@ -274,8 +275,8 @@ def test_per_batch_shard_splits_the_batch_over_the_mesh_axes_that_divide_it(batc
 
   x = jnp.arange(batch * 3, dtype=jnp.float32).reshape(batch, 3)
   ids = jnp.arange(batch, dtype=jnp.float32)
-  with attention.batch_mesh(mesh):
-    out = jax.jit(lambda x, ids: attention.per_batch_shard(kernel, x, {'ids': ids}))(x, ids)
+  with kernels.batch_mesh(mesh):
+    out = jax.jit(lambda x, ids: kernels.per_batch_shard(kernel, x, {'ids': ids}))(x, ids)
   np.testing.assert_array_equal(out, x * 2.0 + ids[:, None])
   per_device = batch // int(np.prod([dict(mesh.shape)[a] for a in want_axes]))
   assert seen == [(per_device, per_device)]
@@ -283,7 +284,7 @@ def test_per_batch_shard_splits_the_batch_over_the_mesh_axes_that_divide_it(batc
     assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(want_axes)), 2)
   # Without a mesh the kernel sees the whole batch.
   seen.clear()
-  jax.jit(lambda x, ids: attention.per_batch_shard(kernel, x, {'ids': ids}))(x, ids)
+  jax.jit(lambda x, ids: kernels.per_batch_shard(kernel, x, {'ids': ids}))(x, ids)
   assert seen == [(batch, batch)]
 
 
@@ -301,7 +302,7 @@ def test_pallas_attention_runs_per_device_in_a_batch_sharded_step(pallas_rows):
   on_mesh = NamedSharding(mesh, P(('data', 'fsdp')))
   qs, ks, vs = (jax.device_put(x, on_mesh) for x in (q, k, v))
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
-  fused = lambda q, k, v: attention.fused_attention(q, k, v, 'pallas', key_mask)
+  fused = lambda q, k, v: kernels.fused_attention(q, k, v, 'pallas', key_mask)
   with pltpu.force_tpu_interpret_mode(), jax.set_mesh(mesh):
     got, got_grads = jax.jit(jax.value_and_grad(loss(fused), argnums=(0, 1, 2)))(qs, ks, vs)
   want, want_grads = jax.value_and_grad(

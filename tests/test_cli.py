@@ -1,12 +1,11 @@
-"""realcustom_jax.cli: flag mistakes as one line, config checks, URL-safe paths."""
+"""realcustom_jax.runtime.cli: flag mistakes as one line, config checks, URL-safe paths."""
 import os
 
 from absl import flags
 import pytest
 
-from configs import laion
 from configs import tiny
-from realcustom_jax import cli
+from realcustom_jax.runtime import cli
 
 
 def _lookup_error(config, path):
@@ -47,16 +46,6 @@ def test_missing_config_file_message():
       "cannot load the config file: [Errno 2] No such file or directory: 'c.py'")
 
 
-def test_missing_weights_message_names_the_keys():
-  message = cli.missing_weights_message(laion.get_config())
-  assert '--config.pretrained' in message and '--config.vision_encoder' in message
-  assert 'configs/laion.py' in message and '\n' not in message
-  assert cli.missing_weights_message(tiny.get_config()) is None
-  with_weights = laion.get_config()
-  with_weights.pretrained = '/models/sd15'
-  assert cli.missing_weights_message(with_weights) is None
-
-
 @pytest.mark.parametrize('url', ['gs://bucket/run', 's3://b/x/y'])
 def test_absolute_path_keeps_urls(url):
   assert os.fspath(cli.absolute_path(url)) == url
@@ -71,7 +60,7 @@ def test_absolute_path_makes_local_paths_absolute(tmp_path, monkeypatch):
 _CACHE_PROBE = '''
 import sys
 from absl import flags
-from realcustom_jax import cli
+from realcustom_jax.runtime import cli
 import jax
 cli.define_compile_cache_flags()
 flags.FLAGS(sys.argv)
@@ -103,8 +92,8 @@ def test_skip_torch_keeps_torch_out_of_the_sampling_cli():
   """sample.main reads torch-free formats: diffusers must not pull torch in (3 s a call)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  probe = ('import sys\nfrom realcustom_jax import cli\ncli.skip_torch()\n'
-           'from realcustom_jax import pipeline, tiny\n'
+  probe = ('import sys\nfrom realcustom_jax.runtime import cli\ncli.skip_torch()\n'
+           'from realcustom_jax import pipelines\nfrom realcustom_jax.loading import tiny\n'
            'from configs import tiny as c\ntiny.build_tiny_components(c.get_config())\n'
            'print(sys.modules["torch"])')
   proc = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,

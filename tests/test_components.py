@@ -6,17 +6,16 @@ import pytest
 
 from configs import laion
 from configs import tiny as tiny_config
-from realcustom_jax import components
-from realcustom_jax import testing
+from realcustom_jax.loading import components
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_tiny_without_pretrained_and_local_weights_with_it(tmp_path):
+def test_tiny_without_pretrained_and_local_weights_with_it(tiny_pretrained):
   config = tiny_config.get_config()
   sd, vision = components.load_components(config)
   assert sd.unet_config['block_out_channels'] == tuple(config.tiny.unet['block_out_channels'])
-  sd_dir, vision_dir = testing.save_tiny_pretrained(str(tmp_path), config)
+  sd_dir, vision_dir = tiny_pretrained
   config.pretrained, config.vision_encoder = sd_dir, vision_dir
   loaded, loaded_vision = components.load_components(config)
   assert loaded.unet_config['cross_attention_dim'] == sd.unet_config['cross_attention_dim']
@@ -48,3 +47,13 @@ def test_the_library_does_not_import_configs():
   offenders = [name for name in sorted(os.listdir(folder)) if name.endswith('.py')
                and pattern.search(open(os.path.join(folder, name)).read())]
   assert not offenders, offenders
+
+
+def test_missing_weights_message_names_the_keys():
+  message = components.missing_weights_message(laion.get_config())
+  assert '--config.pretrained' in message and '--config.vision_encoder' in message
+  assert 'configs/laion.py' in message and '\n' not in message
+  assert components.missing_weights_message(tiny_config.get_config()) is None
+  with_weights = laion.get_config()
+  with_weights.pretrained = '/models/sd15'
+  assert components.missing_weights_message(with_weights) is None

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from realcustom_jax import adapter as adapter_lib
-from realcustom_jax import release
-from realcustom_jax import release_encoder
-from realcustom_jax import weights
+from realcustom_jax.release import convert as release
+from realcustom_jax.release import encoder as release_encoder
+from realcustom_jax.loading import weights
 from realcustom_jax.unet import RealCustomUNet
 from tests import release_unet_fixture as fixture
 
@@ -73,7 +73,7 @@ def test_cli_converts_the_release_checkpoint(tmp_path):
               f'--unet_config={fixture.RELEASE_CONFIG}')
   assert proc.returncode == 0, proc.stderr
   assert '8 attn2 visual K/V pairs' in proc.stdout and 'float16' in proc.stdout
-  metadata = weights.load_adapter_metadata(str(out))
+  metadata = adapter_lib.load_adapter_metadata(str(out))
   adapter_lib.check_adapter_metadata(metadata, 'x', adapter_lib.RELEASE_KIND)
   settings = json.loads(metadata['release_config'])
   assert (settings['vision_dim'], settings['out_dim'], settings['dim_head']) == (32, 32, 16)
@@ -81,7 +81,7 @@ def test_cli_converts_the_release_checkpoint(tmp_path):
   assert settings['unet']['transformer_layers_per_block'] == [1, 2]
   assert metadata['source_dtype'] == 'float16'
   # Every release tensor lands, unchanged, where the mapping says.
-  state, tree = fixture.release_state(), weights.load_adapter(str(out))
+  state, tree = fixture.release_state(), adapter_lib.load_adapter(str(out))
   unet = RealCustomUNet.from_config(release.read_unet_config(fixture.RELEASE_CONFIG)[0])
   for layer in release.attn2_layers(unet):
     node = tree
@@ -151,7 +151,7 @@ def test_base_weights_beside_the_adapter_need_skip_base_weights(tmp_path):
   info, out = _convert(tmp_path, state, skip_base_weights=True)
   assert info['skipped_base_tensors'] == 2
   _, plain = _convert(tmp_path, None, out_name='plain.safetensors')
-  np.testing.assert_equal(weights.load_adapter(out), weights.load_adapter(plain))
+  np.testing.assert_equal(adapter_lib.load_adapter(out), adapter_lib.load_adapter(plain))
 
 
 def test_a_bfloat16_checkpoint_converts_exactly(tmp_path):
@@ -160,7 +160,7 @@ def test_a_bfloat16_checkpoint_converts_exactly(tmp_path):
   assert info['source_dtype'] == 'bfloat16'
   key = 'mid_block.attentions.0.transformer_blocks.0.attn2.to_k_vision.weight'
   want = torch.from_numpy(state[key]).to(torch.bfloat16).float().numpy().T
-  got = weights.load_adapter(out)['unet']['mid_block']['attentions_0'][
+  got = adapter_lib.load_adapter(out)['unet']['mid_block']['attentions_0'][
       'transformer_blocks_0']['attn2']['to_k_visual']['kernel']
   np.testing.assert_array_equal(got, want)
 

@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 import pytest
 from realcustom_jax import encoders
-from realcustom_jax import tiny
-from realcustom_jax import weights
+from realcustom_jax.loading import tiny
+from realcustom_jax.loading import weights
 import transformers
 
 
@@ -19,8 +19,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope='module')
-def components():
-  return tiny.build_tiny_components(tiny_config.get_config())
+def components(tiny_components):
+  return tiny_components
 
 
 def _decode(tokenizer, prompt, indices):

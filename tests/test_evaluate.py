@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from realcustom_jax import dreambench
-from realcustom_jax import metrics
+from realcustom_jax.eval import dreambench
+from realcustom_jax.eval import metrics
 from sample import evaluate as ev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,7 @@ import os
 import numpy as np
 from PIL import Image
 import pytest
-from realcustom_jax import images
+from realcustom_jax.loading import images
 
 
 def test_rgba_composited_on_white(tmp_path):

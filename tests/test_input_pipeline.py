@@ -14,7 +14,7 @@ import pytest
 
 from train import input_pipeline
 from train import laion_builder
-from train import toy_data
+from train import synthetic_data as toy_data
 
 RES = 16
 TOKENS = 8

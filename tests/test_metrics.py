@@ -7,8 +7,8 @@ from PIL import Image
 import pytest
 import transformers
 
-from realcustom_jax import metrics
-from realcustom_jax import tiny
+from realcustom_jax.eval import metrics
+from realcustom_jax.loading import tiny
 
 transformers.logging.set_verbosity_error()
 

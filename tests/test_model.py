@@ -13,9 +13,8 @@ import pytest
 from configs import tiny as tiny_config
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import model as model_lib
-from realcustom_jax import tiny as tiny_lib
-from realcustom_jax import training
-from train import toy_data
+from realcustom_jax import adapter_training as training
+from train import synthetic_data as toy_data
 
 B = 4
 
@@ -27,8 +26,8 @@ def _config(**model):
 
 
 @pytest.fixture(scope='module')
-def components():
-  return tiny_lib.build_tiny_components(_config())
+def components(tiny_components):
+  return tiny_components
 
 
 def _setup(components, **model):

@@ -21,11 +21,11 @@ import numpy as np
 import portpicker
 import pytest
 
-from configs import tiny as tiny_config
-from realcustom_jax import sharding
+from realcustom_jax.runtime import distributed
 from train import export
 from train import input_pipeline
 from train import train
+from tests import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, 'tests', 'multiprocess_worker.py')
@@ -37,9 +37,7 @@ RUN_TIMEOUT_S = 300  # a 2-process run takes ~45 s on 2 busy cores
 
 
 def _config(tfds_dir) -> ml_collections.ConfigDict:
-  config = tiny_config.get_config()
-  config.update_from_flattened_dict(dict(OVERRIDES, **{'data.tfds_data_dir': str(tfds_dir)}))
-  return config
+  return testing.toy_train_config(tfds_dir, **OVERRIDES)
 
 
 class _Processes:
@@ -259,15 +257,15 @@ def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path):
     ({'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': '2'}, r'must lie in \[0, '),
 ])
 def test_cluster_env_mistakes(environ, message):
-  with pytest.raises(sharding.DistributedError, match=message):
-    sharding.cluster_from_env(environ)
+  with pytest.raises(distributed.DistributedError, match=message):
+    distributed.cluster_from_env(environ)
 
 
 def test_cluster_env_is_read():
-  assert sharding.cluster_from_env({
+  assert distributed.cluster_from_env({
       'JAX_COORDINATOR_ADDRESS': 'h:1', 'JAX_NUM_PROCESSES': '4', 'JAX_PROCESS_ID': '3'}) == {
           'coordinator_address': 'h:1', 'num_processes': 4, 'process_id': 3}
-  assert sharding.cluster_from_env({}) == {}
+  assert distributed.cluster_from_env({}) == {}
 
 
 class _FakeKV:
@@ -295,8 +293,8 @@ def _watch(monkeypatch, kv, process_id=0, num=3, timeout_s=0.5):
     failures.append((message, code))
     done.set()
 
-  monkeypatch.setattr(sharding, '_fail_now', fail)
-  dog = sharding.PeerWatchdog(process_id, num, timeout_s, client=kv)
+  monkeypatch.setattr(distributed, '_fail_now', fail)
+  dog = distributed.PeerWatchdog(process_id, num, timeout_s, client=kv)
   dog.start()
   return dog, failures, done
 
@@ -319,7 +317,7 @@ def test_watchdog_names_the_silent_peer(monkeypatch):
   stop.set()
   assert 0.4 < time.monotonic() - t0 < 3
   assert failures == [('process 0: process 1 sent no heartbeat for 0.5s (it died or hangs); '
-                       'ending the run', sharding.EXIT_PEER_LOST)]
+                       'ending the run', distributed.EXIT_PEER_LOST)]
   assert kv.data['realcustom_watchdog/alive/0'] != '0'  # this process beat too
 
 
@@ -328,7 +326,7 @@ def test_watchdog_lost_coordinator_and_clean_finish(monkeypatch):
   dog, failures, done = _watch(monkeypatch, kv, process_id=1, num=2, timeout_s=5)
   kv.fail = True
   assert done.wait(10)
-  assert failures[0][1] == sharding.EXIT_PEER_LOST
+  assert failures[0][1] == distributed.EXIT_PEER_LOST
   assert failures[0][0].startswith('process 1: lost the coordinator') and '\n' not in failures[0][0]
   kv = _FakeKV()
   dog, failures, _ = _watch(monkeypatch, kv, process_id=1, num=2, timeout_s=5)

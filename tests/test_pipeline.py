@@ -10,8 +10,8 @@ import pytest
 
 from configs import tiny as tiny_config
 from realcustom_jax import pipeline as pipeline_lib
-from realcustom_jax import testing
-from realcustom_jax import weights
+from realcustom_jax import pipeline_common
+from realcustom_jax import adapter as adapter_lib
 
 STEPS = 3
 PROMPTS = ['a toy on the beach', 'a photo of a red dog in the park']
@@ -34,10 +34,16 @@ def config():
   return c
 
 
+def _with_adapter(config, path):
+  config = config.copy_and_resolve_references()
+  config.adapter = path
+  return config
+
+
 @pytest.fixture(scope='module')
 def pipe(config):
   with pytest.warns(UserWarning, match='UNTRAINED adapter'):
-    return pipeline_lib.RealCustomPipeline.tiny(config)
+    return pipeline_lib.RealCustomPipeline.from_config(config)
 
 
 @pytest.fixture(scope='module')
@@ -78,14 +84,14 @@ def test_subject_changes_output_and_broadcasts(pipe, first):
 
 def test_save_mask_grid(first, tmp_path):
   path = tmp_path / 'grid.png'
-  pipeline_lib.save_mask_grid(first, str(path), steps=[0, STEPS - 1])
+  pipeline_common.save_mask_grid(first, str(path), steps=[0, STEPS - 1])
   grid = Image.open(path)
   assert grid.size == (2 * 64, 2 * 64)  # tiles upscaled to 64 px: 2 steps x (mask, x0)
   # The top-left tile is the step-0 mask: grey levels with black outside the scope.
   top = np.asarray(grid)[:64, :64, 0]
   assert top.min() == 0 and top.max() == 255
   with pytest.raises(ValueError, match='return_masks'):
-    pipeline_lib.save_mask_grid(pipeline_lib.RealCustomOutput(first.images), str(path))
+    pipeline_common.save_mask_grid(pipeline_common.RealCustomOutput(first.images), str(path))
 
 
 def test_word_not_in_prompt(pipe):
@@ -119,10 +125,10 @@ def _perturbed_adapter(pipe):
 
 @pytest.fixture(scope='module')
 def adapter_file(pipe, tmp_path_factory):
-  """A stand-in for a trained adapter, saved with weights.save_adapter."""
+  """A stand-in for a trained adapter, saved with adapter_lib.save_adapter."""
   path = str(tmp_path_factory.mktemp('adapter') / 'adapter.safetensors')
   trained = _perturbed_adapter(pipe)
-  weights.save_adapter(path, trained, {'note': 'test'})
+  adapter_lib.save_adapter(path, trained, {'note': 'test'})
   return path, trained
 
 
@@ -133,7 +139,7 @@ def test_adapter_file_round_trip(pipe, config, first, adapter_file):
   with warnings.catch_warnings():
     warnings.simplefilter('error')  # a given adapter means no "untrained" warning
     loaded = pipeline_lib.RealCustomPipeline(pipe.components, pipe.vision, config,
-                                             adapter_params=weights.load_adapter(path))
+                                             adapter_params=adapter_lib.load_adapter(path))
   a = loaded([_subject()], PROMPTS, WORDS, seed=0, return_masks=True)
   b = in_memory([_subject()], PROMPTS, WORDS, seed=0, return_masks=True)
   np.testing.assert_array_equal(_pixels(a), _pixels(b))
@@ -142,15 +148,14 @@ def test_adapter_file_round_trip(pipe, config, first, adapter_file):
 
 def test_adapter_that_does_not_fit(pipe, config, tmp_path):
   path = str(tmp_path / 'bad.safetensors')
-  weights.save_adapter(path, {'scoring': {'w': np.zeros((3,), np.float32)}})
+  adapter_lib.save_adapter(path, {'scoring': {'w': np.zeros((3,), np.float32)}})
   with pytest.raises(ValueError, match='adapter does not fit'):
     pipeline_lib.RealCustomPipeline(pipe.components, pipe.vision, config,
-                                    adapter_params=weights.load_adapter(path))
+                                    adapter_params=adapter_lib.load_adapter(path))
 
 
-def test_from_pretrained_on_disk_layout(config, adapter_file, tmp_path_factory):
-  sd_dir, vision_dir = testing.save_tiny_pretrained(
-      str(tmp_path_factory.mktemp('pretrained')), config)
+def test_from_pretrained_on_disk_layout(config, adapter_file, tiny_pretrained):
+  sd_dir, vision_dir = tiny_pretrained
   with pytest.warns(UserWarning, match='UNTRAINED'):
     untrained = pipeline_lib.RealCustomPipeline.from_pretrained(sd_dir, vision_dir,
                                                                 config=config)
@@ -165,17 +170,16 @@ def test_from_pretrained_on_disk_layout(config, adapter_file, tmp_path_factory):
   assert not np.array_equal(_pixels(a), _pixels(b))
 
 
-def test_without_a_config_real_weights_get_the_paper_settings(config, tmp_path_factory):
-  sd_dir, vision_dir = testing.save_tiny_pretrained(
-      str(tmp_path_factory.mktemp('pretrained_paper')), config)
+def test_without_a_config_real_weights_get_the_paper_settings(config, tiny_pretrained):
+  sd_dir, vision_dir = tiny_pretrained
   with pytest.warns(UserWarning, match='UNTRAINED'):
     pipe = pipeline_lib.RealCustomPipeline.from_pretrained(sd_dir, vision_dir)
   s = pipe.config.sampler
   assert (s.num_steps, s.guidance_text, s.guidance_image, s.gamma_scope, s.gamma_num) == (
       50, 7.5, 12.5, 0.25, 0.8)
   # What a call without overrides uses, and the UNet sample size times the VAE factor.
-  steps, settings = pipe._settings(None, None, None, None, None)
-  assert steps == 50
+  settings = pipe.settings()
+  assert pipe.schedule().num_steps == 50
   assert (float(settings.guidance_text), float(settings.guidance_image),
           float(settings.gamma_scope), float(settings.gamma_num)) == pytest.approx(
               (7.5, 12.5, 0.25, 0.8))
@@ -201,22 +205,22 @@ def test_adapter_of_the_old_layout_is_refused(pipe, config, tmp_path, layout):
     metadata['adapter_layout'] = layout
   _write_old_adapter(path, pipe.adapter_params, metadata)
   with pytest.raises(ValueError, match='layout 1 .Eq. 9 before the visual projection'):
-    pipeline_lib.RealCustomPipeline.tiny(config, adapter_path=path)
+    pipeline_lib.RealCustomPipeline.from_config(_with_adapter(config, path))
 
 
 def test_adapter_trained_without_scoring_is_refused_by_an_adaptive_config(pipe, config,
                                                                          tmp_path):
   path = str(tmp_path / 'none.safetensors')
-  weights.save_adapter(path, pipe.adapter_params,
-                       {'model_config': json.dumps({'scoring': 'none'})})
+  adapter_lib.save_adapter(path, pipe.adapter_params,
+                           {'model_config': json.dumps({'scoring': 'none'})})
   with pytest.raises(ValueError, match="model.scoring='none'"):
-    pipeline_lib.RealCustomPipeline.tiny(config, adapter_path=path)
+    pipeline_lib.RealCustomPipeline.from_config(_with_adapter(config, path))
 
 
 def test_adapter_trained_with_another_fusion_is_refused(pipe, config, tmp_path):
   """Shapes cannot tell a Table 3 fusion ablation apart: the stored config must."""
   path = str(tmp_path / 'text_fusion.safetensors')
   model_config = json.dumps({'fusion': 'text', 'scoring_hidden': config.model.scoring_hidden})
-  weights.save_adapter(path, pipe.adapter_params, {'model_config': model_config})
+  adapter_lib.save_adapter(path, pipe.adapter_params, {'model_config': model_config})
   with pytest.raises(ValueError, match="model.fusion='text'"):
-    pipeline_lib.RealCustomPipeline.tiny(config, adapter_path=path)
+    pipeline_lib.RealCustomPipeline.from_config(_with_adapter(config, path))

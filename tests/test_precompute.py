@@ -16,33 +16,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import precompute as precompute_benchmark
+from benchmarks import precompute_speed as precompute_benchmark
 from configs import tiny as tiny_config
-from realcustom_jax import sharding
-from realcustom_jax import tiny
-from realcustom_jax import training
+from realcustom_jax.runtime import sharding
+from realcustom_jax.loading import tiny
+from realcustom_jax import adapter_training as training
 from train import input_pipeline
 from train import precompute
 from train import prepare
 from train import train
+from tests import testing
 
 NUM_IMAGES, BATCH = 12, 8
 ROWS = [3, 10]  # record 10 lies in the pass's padded last batch
 
 
 def _config(data_dir):
-  c = tiny_config.get_config()
-  c.data.toy, c.data.toy_num_images, c.data.batch_size = True, NUM_IMAGES, BATCH
-  c.data.tfds_data_dir = str(data_dir)
-  c.data.precompute_features = True
-  c.train.log_every = 1
-  c.mesh.data, c.mesh.fsdp = -1, 1  # the 8 fake CPU devices of conftest.py
-  return c
+  return testing.toy_train_config(data_dir, NUM_IMAGES, BATCH,
+                                  **{'data.precompute_features': True, 'train.log_every': 1})
 
 
 @pytest.fixture(scope='module')
-def components():
-  return tiny.build_tiny_components(tiny_config.get_config())
+def components(tiny_components):
+  return tiny_components
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,4 @@
-"""The release's subject encoder and projector (realcustom_jax/release_encoder.py).
+"""The release's subject encoder and projector (realcustom_jax/release/encoder.py).
 
 Compared with the outputs of the release's own `ShallowDeepPatchfySiglipDinoEncoder` and
 `ProjectorHighResMinAttn` on small random models, stored in
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-from realcustom_jax import release_encoder
-from realcustom_jax import weights
+from realcustom_jax.release import encoder as release_encoder
+from realcustom_jax.loading import weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'release_encoder')
 PROJECTOR_FILE = os.path.join(FIXTURES, 'projector.safetensors')
@@ -76,8 +76,8 @@ def test_encoder_matches_the_release(ref, encoded):
 
 def test_projector_matches_the_release(ref, encoded):
   settings, out = ref
-  projector, params = release_encoder.load_projector(
-      PROJECTOR_FILE, dim_head=settings['projector']['dim_head'])
+  projector, params = release_encoder.projector_from_torch_state(
+      safetensors.numpy.load_file(PROJECTOR_FILE), dim_head=settings['projector']['dim_head'])
   assert (projector.vision_dim, projector.out_dim) == (
       settings['projector']['vision_dim'], settings['projector']['out_dim'])
   project = jax.jit(lambda p, g, l: projector.apply({'params': p}, g, l))
@@ -97,7 +97,8 @@ def test_projector_matches_the_release(ref, encoded):
 
 def test_projector_is_trainable(ref):
   _, out = ref
-  projector, params = release_encoder.load_projector(PROJECTOR_FILE, dim_head=16)
+  projector, params = release_encoder.projector_from_torch_state(
+      safetensors.numpy.load_file(PROJECTOR_FILE), dim_head=16)
   glob, local = out['global_features'], out['local_features']
   target = np.random.default_rng(0).standard_normal(out['projected'].shape).astype(np.float32)
   loss = lambda p: jnp.mean((projector.apply({'params': p}, glob, local) - target) ** 2)
@@ -167,10 +168,8 @@ def test_missing_encoder_files_give_one_line_errors(tmp_path):
     release_encoder.load_subject_encoder(FIXTURES, image_size=76)  # the release's 25 / 22
 
 
-def test_bad_projector_files_give_one_line_errors(tmp_path):
+def test_bad_projector_states_give_one_line_errors():
   state = safetensors.numpy.load_file(PROJECTOR_FILE)
-  with pytest.raises(weights.CheckpointError, match='does not exist'):
-    release_encoder.load_projector(str(tmp_path / 'missing.safetensors'))
   with pytest.raises(weights.CheckpointError, match='multiple of dim_head'):
     release_encoder.projector_from_torch_state(state, dim_head=48)
   cut = dict(state, **{'min_attention.to_k.weight': state['min_attention.to_k.weight'][:-1]})

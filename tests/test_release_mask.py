@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from realcustom_jax import release_mask as rm
+from realcustom_jax import mask_strategies as rm
 from realcustom_jax.attention import word_attention_map
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'release_mask',

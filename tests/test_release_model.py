@@ -17,8 +17,8 @@ import pytest
 
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import model as model_lib
-from realcustom_jax import release
-from realcustom_jax import weights
+from realcustom_jax.release import convert as release
+from realcustom_jax.loading import weights
 from realcustom_jax.attention import resize_scope
 from realcustom_jax.unet import RealCustomUNet
 from tests import release_unet_fixture as fixture
@@ -44,7 +44,7 @@ def built(tmp_path_factory):
   path = str(folder / 'adapter.safetensors')
   release.convert_release_checkpoint(fixture.CHECKPOINT, path, allow_pickle=True,
                                      unet_config=fixture.RELEASE_CONFIG)
-  model = release.build_release_model(unet_config, weights.load_adapter_metadata(path))
+  model = release.build_release_model(unet_config, adapter_lib.load_adapter_metadata(path))
   adapter, _ = release.load_release_adapter(path, model)
   adapter = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), adapter)
   z = fixture.data()
@@ -157,7 +157,7 @@ def test_projector_matches_the_release_projector_per_reference(built):
 
 def test_release_adapter_is_refused_by_a_paper_model(built):
   path = built[-1]
-  metadata = weights.load_adapter_metadata(path)
+  metadata = adapter_lib.load_adapter_metadata(path)
   assert metadata['adapter_kind'] == adapter_lib.RELEASE_KIND
   # What the paper pipeline checks (`pipeline._read_adapter`) and the full check.
   for check in (lambda: adapter_lib.check_layout(metadata['adapter_layout'], path),
@@ -170,7 +170,7 @@ def test_release_adapter_is_refused_by_a_paper_model(built):
 def test_paper_adapter_is_refused_by_the_release_model(built, tmp_path):
   model = built[0]
   path = str(tmp_path / 'paper.safetensors')
-  weights.save_adapter(path, {'visual_proj': {'dense': {'kernel': np.zeros((2, 2))}}})
+  adapter_lib.save_adapter(path, {'visual_proj': {'dense': {'kernel': np.zeros((2, 2))}}})
   with pytest.raises(ValueError, match='paper adapter') as e:
     release.load_release_adapter(path, model)
   assert '\n' not in str(e.value)

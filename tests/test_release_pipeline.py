@@ -16,8 +16,9 @@ from PIL import Image
 import pytest
 
 from realcustom_jax import adapter as adapter_lib
-from realcustom_jax import cli
+from realcustom_jax.release import paths as release_paths
 from realcustom_jax import sampler
+from realcustom_jax import schedules
 from tests import release_unet_fixture
 
 E2E = os.path.join(os.path.dirname(__file__), 'fixtures', 'release_e2e', 'release_e2e.npz')
@@ -44,13 +45,15 @@ def _release_run(model, params, z, solver, steps, mode, reuse):
       guidance_image=3.5, gamma_scope=0.25, mask_strategy=mode, mask_reused_step=reuse,
       guidance_mode='release')
   b = z['latents'].shape[0]
-  args = (params, sampler.release_schedule(steps, solver), jnp.asarray(z['latents']),
-          jnp.asarray(z['text']), jnp.asarray(z['negative_text']),
-          (z['global_features'], z['local_features']),
-          jnp.broadcast_to(jnp.asarray(z['target_token']), (b, z['text'].shape[1])), settings,
-          (z['negative_global'], z['negative_local']),
-          {'text_embeds': z['pooled'], 'time_ids': z['time_ids']},
-          {'text_embeds': z['negative_pooled'], 'time_ids': z['time_ids']})
+  conditions = sampler.Conditions(
+      text=jnp.asarray(z['text']), uncond_text=jnp.asarray(z['negative_text']),
+      image=(z['global_features'], z['local_features']),
+      word_weights=jnp.broadcast_to(jnp.asarray(z['target_token']), (b, z['text'].shape[1])),
+      uncond_image=(z['negative_global'], z['negative_local']),
+      added={'text_embeds': z['pooled'], 'time_ids': z['time_ids']},
+      uncond_added={'text_embeds': z['negative_pooled'], 'time_ids': z['time_ids']})
+  args = (params, schedules.release_schedule(steps, solver), jnp.asarray(z['latents']),
+          conditions, settings)
   fn = sampler.build_sampler(model, return_trajectory=True)
   # Each program runs once: XLA's CPU optimisations cost more than they save.
   compiled = fn.lower(*args).compile(compiler_options={'xla_backend_optimization_level': 0})
@@ -73,8 +76,8 @@ def test_sampler_matches_the_release_loop(release_model, e2e):
 
 def test_target_tokens_are_the_release_phrase_positions():
   from realcustom_jax import encoders  # pylint: disable=g-import-not-at-top
-  from realcustom_jax import release_pipeline as rp  # pylint: disable=g-import-not-at-top
-  from realcustom_jax import tiny  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.release import pipeline as rp  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.loading import tiny  # pylint: disable=g-import-not-at-top
   tok = tiny.build_tokenizer()
   tok2 = tiny.build_tokenizer()
   tok2.pad_token = '!'
@@ -94,7 +97,7 @@ def test_target_tokens_are_the_release_phrase_positions():
 
 def test_reference_preparation_is_torch_bilinear():
   torch = pytest.importorskip('torch')
-  from realcustom_jax import release_pipeline as rp  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.release import pipeline as rp  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for (h, w), size in (((40, 50), 56), ((97, 61), 32), ((20, 20), 20)):
     image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
@@ -122,17 +125,17 @@ def tiny_run(tmp_path_factory):
   """One pipeline, one sampler compile for this file (return_masks=False throughout:
   the evaluation reuses it in memory, the CLI run through the persistent cache)."""
   pytest.importorskip('torch')  # the tiny release's .pth is written with torch
-  from realcustom_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from realcustom_jax import pipelines  # pylint: disable=g-import-not-at-top
   folder = tmp_path_factory.mktemp('release_tiny')
   config = _tiny_config(folder)
-  pipe = pipeline.RealCustomPipeline.from_config(config)
+  pipe = pipelines.load_pipeline(config)
   out = pipe([_subject()], ['a toy on the beach'], ['toy'], seed=0)
   return folder, config, pipe, out
 
 
 def test_release_config_builds_the_release_pipeline(tiny_run):
   """configs/release_tiny.py: files written, the .pth converted, the release model."""
-  from realcustom_jax import release_pipeline as rp  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.release import pipeline as rp  # pylint: disable=g-import-not-at-top
   folder, config, pipe, out = tiny_run
   assert isinstance(pipe, rp.ReleasePipeline)
   assert pipe.model.projector == 'release_highres' and pipe.model.unet.has_added_cond
@@ -156,12 +159,30 @@ def test_the_negative_branch_is_the_zero_image_and_negative_prompt(tiny_run):
   assert np.abs(np.asarray(feats[0]) - np.asarray(negative[0])).max() > 1e-3
   enc = pipe.encode_prompts(['a toy on the beach', 'a dog'], ['toy', 'dog'])
   alone = pipe.encode_prompts([config.negative_prompt[:40]], [config.negative_prompt[:5]])
-  assert enc.uncond.shape == enc.text.shape
-  np.testing.assert_array_equal(np.asarray(enc.uncond[0]), np.asarray(enc.uncond[1]))
-  assert np.abs(np.asarray(enc.uncond[0]) - np.asarray(alone.text[0])).max() > 0
+  assert enc.uncond_text.shape == enc.text.shape
+  np.testing.assert_array_equal(np.asarray(enc.uncond_text[0]), np.asarray(enc.uncond_text[1]))
+  assert np.abs(np.asarray(enc.uncond_text[0]) - np.asarray(alone.text[0])).max() > 0
   np.testing.assert_array_equal(np.asarray(enc.added['time_ids'][0]),
                                 [config.width, config.height, 0, 0, config.width,
                                  config.height])
+
+
+def test_a_release_adapter_without_a_config_gets_the_release_pipeline(tiny_run):
+  from realcustom_jax import pipelines  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.release import pipeline as rp  # pylint: disable=g-import-not-at-top
+  folder = tiny_run[0]
+  adapter = str(folder / 'adapter.safetensors')
+  assert pipelines.is_release_adapter(adapter)
+  paths = dict(pretrained=str(folder / 'sdxl'), vision_encoder=str(folder / 'vision'),
+               adapter=adapter)
+  # Without a config the release's own settings apply: its ViT layers 25 / 22, which the
+  # 2-block tiny towers do not have (the release loader says so) ...
+  with pytest.raises(ValueError, match='block index 25 is out of range'):
+    pipelines.load_pipeline(**paths)
+  # ... and with the tiny release config's settings the files load.
+  pipe = pipelines.load_pipeline(tiny_run[1], **paths)
+  assert isinstance(pipe, rp.ReleasePipeline)
+  assert pipe.settings().guidance_mode == 'release'
 
 
 def test_adapter_kinds_and_missing_paths_are_one_line_errors(tiny_run, tmp_path):
@@ -175,26 +196,26 @@ def test_adapter_kinds_and_missing_paths_are_one_line_errors(tiny_run, tmp_path)
     pipeline.RealCustomPipeline.from_config(paper)
   assert '\n' not in str(e.value)
   config = release.get_config()
-  assert '--pretrained' in cli.release_paths_message(config)
+  assert '--pretrained' in release_paths.release_paths_message(config)
   config.pretrained = str(tmp_path / 'nowhere')
   config.vision_encoder = str(folder / 'vision')
   config.adapter = str(folder / 'adapter.safetensors')
-  assert cli.release_paths_message(config) == f'--pretrained={config.pretrained}: no such directory'
+  assert (release_paths.release_paths_message(config)
+          == f'--pretrained={config.pretrained}: no such directory')
   config.pretrained = str(folder / 'sdxl')
-  assert cli.release_paths_message(config) is None
+  assert release_paths.release_paths_message(config) is None
 
 
 def test_evaluate_runs_the_release_pipeline(tiny_run, tmp_path, monkeypatch):
-  """sample.evaluate builds its pipeline with RealCustomPipeline.from_config, which
-  gives the release pipeline for this config (tested above); the fixture's instance
-  stands in for the rebuild so that its compiled sampler is reused."""
-  from realcustom_jax import pipeline  # pylint: disable=g-import-not-at-top
+  """sample.evaluate builds its pipeline with pipelines.load_pipeline, which gives the
+  release pipeline for this config (tested above); the fixture's instance stands in for
+  the rebuild so that its compiled sampler is reused."""
+  from realcustom_jax import pipelines  # pylint: disable=g-import-not-at-top
   from sample import evaluate as ev  # pylint: disable=g-import-not-at-top
   from tests import test_evaluate  # pylint: disable=g-import-not-at-top
   folder, _, pipe, _ = tiny_run
   built = []
-  monkeypatch.setattr(pipeline.RealCustomPipeline, 'from_config',
-                      classmethod(lambda cls, c: built.append(c) or pipe))
+  monkeypatch.setattr(pipelines, 'load_pipeline', lambda c: built.append(c) or pipe)
   bench = test_evaluate._make_bench(tmp_path / 'db')  # pylint: disable=protected-access
   config = _tiny_config(folder)
   config.eval.prompt_limit = 1

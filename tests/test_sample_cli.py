@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from realcustom_jax import cli
+from realcustom_jax.runtime import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,13 +10,21 @@ import pytest
 
 from configs import tiny as tiny_config
 from realcustom_jax import model as model_lib
-from realcustom_jax import release_mask
+from realcustom_jax import mask_strategies
 from realcustom_jax import sampler
-from realcustom_jax import tiny
+from realcustom_jax import schedules
+from realcustom_jax.loading import tiny
 from realcustom_jax.unet import RealCustomUNet
 
 B, N_TEXT, N_IMAGE, C_IMAGE, STEPS = 2, 7, 5, 12, 3
 GAMMA_SCOPE = 0.3
+
+
+def _conditions(x, **fields) -> sampler.Conditions:
+  """The sampler's conditions from a test's inputs, with `fields` replaced."""
+  cond = sampler.Conditions(text=x['text_emb'], uncond_text=x['uncond_emb'],
+                            image=x['image_feats'], word_weights=x['word_weights'])
+  return cond.replace(**fields)
 
 
 def _set_visual_kv(params, value):
@@ -44,7 +52,7 @@ def setup():
       uncond_emb=jnp.broadcast_to(jax.random.normal(k[2], (1, N_TEXT, c_t)), (B, N_TEXT, c_t)),
       image_feats=jax.random.normal(k[3], (B, N_IMAGE, C_IMAGE)),
       word_weights=jnp.zeros((B, N_TEXT)).at[:, 2].set(1.0).at[1, 3].set(1.0))
-  schedule = sampler.ddim_schedule(tiny.SCHEDULER_CONFIG, STEPS)
+  schedule = schedules.ddim_schedule(tiny.SCHEDULER_CONFIG, STEPS)
   # One jitted trajectory sampler for the whole module, limited to a single trace.
   traj = sampler.build_sampler(model, return_trajectory=True, max_traces=1)
   return model, params, schedule, inputs, traj
@@ -54,8 +62,7 @@ def _run(setup, params=None, latents=None, w_t=7.5, w_i=12.5, g_scope=GAMMA_SCOP
   model, base_params, schedule, x, traj = setup
   settings = sampler.GuidanceSettings.create(w_t, w_i, g_scope, g_num)
   return traj(base_params if params is None else params, schedule,
-              x['latents'] if latents is None else latents, x['text_emb'], x['uncond_emb'],
-              x['image_feats'], x['word_weights'], settings)
+              x['latents'] if latents is None else latents, _conditions(x), settings)
 
 
 @pytest.fixture(scope='module')
@@ -66,23 +73,8 @@ def default_run(setup):
 @pytest.fixture(scope='module')
 def cfg_latents(setup):
   model, params, schedule, x, _ = setup
-  return sampler.cfg_sample(model, params, schedule, x['latents'], x['text_emb'],
-                            x['uncond_emb'], sampler.GuidanceSettings.create()).latents
-
-
-def test_schedule_matches_diffusers_ddim():
-  from diffusers import FlaxDDIMScheduler  # pylint: disable=g-import-not-at-top
-  s = sampler.ddim_schedule(tiny.SCHEDULER_CONFIG, 4)
-  np.testing.assert_array_equal(s.timesteps, [751, 501, 251, 1])
-  # A DDIM update through the diffusers scheduler equals ours.
-  sched = FlaxDDIMScheduler.from_config(
-      {k: v for k, v in tiny.SCHEDULER_CONFIG.items() if k != '_class_name'})
-  state = sched.set_timesteps(sched.create_state(), 4)
-  z, eps = jnp.ones((1, 4, 2, 2)), jnp.full((1, 4, 2, 2), 0.3)
-  for i in range(4):
-    ref = sched.step(state, eps, state.timesteps[i], z).prev_sample
-    ours, _ = sampler.ddim_step(z, eps, s.alpha_bar[i], s.alpha_bar_prev[i], s)
-    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+  return sampler.cfg_sample(model, params, schedule, x['latents'], _conditions(x),
+                            sampler.GuidanceSettings.create()).latents
 
 
 def test_adaptive_mask_guidance_is_eq13():
@@ -133,8 +125,8 @@ def test_fused_attention_gives_the_same_scopes_and_samples(setup, default_run, c
   fused = model_lib.RealCustom(unet=RealCustomUNet.from_config(config.tiny.unet,
                                                                attention_impl='cudnn'))
   out = sampler.build_sampler(fused, return_trajectory=True)(
-      params, schedule, x['latents'], x['text_emb'], x['uncond_emb'], x['image_feats'],
-      x['word_weights'], sampler.GuidanceSettings.create(gamma_scope=GAMMA_SCOPE))
+      params, schedule, x['latents'], _conditions(x),
+      sampler.GuidanceSettings.create(gamma_scope=GAMMA_SCOPE))
   # Self and visual calls at the heads' width 16; the [uncond, T2I] text calls at 16 + 1
   # word column, rounded up to 24 (the TI2I call's text attention has no maps: 16).
   assert sorted({v.shape[-1] for _, _, _, v, _ in cudnn_on_cpu}) == [16, 24]
@@ -146,8 +138,8 @@ def test_fused_attention_gives_the_same_scopes_and_samples(setup, default_run, c
 def test_binary_mask(setup):
   model, params, schedule, x, _ = setup
   settings = sampler.GuidanceSettings.create(gamma_scope=GAMMA_SCOPE, binary_mask=True)
-  out = sampler.sample(model, params, schedule, **x, settings=settings,
-                       return_trajectory=True)
+  out = sampler.sample(model, params, schedule, x['latents'], _conditions(x),
+                       settings=settings, return_trajectory=True)
   masks = np.asarray(out.masks)
   assert set(np.unique(masks)) == {0.0, 1.0}
   k = int(GAMMA_SCOPE * masks.shape[2] * masks.shape[3])
@@ -173,11 +165,12 @@ def test_changing_scales_and_gammas_does_not_retrace(setup, default_run):
 def test_public_sample_does_not_retrace(setup):
   model, params, schedule, x, _ = setup
   fn = sampler.cached_sampler(model, False)
-  sampler.sample(model, params, schedule, **x,
+  sampler.sample(model, params, schedule, x['latents'], _conditions(x),
                  settings=sampler.GuidanceSettings.create(guidance_text=2.0, gamma_num=0.5))
   n = fn._cache_size()  # pylint: disable=protected-access
-  sampler.sample(model, params, schedule, **x, settings=sampler.GuidanceSettings.create(
-      guidance_text=9.0, guidance_image=1, gamma_scope=0.1, gamma_num=0.9))
+  sampler.sample(model, params, schedule, x['latents'], _conditions(x),
+                 settings=sampler.GuidanceSettings.create(
+                     guidance_text=9.0, guidance_image=1, gamma_scope=0.1, gamma_num=0.9))
   assert fn._cache_size() == n  # pylint: disable=protected-access
 
 
@@ -207,32 +200,8 @@ def test_bad_settings_are_refused_when_made(name, value):
 def test_sample_wants_guidance_settings(setup):
   model, params, schedule, x, _ = setup
   with pytest.raises(ValueError, match='GuidanceSettings'):
-    sampler.sample(model, params, schedule, **x, settings=(7.5, 12.5, 0.25, 0.8))
-
-
-def test_bad_shapes_raise():
-  with pytest.raises(ValueError, match='num_steps'):
-    sampler.ddim_schedule(tiny.SCHEDULER_CONFIG, 0)
-
-
-def test_one_noise_schedule_for_training_and_sampling():
-  """Training noises with the abar the DDIM sampler steps with (one source)."""
-  abar = sampler.alphas_cumprod(tiny.SCHEDULER_CONFIG)
-  betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
-  np.testing.assert_allclose(abar, np.cumprod(1 - betas), rtol=1e-6)
-  s = sampler.ddim_schedule(tiny.SCHEDULER_CONFIG, 10)
-  np.testing.assert_array_equal(np.asarray(s.alpha_bar), abar[np.asarray(s.timesteps)])
-  linear = sampler.alphas_cumprod({**tiny.SCHEDULER_CONFIG, 'beta_schedule': 'linear'})
-  assert not np.allclose(linear, abar)
-
-
-@pytest.mark.parametrize('bad, message', [({'beta_schedule': 'cosine_typo'}, 'scheduler'),
-                                          ({'prediction_type': 'flow'}, 'prediction_type')])
-def test_unsupported_scheduler_configs_are_refused(bad, message):
-  with pytest.raises(ValueError, match=message):
-    sampler.alphas_cumprod({**tiny.SCHEDULER_CONFIG, **bad})
-  with pytest.raises(ValueError, match=message):
-    sampler.ddim_schedule({**tiny.SCHEDULER_CONFIG, **bad}, 4)
+    sampler.sample(model, params, schedule, x['latents'], _conditions(x),
+                   settings=(7.5, 12.5, 0.25, 0.8))
 
 
 # ---------------------------------------------------------------------------------
@@ -283,7 +252,7 @@ def release_setup():
            uncond_emb=normal(B, N_TEXT, 32), image_feats=normal(B, N_IMAGE, C_IMAGE),
            word_weights=jnp.zeros((B, N_TEXT)).at[:, 2].set(1.0).at[1, 3].set(1.0))
   neg_image = normal(B, N_IMAGE, C_IMAGE)
-  schedule = sampler.ddim_schedule(tiny.SCHEDULER_CONFIG, REUSE_STEPS)
+  schedule = schedules.ddim_schedule(tiny.SCHEDULER_CONFIG, REUSE_STEPS)
   passes = []
   original = sampler._attention_maps  # pylint: disable=protected-access
 
@@ -292,16 +261,15 @@ def release_setup():
     return original(*args, **kwargs)
 
   fn = sampler.build_sampler(model, return_trajectory=True, max_traces=1)
-  args = (params, schedule, x['latents'], x['text_emb'], x['uncond_emb'], x['image_feats'],
-          x['word_weights'])
+  args = (params, schedule, x['latents'])
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(sampler, '_attention_maps', counted)
-    fn(*args, _release_settings(), neg_image)  # the one trace, under the wrapper
+    fn(*args, _conditions(x, uncond_image=neg_image), _release_settings())  # the one trace
   jax.effects_barrier()
 
   def run(settings, uncond_image=neg_image):
     passes.clear()
-    out = fn(*args, settings, uncond_image)
+    out = fn(*args, _conditions(x, uncond_image=uncond_image), settings)
     jax.effects_barrier()
     return out, len(passes)
 
@@ -336,9 +304,9 @@ def test_release_masks_follow_the_release_mode_and_traced_scope(release_setup):
 
 
 def test_release_reuse_from_the_last_step_on_equals_no_reuse(release_setup):
-  model, run, args, neg_image, _ = release_setup
+  model, run, args, neg_image, x = release_setup
   plain = sampler.build_sampler(model, return_trajectory=True)(
-      *args, _release_settings(mask_reused_step=None), neg_image)
+      *args, _conditions(x, uncond_image=neg_image), _release_settings(mask_reused_step=None))
   for n in (REUSE_STEPS, 99):
     out, passes = run(_release_settings(mask_reused_step=n))
     assert passes == REUSE_STEPS
@@ -375,11 +343,11 @@ def test_reuse_is_a_branch_of_one_scan_holding_the_only_mask_pass(release_setup)
   the body (the batched [uncond, TI2I] call) and c in one branch of the cond (the mask
   pass), the other branch (reuse) holding none.
   """
-  model, _, args, neg_image, _ = release_setup
+  model, _, args, neg_image, x = release_setup
   loop = sampler._realcustom_loop  # pylint: disable=protected-access
   fn = functools.partial(loop, model, return_trajectory=False)
-  scans = [e for e in jax.make_jaxpr(fn)(*args, _release_settings(), neg_image).jaxpr.eqns
-           if e.primitive.name == 'scan']
+  trace = jax.make_jaxpr(fn)(*args, _conditions(x, uncond_image=neg_image), _release_settings())
+  scans = [e for e in trace.jaxpr.eqns if e.primitive.name == 'scan']
   assert len(scans) == 1
   body = scans[0].params['jaxpr'].jaxpr
   conds = [e for e in body.eqns if e.primitive.name == 'cond']
@@ -398,8 +366,8 @@ def test_paper_reuse_keeps_the_t2i_call(setup):
   model, params, schedule, x, _ = setup
   loop = sampler._realcustom_loop  # pylint: disable=protected-access
   trace = lambda n: jax.make_jaxpr(functools.partial(loop, model, return_trajectory=False))(
-      params, schedule, x['latents'], x['text_emb'], x['uncond_emb'], x['image_feats'],
-      x['word_weights'], sampler.GuidanceSettings.create(mask_reused_step=n)).jaxpr
+      params, schedule, x['latents'], _conditions(x),
+      sampler.GuidanceSettings.create(mask_reused_step=n)).jaxpr
   bodies = [[e for e in trace(n).eqns if e.primitive.name == 'scan'] for n in (None, 2)]
   assert [len(b) for b in bodies] == [1, 1]
   plain, reused = (b[0].params['jaxpr'].jaxpr for b in bodies)
@@ -418,8 +386,7 @@ def test_a_self_map_mode_needs_self_attention_at_the_mask_resolution(release_set
   schedule, x = release_setup.args[1], release_setup.inputs
   with pytest.raises(ValueError, match='self-attention layer at the mask resolution'):
     jax.eval_shape(sampler.build_sampler(model), params, schedule, x['latents'],
-                   x['text_emb'], x['uncond_emb'], x['image_feats'], x['word_weights'],
-                   sampler.GuidanceSettings.create(mask_strategy=RELEASE_MODE))
+                   _conditions(x), sampler.GuidanceSettings.create(mask_strategy=RELEASE_MODE))
 
 
 def test_self_map_modes_read_the_layers_at_the_mask_resolution():
@@ -433,8 +400,8 @@ def test_self_map_modes_read_the_layers_at_the_mask_resolution():
   scope_fn = sampler._scope  # pylint: disable=protected-access
   scopes = jax.jit(lambda maps, finer, at_mask: (
       scope_fn(model, settings, maps, [finer, at_mask], (4, 4)),
-      release_mask.release_mask(maps, 0.5, (4, 4), RELEASE_MODE, [at_mask]),
-      release_mask.release_mask(maps, 0.5, (4, 4), RELEASE_MODE)))
+      mask_strategies.release_mask(maps, 0.5, (4, 4), RELEASE_MODE, [at_mask]),
+      mask_strategies.release_mask(maps, 0.5, (4, 4), RELEASE_MODE)))
   scope, only_at_mask, unrefined = scopes(maps, finer, at_mask)
   np.testing.assert_array_equal(scope, only_at_mask)
   assert not np.allclose(scope, unrefined)
@@ -475,11 +442,11 @@ def test_release_settings_from_config_and_their_static_parts():
 def test_release_guidance_needs_the_negative_image(release_setup):
   model, _, args, _, x = release_setup
   settings = _release_settings()
-  with pytest.raises(ValueError, match='uncond_image_feats'):
-    sampler.sample(model, args[0], args[1], **x, settings=settings)
-  with pytest.raises(ValueError, match='uncond_image_feats'):
-    sampler.sample(model, args[0], args[1], **x, settings=settings,
-                   uncond_image_feats=x['image_feats'][:1])
+  with pytest.raises(ValueError, match='uncond_image'):
+    sampler.sample(model, *args, _conditions(x), settings=settings)
+  with pytest.raises(ValueError, match='uncond_image'):
+    sampler.sample(model, *args, _conditions(x, uncond_image=x['image_feats'][:1]),
+                   settings=settings)
 
 
 def test_the_release_model_on_sdxl_traces_with_two_references(release_setup):
@@ -498,22 +465,22 @@ def test_the_release_model_on_sdxl_traces_with_two_references(release_setup):
   pair = lambda refs: tuple(spec(B, *refs, n, 16) for n in (N_IMAGE, 9))
   cond = lambda: {'text_embeds': spec(B, pooled), 'time_ids': spec(B, 6)}
   fn = sampler.build_sampler(model, return_trajectory=True)
-  x.update(image_feats=pair((2,)), word_weights=spec(B, 2, N_TEXT))
-  out = jax.eval_shape(fn, params, schedule, *x.values(), _release_settings(), pair((2,)),
-                       cond(), cond())
+  two = _conditions(x, image=pair((2,)), word_weights=spec(B, 2, N_TEXT),
+                    uncond_image=pair((2,)), added=cond(), uncond_added=cond())
+  out = jax.eval_shape(fn, params, schedule, x['latents'], two, _release_settings())
   assert out.masks.shape == (REUSE_STEPS, B, 2, 4, 4) and out.latents.shape == (B, 4, 8, 8)
   with pytest.raises(ValueError, match='several reference subjects'):
-    jax.eval_shape(fn, params, schedule, *x.values(),
-                   _release_settings(mask_strategy='paper'), pair((2,)), cond(), cond())
+    jax.eval_shape(fn, params, schedule, x['latents'], two,
+                   _release_settings(mask_strategy='paper'))
   # sample() asks for added_cond exactly where the UNet needs it.
-  x.update(image_feats=pair(()), word_weights=release_setup.inputs['word_weights'])
   with pytest.raises(ValueError, match='added_cond'):
-    sampler.sample(model, params, schedule, **x, settings=_release_settings(),
-                   uncond_image_feats=pair(()))
+    sampler.sample(model, params, schedule, x['latents'],
+                   _conditions(x, image=pair(()), uncond_image=pair(())),
+                   settings=_release_settings())
   with pytest.raises(ValueError, match='added_cond'):
-    sampler.sample(release_setup.model, *release_setup.args[:2], **release_setup.inputs,
-                   settings=_release_settings(), uncond_image_feats=release_setup.neg_image,
-                   added_cond=cond())
+    sampler.sample(release_setup.model, *release_setup.args,
+                   _conditions(x, uncond_image=release_setup.neg_image, added=cond()),
+                   settings=_release_settings())
 
 
 def test_a_second_reference_without_its_word_adds_nothing(release_setup):
@@ -533,20 +500,21 @@ def test_a_second_reference_without_its_word_adds_nothing(release_setup):
   x = dict(release_setup.inputs)
   schedule = release_setup.args[1]
   settings = _release_settings(mask_strategy=('max_norm',), mask_reused_step=None)
-  single = sampler.sample(model, params, schedule, **dict(x, image_feats=one),
-                          settings=settings, uncond_image_feats=neg)
+  z = x['latents']
+  single = sampler.sample(model, params, schedule, z, _conditions(x, image=one, uncond_image=neg),
+                          settings=settings)
   weights = jnp.stack([x['word_weights'], jnp.zeros_like(x['word_weights'])], axis=1)
-  double = sampler.sample(model, params, schedule,
-                          **dict(x, image_feats=both(one, other), word_weights=weights),
-                          settings=settings, uncond_image_feats=both(neg, neg_other))
+  double = sampler.sample(model, params, schedule, z, _conditions(
+      x, image=both(one, other), word_weights=weights, uncond_image=both(neg, neg_other)),
+                          settings=settings)
   # Equal up to float32 rounding (the R axis changes the reduction order).
   np.testing.assert_allclose(double.latents, single.latents, atol=1e-4, rtol=0)
   # The second reference matters once its word is there.
   weights = jnp.stack([x['word_weights']] * 2, axis=1)
-  with_word = sampler.sample(model, params, schedule,
-                             **dict(x, image_feats=both(one, other), word_weights=weights),
-                             settings=settings, uncond_image_feats=both(neg, neg_other))
+  with_word = sampler.sample(model, params, schedule, z, _conditions(
+      x, image=both(one, other), word_weights=weights, uncond_image=both(neg, neg_other)),
+                             settings=settings)
   assert np.abs(np.asarray(with_word.latents) - np.asarray(single.latents)).max() > 1e-3
   with pytest.raises(ValueError, match='R=2'):
-    sampler.sample(model, params, schedule, **dict(x, image_feats=both(one, other)),
-                   settings=settings, uncond_image_feats=both(neg, neg_other))
+    sampler.sample(model, params, schedule, z, _conditions(
+        x, image=both(one, other), uncond_image=both(neg, neg_other)), settings=settings)

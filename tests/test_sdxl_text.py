@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from realcustom_jax import sdxl_text
-from realcustom_jax import weights
+from realcustom_jax.release import sdxl_text
+from realcustom_jax.loading import weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'sdxl_text')
 

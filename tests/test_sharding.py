@@ -5,10 +5,9 @@ import pytest
 
 from configs import tiny as tiny_config
 from realcustom_jax import adapter as adapter_lib
-from realcustom_jax import attention
-from realcustom_jax import sharding
-from realcustom_jax import tiny
-from realcustom_jax import training
+from realcustom_jax import kernels
+from realcustom_jax.runtime import sharding
+from realcustom_jax import adapter_training as training
 
 BATCH = 8
 
@@ -21,10 +20,14 @@ def _config():
   return c
 
 
+def _names(path) -> tuple[str, ...]:
+  return tuple(k.key for k in path)
+
+
 @pytest.fixture(scope='module')
-def components():
+def components(tiny_components):
   config = _config()
-  sd, vision = tiny.build_tiny_components(config)
+  sd, vision = tiny_components
   rng = np.random.default_rng(0)
   batch = {
       'image': rng.uniform(-1, 1, (BATCH, config.resolution, config.resolution, 3)
@@ -71,7 +74,7 @@ def test_sharded_step_matches_single_device(components, data, fsdp):
 
 
 def test_both_steps_trace_under_their_mesh(components, monkeypatch):
-  # What lets a Pallas kernel run per device (`attention.per_batch_shard`): the steps
+  # What lets a Pallas kernel run per device (`kernels.per_batch_shard`): the steps
   # are traced under the setup's mesh.
   config, sd, vision, batch = components
   mesh = sharding.create_mesh({'data': 4, 'fsdp': 2})
@@ -79,7 +82,7 @@ def test_both_steps_trace_under_their_mesh(components, monkeypatch):
   seen = []
 
   def spy(state, *args, **kwargs):
-    seen.append(attention.current_batch_mesh())
+    seen.append(kernels.current_batch_mesh())
     return state, {'loss': jax.numpy.zeros(())}
 
   monkeypatch.setattr(training, 'train_step', spy)
@@ -94,7 +97,7 @@ def test_both_steps_trace_under_their_mesh(components, monkeypatch):
   assert [dict(m.shape) for m in seen] == [{'data': 4, 'fsdp': 2}] * 2
   # The XLA module keeps the step function's name (here the spy's), not the wrapper's.
   assert 'module @jit_spy' in lowered.as_text()
-  assert attention.current_batch_mesh() is None  # and nothing leaks out
+  assert kernels.current_batch_mesh() is None  # and nothing leaks out
 
 
 @pytest.mark.slow  # `make test-slow` (Makefile: the suite's time budget): about 90 s
@@ -136,9 +139,9 @@ def test_optimizer_state_holds_only_adapter_leaves(components):
           if hasattr(s, 'mu')]
   assert len(adam) == 1
   assert jax.tree.structure(adam[0].mu) == jax.tree.structure(params)
-  paths = [adapter_lib._key_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  paths = [_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   assert paths and all(adapter_lib.is_adapter_path(p) for p in paths)
-  frozen_paths = [adapter_lib._key_names(p)[1:] for p, _ in
+  frozen_paths = [_names(p)[1:] for p, _ in
                   jax.tree_util.tree_leaves_with_path(frozen['unet'])]
   assert not any(adapter_lib.is_adapter_path(('unet',) + p) for p in frozen_paths)
 

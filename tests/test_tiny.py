@@ -3,7 +3,7 @@ import jax
 import numpy as np
 
 from configs import tiny as tiny_config
-from realcustom_jax import tiny
+from realcustom_jax.loading import tiny
 
 
 def test_tiny_components_compile_nothing_and_repeat_exactly():

@@ -5,8 +5,8 @@ import numpy as np
 import optax
 
 from configs import toy_world as toy_config
-from realcustom_jax import weights
-from train import toy_base
+from realcustom_jax.loading import weights
+from toy import base as toy_base
 
 
 def _quadratic_loss(params, key):
@@ -35,7 +35,7 @@ def test_saved_base_model_loads_through_the_real_loaders(tmp_path):
   vae = toy_base.build_vae(config)
   vae_params = jax.jit(vae.init_weights)(jax.random.PRNGKey(0))
   from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  from realcustom_jax import tiny  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.loading import tiny  # pylint: disable=g-import-not-at-top
   unet = FlaxUNet2DConditionModel.from_config(tiny.unet_config(config))
   unet_params = jax.jit(unet.init_weights)(jax.random.PRNGKey(1))
   sd_dir, vision_dir = toy_base.save_pretrained(str(tmp_path), config, unet_params,

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from benchmarks import toy_metrics
-from train import toy_world
+from toy import metrics as toy_metrics
+from toy import world as toy_world
 
 REF = toy_world.Scene('square', 'red', 'white', 'green', (6.0, 7.0), 10.0)
 

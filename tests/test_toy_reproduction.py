@@ -18,7 +18,7 @@ def _run(*flags):
   # One CPU device, as the command runs outside the suite (conftest fakes 8, and the
   # smoke batch of 4 does not split over 8).
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return subprocess.run([sys.executable, '-m', 'benchmarks.toy_reproduction', *flags],
+  return subprocess.run([sys.executable, '-m', 'toy.reproduction', *flags],
                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 

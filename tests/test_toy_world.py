@@ -7,8 +7,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from train import toy_base
-from train import toy_world
+from toy import base as toy_base
+from toy import world as toy_world
 
 
 def _colors_at(image, mask):

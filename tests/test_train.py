@@ -12,24 +12,20 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import tiny as tiny_config
-from realcustom_jax import weights
+from realcustom_jax import adapter as adapter_lib
 from train import export
 from train import input_pipeline
 from train import train
+from tests import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(data_dir, **train_overrides) -> ml_collections.ConfigDict:
-  c = tiny_config.get_config()
-  c.data.toy, c.data.toy_num_images, c.data.batch_size = True, 32, 8
-  c.data.tfds_data_dir = str(data_dir)  # prepare the toy set once for every test
-  c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 4, 2, 1
-  c.train.debug_nan_step = -1
-  c.mesh.data, c.mesh.fsdp = -1, 1  # the 8 fake CPU devices of conftest.py
-  c.train.update(train_overrides)
-  return c
+  # One data_dir for the module: the toy set is prepared once for every test.
+  train_overrides = dict(dict(num_steps=4, checkpoint_every=2, log_every=1), **train_overrides)
+  return testing.toy_train_config(data_dir, 32, 8,
+                                  **{f'train.{k}': v for k, v in train_overrides.items()})
 
 
 def _read_metrics(workdir):
@@ -114,10 +110,10 @@ def test_export_matches_checkpoint(straight_run, tmp_path):
   workdir, params = straight_run
   out = str(tmp_path / 'adapter.safetensors')
   assert export.export(workdir, out) == 4
-  loaded = weights.load_adapter(out)
+  loaded = adapter_lib.load_adapter(out)
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, loaded, params)))
-  meta = weights.load_adapter_metadata(out)
+  meta = adapter_lib.load_adapter_metadata(out)
   assert meta['step'] == '4'
   assert json.loads(meta['model_config'])['fusion'] == 'timestep'
 

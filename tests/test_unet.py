@@ -9,10 +9,10 @@ import pytest
 from diffusers import FlaxUNet2DConditionModel
 from flax import traverse_util
 
-from realcustom_jax import attention
-from realcustom_jax import tiny
+from realcustom_jax import kernels
+from realcustom_jax.loading import tiny
 from realcustom_jax import unet as unet_lib
-from realcustom_jax import weights
+from realcustom_jax.loading import weights
 from realcustom_jax.unet import RealCustomUNet
 from tests.unet_configs import SD1_LIKE, SD2_LIKE, SDXL_BASE, SDXL_LIKE, SDXL_POOLED_DIM
 
@@ -221,7 +221,7 @@ def _device(platform='gpu', kind='NVIDIA H100 80GB HBM3', cc='9.0'):
 ])
 def test_auto_picks_cudnn_only_where_it_accepts_the_head_width(requested, head_dim, device,
                                                               want):
-  assert attention.layer_attention_impl(requested, head_dim, device=device) == want
+  assert kernels.layer_attention_impl(requested, head_dim, device=device) == want
 
 
 @pytest.mark.parametrize('setting, message', [

@@ -1,4 +1,4 @@
-"""timm ViTs in Flax (realcustom_jax/vit.py) against timm itself.
+"""timm ViTs in Flax (realcustom_jax/release/vit.py) against timm itself.
 
 The reference numbers come from tests/fixtures/release_encoder/ (made by its
 make_fixtures.py with timm 1.0.31 and the release's own encoder): small random ViTs with
@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
-from realcustom_jax import vit
-from realcustom_jax import weights
+from realcustom_jax.release import vit
+from realcustom_jax.loading import weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'release_encoder')
 SIGLIP = 'vit_so400m_patch14_siglip_384'

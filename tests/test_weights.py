@@ -14,11 +14,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 from realcustom_jax import encoders
-from realcustom_jax import sdxl_text
-from realcustom_jax import testing
-from realcustom_jax import tiny
-from realcustom_jax import weights
+from realcustom_jax.release import sdxl_text
+from realcustom_jax.loading import tiny
+from realcustom_jax import adapter as adapter_lib
+from realcustom_jax.loading import weights
 from realcustom_jax.unet import RealCustomUNet
+from tests import testing
 
 try:
   import torch  # pylint: disable=g-import-not-at-top
@@ -27,10 +28,9 @@ except ImportError:  # the SD tests compare with torch; the SDXL ones need none
 
 
 @pytest.fixture(scope='module')
-def saved(tmp_path_factory):
-  pytest.importorskip('torch')
+def saved(tiny_pretrained):
   config = tiny_config.get_config()
-  sd_dir, vision_dir = testing.save_tiny_pretrained(str(tmp_path_factory.mktemp('tiny')), config)
+  sd_dir, vision_dir = tiny_pretrained
   return dict(
       config=config, sd_dir=sd_dir, vision_dir=vision_dir,
       sd=weights.load_stable_diffusion(sd_dir),
@@ -193,22 +193,22 @@ def test_adapter_round_trip(tmp_path):
       'count': np.arange(4, dtype=np.int32),
   }
   path = tmp_path / 'adapter.safetensors'
-  weights.save_adapter(path, params, metadata={'config': json.dumps({'k': 1})})
-  back = weights.load_adapter(path)
+  adapter_lib.save_adapter(path, params, metadata={'config': json.dumps({'k': 1})})
+  back = adapter_lib.load_adapter(path)
   want, got = _flat(params), _flat(back)
   assert set(got) == set(want)
   for key in want:
     assert got[key].dtype == np.asarray(want[key]).dtype, key
     assert np.array_equal(np.asarray(got[key]), np.asarray(want[key])), key
   assert got[('visual_kv', 'down_0', 'to_k_ip')].dtype == ml_dtypes.bfloat16
-  assert json.loads(weights.load_adapter_metadata(path)['config']) == {'k': 1}
+  assert json.loads(adapter_lib.load_adapter_metadata(path)['config']) == {'k': 1}
 
 
 def test_adapter_path_must_be_safetensors(tmp_path):
   with pytest.raises(ValueError, match=r'adapter\.npz must end in \.safetensors'):
-    weights.save_adapter(tmp_path / 'adapter.npz', {'a': np.zeros(2)})
+    adapter_lib.save_adapter(tmp_path / 'adapter.npz', {'a': np.zeros(2)})
   with pytest.raises(ValueError, match=r'adapter\.ckpt must end in \.safetensors'):
-    weights.load_adapter(tmp_path / 'adapter.ckpt')
+    adapter_lib.load_adapter(tmp_path / 'adapter.ckpt')
 
 
 # ---------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Tiny UNet configs in diffusers' format: SD1-like, SD2-like, SDXL-like; full SDXL base."""
-from realcustom_jax import tiny
+from realcustom_jax.loading import tiny
 
 SD1_LIKE = dict(
     sample_size=8, in_channels=4, out_channels=4,

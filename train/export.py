@@ -3,7 +3,7 @@
   python -m train.export --workdir=/tmp/rc_tiny --out=adapter.safetensors
 
 The file's metadata holds the training config's `model` section as JSON ('model_config')
-and the checkpoint step ('step'); `weights.load_adapter` reads it back.
+and the checkpoint step ('step'); `adapter_lib.load_adapter` reads it back.
 """
 import json
 import sys
@@ -13,8 +13,8 @@ from absl import flags
 import numpy as np
 import orbax.checkpoint as ocp
 
-from realcustom_jax import cli
-from realcustom_jax import weights
+from realcustom_jax.runtime import cli
+from realcustom_jax import adapter as adapter_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir (with checkpoints/).')
@@ -69,13 +69,14 @@ def export(workdir: str, out: str, step: int | None = None) -> int:
               # Checkpoints from before the layout number are layout 1: exported as
               # such, so that loading refuses them by name.
               'adapter_layout': str(config.get('adapter_layout', 1))}
-  weights.save_adapter(out, params, metadata)
+  adapter_lib.save_adapter(out, params, metadata)
   return step
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  cli.quiet_libraries()
   try:
     step = export(FLAGS.workdir, FLAGS.out, FLAGS.step)
   except ValueError as e:

@@ -47,10 +47,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from realcustom_jax import cli
-from realcustom_jax import sharding
+from realcustom_jax.runtime import cli
+from realcustom_jax.runtime import distributed
 from train import laion_builder
-from train import toy_data
+from train import synthetic_data as toy_data
 
 _TOY_IMAGES_PER_SHARD = 64
 _TOY_SEED = 0  # the toy set is a fixed data set, independent of the shuffle seed
@@ -134,13 +134,13 @@ def prepared_by_process_zero_first(prepare: Callable[[], Any], barrier_name: str
 
   Process 0 prepares (a no-op when `train.prepare` ran), the others wait on the
   coordination service, then find the work done and only open it. If process 0 fails,
-  its peers end through the watchdog (sharding.PeerWatchdog).
+  its peers end through the watchdog (distributed.PeerWatchdog).
   """
   if jax.process_count() == 1:
     return prepare()
   if jax.process_index() == 0:
     result = prepare()
-  sharding.barrier(barrier_name, PREPARE_TIMEOUT_S)
+  distributed.barrier(barrier_name, PREPARE_TIMEOUT_S)
   if jax.process_index() != 0:
     result = prepare()
   return result

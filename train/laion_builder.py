@@ -32,7 +32,7 @@ from PIL import Image
 from PIL import ImageOps
 import tensorflow_datasets as tfds
 
-from realcustom_jax import cli
+from realcustom_jax.runtime import cli
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 STATS_FILE = 'prepare_stats.json'

@@ -26,8 +26,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from realcustom_jax import cli
-from realcustom_jax import sharding
+from realcustom_jax.runtime import cli
+from realcustom_jax.runtime import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and data.')
@@ -41,8 +41,8 @@ flags.DEFINE_float('peer_timeout', 60, 'Multi-process runs: seconds a peer may g
                    'a heartbeat before the run ends (exit 1).')
 
 
-def _exit(code: int, distributed: bool) -> None:
-  if distributed:
+def _exit(code: int, multi_process: bool) -> None:
+  if multi_process:
     # Skip jax.distributed.shutdown at exit: its barrier would wait (minutes) for peers
     # that carry on; they stop on their own when this process's heartbeats stop.
     sys.stderr.flush()
@@ -55,14 +55,15 @@ def main(argv):
     raise app.UsageError('Too many command-line arguments.')
   config = FLAGS.config
   cli.enable_compile_cache()  # before the first compile
+  cli.quiet_libraries()
   # Before anything touches a JAX backend.
   try:
-    watchdog = sharding.initialize_distributed(
+    watchdog = distributed.initialize_distributed(
         config, init_timeout_s=FLAGS.coordinator_timeout, peer_timeout_s=FLAGS.peer_timeout)
-  except sharding.DistributedError as e:
+  except distributed.DistributedError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  distributed = watchdog is not None
+  multi_process = watchdog is not None
   # Imported after the distributed runtime is up: importing train builds nothing, but
   # keeping JAX work after initialize() is what jax.distributed requires.
   from train import train  # pylint: disable=g-import-not-at-top
@@ -70,11 +71,11 @@ def main(argv):
     train.train_and_evaluate(config, FLAGS.workdir)
   except train.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
-    _exit(2, distributed)
+    _exit(2, multi_process)
   except train.NonFiniteLossError as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
-    _exit(1, distributed)
+    _exit(1, multi_process)
   except BaseException as e:
     if watchdog is not None:
       if isinstance(e, jax.errors.JaxRuntimeError):

@@ -51,9 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from realcustom_jax import model as model_lib
-from realcustom_jax import sharding
-from realcustom_jax import training
-from realcustom_jax import weights
+from realcustom_jax.runtime import sharding
+from realcustom_jax import adapter_training as training
+from realcustom_jax.loading import weights
 from train import input_pipeline
 
 FORMAT_VERSION = 1  # bump when what a record holds, or how it is computed, changes

@@ -25,8 +25,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from realcustom_jax import cli
-from realcustom_jax import components
+from realcustom_jax.runtime import cli
+from realcustom_jax.loading import components
 from train import input_pipeline
 from train import laion_builder
 from train import precompute
@@ -89,6 +89,7 @@ def prepare_features(config, workdir: str) -> precompute.FeatureSource:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  cli.quiet_libraries()
   try:
     precompute.check_config(FLAGS.config)  # before hours of image preparation
     path, stats = prepare(FLAGS.config, FLAGS.workdir)

@@ -1,13 +1,13 @@
 """Trains the RealCustom adapter (Sec. 3.2) on a frozen Stable Diffusion: the loop.
 
-The step itself (Eqs. 1, 2, 10) and its setup live in `realcustom_jax.training`. This
+The step itself (Eqs. 1, 2, 10) and its setup live in `realcustom_jax.adapter_training`. This
 module adds what a run needs around it: config validation, loading the frozen
 components, the grain input pipeline, resumable orbax checkpoints (train state and
 data iterator), metrics in `metrics.jsonl` and a guard that stops on a NaN loss.
 
 With `config.data.precompute_features` the frozen encoders run once over the prepared
 set before training (train/precompute.py) and the loop trains on their stored outputs
-(`training.precomputed_train_step`); the VAE and CLIP then stay off the devices.
+(`adapter_training.precomputed_train_step`); the VAE and CLIP then stay off the devices.
 
 Config keys read (besides the model/data ones): `config.train.*` (see
 `validate_config`), `config.mesh.{data,fsdp,distributed}`.
@@ -29,15 +29,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from realcustom_jax import adapter as adapter_lib
-from realcustom_jax import cli
-from realcustom_jax import components
-from realcustom_jax import sharding
-from realcustom_jax import weights
-from realcustom_jax.training import ConfigError
+from realcustom_jax.runtime import cli
+from realcustom_jax.loading import components
+from realcustom_jax.runtime import sharding
+from realcustom_jax.loading import weights
+from realcustom_jax.adapter_training import ConfigError
 from realcustom_jax.model import DTYPES
 from realcustom_jax.model import check_model_config
-from realcustom_jax.training import setup_training
-from realcustom_jax.training import State
+from realcustom_jax.adapter_training import setup_training
+from realcustom_jax.adapter_training import State
 from train import input_pipeline
 from train import precompute
 
@@ -90,7 +90,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     precompute.check_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  missing_weights = cli.missing_weights_message(config)
+  missing_weights = components.missing_weights_message(config)
   if missing_weights:
     raise ConfigError(missing_weights)
   if config.pretrained and not config.vision_encoder:

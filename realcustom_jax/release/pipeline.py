@@ -3,8 +3,8 @@
   pipe = ReleasePipeline.from_pretrained(sdxl_dir, vision_dir, 'realcustom_highres.safetensors')
   out = pipe([subject], ['a dog wearing a spacesuit in space'], ['dog'], seed=0)
 
-(`RealCustomPipeline.from_pretrained` / `from_config` return this class for a release
-adapter or config.) One call follows `inference/inference_single_image.py` and
+(`realcustom_jax.pipelines.load_pipeline` returns this class for a release config or
+adapter.) One call follows `inference/inference_single_image.py` and
 `inference/pipeline.py` of github.com/bytedance/RealCustom:
 
 1. prompts and the negative prompt through SDXL's two CLIP text encoders
@@ -15,14 +15,13 @@ adapter or config.) One call follows `inference/inference_single_image.py` and
    `torch.nn.functional.interpolate`, bilinear, align_corners False), encoded by
    SigLIP + DINOv2 (`release_encoder.SubjectEncoder`); the negative image is all zero;
 4. the release's sampling in one jitted scan (`sampler.sample` with the release's mask
-   strategy and reuse, guidance_mode 'release', and `sampler.release_schedule`: its
+   strategy and reuse, guidance_mode 'release', and `schedules.release_schedule`: its
    single-step DPM-Solver++ on 'trailing' timesteps);
 5. the last step's x0 prediction decoded by the VAE (latents / scaling factor).
 
 The initial noise is JAX's (the release draws it with torch), so images match the
 release's for the same latents, not for the same seed.
 """
-import dataclasses
 import logging
 import os
 from typing import Optional, Sequence
@@ -35,14 +34,16 @@ import numpy as np
 from PIL import Image
 
 from realcustom_jax import adapter as adapter_lib
-from realcustom_jax import cli
 from realcustom_jax import model as model_lib
-from realcustom_jax import release
-from realcustom_jax import release_defaults as defaults
-from realcustom_jax import release_encoder
+from realcustom_jax import pipeline_common
+from realcustom_jax.release import convert as release
+from realcustom_jax.release import defaults
+from realcustom_jax.release import paths as release_paths
+from realcustom_jax.release import encoder as release_encoder
 from realcustom_jax import sampler
-from realcustom_jax import sdxl_text
-from realcustom_jax import weights
+from realcustom_jax import schedules
+from realcustom_jax.release import sdxl_text
+from realcustom_jax.loading import weights
 
 RELEASE_NUM_STEPS = defaults.NUM_STEPS
 RELEASE_GUIDANCE = defaults.GUIDANCE
@@ -142,16 +143,6 @@ def reference_pixels(image: Image.Image, size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Encoded:
-  """One call's conditioning (B rows)."""
-  text: jax.Array
-  uncond: jax.Array
-  added: dict
-  uncond_added: dict
-  word_weights: jax.Array
-
-
 class ReleasePipeline:
   """SDXL + the release's subject encoder and adapter + the jitted release sampler.
 
@@ -185,7 +176,8 @@ class ReleasePipeline:
     model_config = dict(model_lib.DEFAULT_MODEL_CONFIG, **dict(self.config.get('model', {})))
     self.model = release.build_release_model(
         sdxl.unet_config, adapter_metadata, dtype=model_lib.DTYPES[model_config['dtype']],
-        attention_impl=model_config['attention_impl'], remat=model_config['remat'])
+        attention_impl=model_config['attention_impl'], remat=model_config['remat'],
+        fused_word_maps=bool(model_config['fused_word_maps']))
     down = factor * 2 ** (len(self.model.unet.block_out_channels) - 1) * 2
     if self.height % down or self.width % down or self.height < down or self.width < down:
       raise ValueError(f'height {self.height} and width {self.width} must be positive '
@@ -205,8 +197,7 @@ class ReleasePipeline:
     module = encoder.module
     self.reference_size = module.patchify_scale * module.image_size
     self._encode_image = jax.jit(lambda p, x: module.apply({'params': p}, x)[-2:])
-    from realcustom_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-    self._decode = pipeline_lib.vae_decoder(sdxl.vae, sdxl.scaling_factor)
+    self._decode = pipeline_common.vae_decoder(sdxl.vae, sdxl.scaling_factor)
     self._negative_image = None
     self._negative_text = None
 
@@ -260,8 +251,9 @@ class ReleasePipeline:
 
   # ---- Encoding ----
 
-  def encode_prompts(self, prompts: Sequence[str], words: Sequence[str]) -> _Encoded:
-    """Prompt and negative-prompt features, pooled embeddings, time ids, word weights."""
+  def encode_prompts(self, prompts: Sequence[str], words: Sequence[str]) -> sampler.Conditions:
+    """The text half of the conditions: prompt and negative-prompt features, pooled
+    embeddings, time ids, word weights (no image fields)."""
     tok, tok2 = self.sdxl.tokenizer, self.sdxl.tokenizer_2
     weights_ = np.stack([target_token_weights(tok, tok2, p, w) for p, w in zip(prompts, words)])
     b = len(prompts)
@@ -276,11 +268,10 @@ class ReleasePipeline:
     time_ids = jnp.broadcast_to(jnp.asarray(sdxl_text.release_time_ids(self.height,
                                                                         self.width)), (b, 6))
     rows = lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:])
-    return _Encoded(
-        text=context, uncond=rows(neg_context),
+    return sampler.Conditions(
+        text=context, uncond_text=rows(neg_context), word_weights=jnp.asarray(weights_),
         added={'text_embeds': pooled, 'time_ids': time_ids},
-        uncond_added={'text_embeds': rows(neg_pooled), 'time_ids': time_ids},
-        word_weights=jnp.asarray(weights_))
+        uncond_added={'text_embeds': rows(neg_pooled), 'time_ids': time_ids})
 
   def encode_subjects(self, subjects: Sequence[Image.Image], batch: int):
     """((global, local) of the subjects, (global, local) of the all-zero image)."""
@@ -292,16 +283,37 @@ class ReleasePipeline:
     rows = lambda x: jnp.broadcast_to(x, (batch,) + x.shape[1:])
     return (tuple(rows(x) for x in feats), tuple(rows(x) for x in self._negative_image))
 
+  def encode(self, subjects: Sequence[Image.Image], prompts: Sequence[str],
+             words: Sequence[str]) -> sampler.Conditions:
+    """The sampler's conditions for B (subject, prompt, word) triples, the all-zero
+    negative image included.
+
+    Raises:
+      ValueError: lists that do not pair up, a word not in its prompt.
+    """
+    b = pipeline_common.check_batch(subjects, prompts, words)
+    feats, negative = self.encode_subjects(subjects, b)
+    return self.encode_prompts(prompts, words).replace(image=feats, uncond_image=negative)
+
   def initial_latents(self, seed: int, batch: int) -> jax.Array:
-    shape = (batch, self.model.unet.in_channels) + self.latent_hw
-    return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+    return pipeline_common.initial_latents(seed, batch, self.model.unet.in_channels,
+                                           self.latent_hw)
 
   def decode(self, latents: jax.Array) -> np.ndarray:
     """(B, C, h, w) latents -> (B, height, width, 3) uint8."""
     return np.asarray(self._decode(self.sdxl.vae_params, latents))
 
-  def schedule(self, num_steps: int) -> sampler.Schedule:
-    return sampler.release_schedule(num_steps, self.config.sampler.get('solver',
+  def settings(self, guidance_scale=None, mask_scope=None,
+               mask_reused_step=None) -> sampler.GuidanceSettings:
+    """Checked GuidanceSettings: the values given, else `config.sampler`'s."""
+    return sampler.GuidanceSettings.from_config(
+        self.config.sampler, guidance_image=guidance_scale, gamma_scope=mask_scope,
+        mask_reused_step=mask_reused_step)
+
+  def schedule(self, num_steps: Optional[int] = None) -> schedules.Schedule:
+    """The release's schedule of `num_steps` steps (default `config.sampler.num_steps`)."""
+    num_steps = self.config.sampler.num_steps if num_steps is None else num_steps
+    return schedules.release_schedule(num_steps, self.config.sampler.get('solver',
                                                                        'dpm_solver_2s'))
 
   # ---- Generation ----
@@ -309,7 +321,9 @@ class ReleasePipeline:
   def __call__(self, subjects: Sequence[Image.Image], prompts: Sequence[str],
                words: Sequence[str], *, seed: int = 0, num_steps: Optional[int] = None,
                guidance_scale: Optional[float] = None, mask_scope: Optional[float] = None,
-               mask_reused_step: Optional[int] = None, return_masks: bool = False):
+               mask_reused_step: Optional[int] = None,
+               settings: Optional[sampler.GuidanceSettings] = None,
+               return_masks: bool = False):
     """Generates one image per (subject, prompt, word) triple, as the release does.
 
     Args:
@@ -321,36 +335,30 @@ class ReleasePipeline:
       guidance_scale: the release's guidance weight (default config, 3.5).
       mask_scope: the release's mask_scope (default config, 0.25).
       mask_reused_step: steps from this one on reuse the previous mask (default 12).
+      settings: the three as GuidanceSettings already made (with the config's static
+        settings); then the three arguments above must be None.
       return_masks: also return every step's mask and decoded x0 prediction.
 
     Returns:
-      pipeline.RealCustomOutput.
+      pipeline_common.RealCustomOutput.
 
     Raises:
       ValueError: (before any tracing) lists of different lengths, a word not in its
         prompt, bad settings.
     """
-    from realcustom_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-    b = pipeline_lib.check_batch(subjects, prompts, words)
-    s = self.config.sampler
-    num_steps = s.num_steps if num_steps is None else num_steps
-    settings = sampler.GuidanceSettings.from_config(
-        s, guidance_image=guidance_scale, gamma_scope=mask_scope,
+    settings = pipeline_common.given_settings(
+        settings, lambda: self.settings(guidance_scale, mask_scope, mask_reused_step),
+        guidance_scale=guidance_scale, mask_scope=mask_scope,
         mask_reused_step=mask_reused_step)
     schedule = self.schedule(num_steps)
-    enc = self.encode_prompts(prompts, words)
-    feats, negative = self.encode_subjects(subjects, b)
+    conditions = self.encode(subjects, prompts, words)
+    b = conditions.text.shape[0]
     latents = self.initial_latents(seed, b) * schedule.init_noise_sigma
-    logging.info('sampling %d image(s), %d release steps (%s)', b, num_steps, schedule.solver)
-    out = sampler.sample(self.model, self.params, schedule, latents, enc.text, enc.uncond,
-                         feats, enc.word_weights, settings, uncond_image_feats=negative,
-                         added_cond=enc.added, uncond_added_cond=enc.uncond_added,
+    logging.info('sampling %d image(s), %d release steps (%s)', b, schedule.num_steps,
+                 schedule.solver)
+    out = sampler.sample(self.model, self.params, schedule, latents, conditions, settings,
                          return_trajectory=return_masks)
-    images = [Image.fromarray(x) for x in self.decode(out.latents)]
-    if not return_masks:
-      return pipeline_lib.RealCustomOutput(images)
-    x0 = np.stack([self.decode(out.x0[i]) for i in range(num_steps)])
-    return pipeline_lib.RealCustomOutput(images, np.asarray(out.masks), x0)
+    return pipeline_common.decoded_output(self.decode, out, return_masks)
 
 
 def resolve_paths(config) -> dict[str, str]:
@@ -359,14 +367,14 @@ def resolve_paths(config) -> dict[str, str]:
   Raises:
     ValueError: (one line) a path missing from a config for real weights.
   """
-  folder = cli.tiny_release_dir(config)
+  folder = release_paths.tiny_release_dir(config)
   if folder:
-    from realcustom_jax import tiny_release  # pylint: disable=g-import-not-at-top
+    from realcustom_jax.release import tiny as tiny_release  # pylint: disable=g-import-not-at-top
     sizes = {k: v for k, v in dict(config.tiny_release).items() if k != 'dir'}
     where = tiny_release.write_tiny_release(folder, sizes)
     return dict(sdxl=where['sdxl'], vision=config.get('vision_encoder', '') or where['vision'],
                 adapter=config.get('adapter', '') or where['adapter'])
-  message = cli.release_paths_message(config)
+  message = release_paths.release_paths_message(config)
   if message:
     raise ValueError(message)
   return dict(sdxl=config.pretrained, vision=config.vision_encoder, adapter=config.adapter)

@@ -2,7 +2,7 @@
 import json
 import os
 
-from realcustom_jax import tiny
+from realcustom_jax.loading import tiny
 
 
 def save_tiny_pretrained(out_dir: str, config, seed: int = 0) -> tuple[str, str]:
@@ -50,6 +50,18 @@ def save_tiny_pretrained(out_dir: str, config, seed: int = 0) -> tuple[str, str]
       size={'shortest_edge': size}, crop_size={'height': size, 'width': size}
   ).save_pretrained(vision_dir)
   return sd_dir, vision_dir
+
+
+def toy_train_config(data_dir, num_images: int = 32, batch_size: int = 8, **overrides):
+  """configs/tiny.py training on its generated toy set, prepared under `data_dir`, over
+  the 8 fake CPU devices of conftest.py; `overrides` are flattened keys
+  (`**{'train.num_steps': 4}`)."""
+  from configs import tiny as tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config.get_config()
+  config.update_from_flattened_dict({
+      'data.toy': True, 'data.toy_num_images': num_images, 'data.batch_size': batch_size,
+      'data.tfds_data_dir': str(data_dir), 'mesh.data': -1, 'mesh.fsdp': 1, **overrides})
+  return config
 
 
 def load_torch_models(sd_dir: str, vision_dir: str) -> dict:

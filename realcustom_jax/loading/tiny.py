@@ -14,20 +14,10 @@ import os
 import tempfile
 from typing import Any
 
-import diffusers
-
-# Before the Flax classes load: importing them logs a deprecation notice.
-diffusers.utils.logging.set_verbosity_error()
-
 from diffusers import FlaxAutoencoderKL
-from diffusers import FlaxUNet2DConditionModel
 import flax
 import jax
 import numpy as np
-import transformers
-
-transformers.logging.set_verbosity_error()
-
 from transformers import CLIPTextConfig
 from transformers import CLIPTokenizer
 from transformers import CLIPVisionConfig
@@ -35,7 +25,7 @@ from transformers import FlaxCLIPTextModel
 from transformers import FlaxCLIPTextModelWithProjection
 from transformers import FlaxCLIPVisionModel
 
-from realcustom_jax import weights
+from realcustom_jax.loading import weights
 
 
 # Whole words the tiny tokenizer knows as single tokens; anything else falls back to
@@ -208,6 +198,8 @@ def build_tiny_components(config) -> tuple[weights.StableDiffusionComponents,
 
   # Weights drawn on the host: jitting the four inits cost ~20 s of compiles on 2 cores,
   # every start of a CLI.
+  # Imported where used: diffusers logs a deprecation notice when it loads.
+  from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
   unet = FlaxUNet2DConditionModel.from_config(unet_cfg)
   unet_params = host_random_params(
       jax.eval_shape(unet.init_weights, _ABSTRACT_KEY), _UNET_SEED)
@@ -316,6 +308,8 @@ def write_tiny_sdxl(path: str, seed: int = 0, unet: dict[str, Any] | None = None
   seeds = np.random.default_rng(seed).integers(0, 2**31, size=4)
 
   # ---- UNet ----
+  # Imported where used: diffusers logs a deprecation notice when it loads.
+  from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
   _write_random_diffusers_model(os.path.join(path, 'unet'), FlaxUNet2DConditionModel,
                                 'UNet2DConditionModel', unet_cfg, int(seeds[0]))
 

@@ -46,9 +46,10 @@ import numpy as np
 
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import model as model_lib
-from realcustom_jax import release_encoder
+from realcustom_jax import projectors
+from realcustom_jax.release import encoder as release_encoder
 from realcustom_jax import unet as unet_lib
-from realcustom_jax import weights
+from realcustom_jax.loading import weights
 
 Params = dict[str, Any]
 
@@ -167,7 +168,7 @@ def read_unet_config(path: Optional[str]) -> tuple[dict[str, Any], Optional[int]
       raise weights.CheckpointError(
           f'{path}: adaptive_scale / use_cross_attention_id are not implemented (the '
           'release sets neither)')
-    dim_head = int(params.get('dim_head', release_encoder.RELEASE_DIM_HEAD))
+    dim_head = int(params.get('dim_head', projectors.RELEASE_DIM_HEAD))
   return unet_config, dim_head
 
 
@@ -232,7 +233,7 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 def adapter_from_release_state(state: Mapping[str, np.ndarray],
                                unet: unet_lib.RealCustomUNet,
-                               dim_head: int = release_encoder.RELEASE_DIM_HEAD,
+                               dim_head: int = projectors.RELEASE_DIM_HEAD,
                                where: str = 'checkpoint', skip_base_weights: bool = False
                                ) -> tuple[Params, dict[str, Any]]:
   """Maps the release's adapter tensors onto our tree for this UNet.
@@ -370,12 +371,12 @@ def convert_release_checkpoint(checkpoint: str, out: str, *, allow_pickle: bool,
   if dim_head is not None and config_dim_head is not None and dim_head != config_dim_head:
     raise weights.CheckpointError(
         f'dim_head {dim_head} contradicts {unet_config} (dim_head {config_dim_head})')
-  dim_head = dim_head or config_dim_head or release_encoder.RELEASE_DIM_HEAD
+  dim_head = dim_head or config_dim_head or projectors.RELEASE_DIM_HEAD
   unet = unet_lib.RealCustomUNet.from_config(config)
   state, source_dtype = read_release_checkpoint(checkpoint, allow_pickle)
   tree, info = adapter_from_release_state(state, unet, dim_head, checkpoint,
                                           skip_base_weights)
-  weights.save_adapter(out, tree, release_metadata(info, config, checkpoint, source_dtype))
+  adapter_lib.save_adapter(out, tree, release_metadata(info, config, checkpoint, source_dtype))
   return dict(info, source_dtype=source_dtype)
 
 
@@ -395,7 +396,7 @@ def build_release_model(unet_config: Mapping[str, Any], metadata: Mapping[str, s
 
   Args:
     unet_config: the SDXL UNet's config (e.g. `weights.load_sdxl(...).unet_config`).
-    metadata: the converted adapter's metadata (`weights.load_adapter_metadata`).
+    metadata: the converted adapter's metadata (`adapter_lib.load_adapter_metadata`).
     **unet_overrides: RealCustomUNet fields (dtype, attention_impl, remat, ...).
   """
   m = model_config_of(metadata)
@@ -421,10 +422,7 @@ def load_release_adapter(path: str, model: Optional[model_lib.RealCustom] = None
       (one line).
   """
   path = os.fspath(path)
-  metadata = weights.load_adapter_metadata(path)
-  adapter_lib.check_adapter_metadata(metadata, f'adapter file {path}',
-                                     adapter_lib.RELEASE_KIND)
-  params = weights.load_adapter(path)
+  params, metadata = adapter_lib.read_adapter(path, adapter_lib.RELEASE_KIND)
   if model is not None:
     if model.projector != 'release_highres':
       raise ValueError(f'adapter file {path} is the release\'s; the model has '

@@ -1,7 +1,7 @@
 """Trains the toy world's base text-to-image model from scratch, in the SD layout.
 
 Stable Diffusion cannot be downloaded here, so the reproduction (benchmarks/
-toy_reproduction.py) builds its own on the toy world (train/toy_world.py):
+toy_reproduction.py) builds its own on the toy world (toy/world.py):
 
 1. `train_vae`: diffusers' FlaxAutoencoderKL (two blocks: 16 px -> 8 x 8 x 4 latents),
    reconstruction MSE plus a small KL term, as SD's first stage (no GAN, no LPIPS).
@@ -29,10 +29,6 @@ import time
 from typing import Any, Callable
 
 from absl import logging
-import diffusers
-
-diffusers.utils.logging.set_verbosity_error()
-
 from diffusers import FlaxAutoencoderKL
 from diffusers import FlaxUNet2DConditionModel
 import flax
@@ -41,20 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import transformers
-
-transformers.logging.set_verbosity_error()
-
 from transformers import CLIPImageProcessor
 from transformers import FlaxCLIPTextModel
 from transformers import FlaxCLIPVisionModel
 
 from realcustom_jax import encoders
-from realcustom_jax import tiny
-from realcustom_jax.sampler import alphas_cumprod
-from train import toy_world
+from realcustom_jax.loading import tiny
+from realcustom_jax.schedules import alphas_cumprod
+from toy import world as toy_world
 
-# Fixed init keys of the frozen random encoders (as realcustom_jax.tiny does).
+# Fixed init keys of the frozen random encoders (as realcustom_jax.loading.tiny does).
 _TEXT_SEED, _VISION_SEED = 2, 3
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
-from realcustom_jax import images
+from realcustom_jax.loading import images
 
 PROMPTS_FILE = 'prompts_and_classes.txt'
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png')

@@ -8,8 +8,6 @@ status 1. `flags_parser` turns every parsing mistake into one line on stderr and
 status 2, keeping the "did you mean" suggestion ml_collections computes.
 """
 from collections.abc import Callable, Sequence
-import hashlib
-import json
 import os
 import re
 import sys
@@ -105,77 +103,6 @@ def flags_parser(prefix: str = 'error: ') -> Callable[[list[str]], list[str]]:
   return parse
 
 
-def missing_weights_message(config) -> str | None:
-  """Says which keys to set when a config for real weights has none; else None.
-
-  Without `config.pretrained` the tiny random models are built, and they only take the
-  resolution their VAE factor and UNet sample size give. A config made for real weights
-  (`configs/laion.py`, 512 px) would otherwise fail on that size mismatch.
-
-  Args:
-    config: the run config.
-
-  Returns:
-    A one-line message, or None when the config is usable as it is.
-  """
-  if config.get('pretrained') or 'tiny' not in config:
-    return None
-  from realcustom_jax import tiny  # pylint: disable=g-import-not-at-top
-  try:
-    tiny.vae_config(config)
-  except ValueError as e:
-    return ('this config needs local weights (configs/laion.py: Stable Diffusion 1.5 '
-            'at 512 px): set --config.pretrained=DIR (a diffusers SD 1.x/2.x directory) '
-            'and --config.vision_encoder=DIR (a CLIP vision model directory); without '
-            f'them the tiny random models are built, and {e}')
-  return None
-
-
-# Written last into a tiny release directory (`realcustom_jax.tiny_release`).
-TINY_RELEASE_DONE = 'tiny_release.json'
-_TINY_RELEASE_VERSION = 1  # bump when tiny_release writes different files
-
-
-def tiny_release_dir(config) -> str | None:
-  """Where a tiny release config's files go; None when the config names real weights.
-
-  `config.tiny_release.dir`, else ~/.cache/realcustom_jax/release_tiny/<hash of the
-  sizes> (cheap: no JAX, so the CLIs can decide early whether they need torch).
-  """
-  if config.get('pretrained', '') or 'tiny_release' not in config:
-    return None
-  sizes = dict(config.tiny_release)
-  folder = sizes.pop('dir', '')
-  if folder:
-    return os.fspath(folder)
-  key = json.dumps(dict(sizes, version=_TINY_RELEASE_VERSION), sort_keys=True, default=list)
-  root = os.environ.get('XDG_CACHE_HOME', os.path.join(os.path.expanduser('~'), '.cache'))
-  return os.path.join(root, 'realcustom_jax', 'release_tiny',
-                      hashlib.sha256(key.encode()).hexdigest()[:12])
-
-
-def release_paths_message(config) -> str | None:
-  """One line naming what a release config (`config.pipeline == 'release'`) for real
-  weights lacks or names wrongly, else None; cheap (no JAX), for the CLIs' early checks.
-
-  A config with a `tiny_release` section and no `pretrained` writes its own files.
-  """
-  if not config.get('pretrained', '') and 'tiny_release' in config:
-    return None
-  keys = (('pretrained', 'the SDXL base diffusers directory'),
-          ('vision_encoder', 'the directory holding the two timm ViT folders'),
-          ('adapter', 'the converted RealCustom_highres .safetensors file'))
-  missing = [f'--{k} ({what})' for k, what in keys if not config.get(k, '')]
-  if missing:
-    return f'the release pipeline needs {", ".join(missing)}'
-  for key in ('pretrained', 'vision_encoder'):
-    if not os.path.isdir(config[key]):
-      return f'--{key}={config[key]}: no such directory'
-  if not os.path.isfile(config.adapter):
-    return f'--adapter={config.adapter}: no such file'
-  return None
-
-
 def absolute_path(path) -> epath.Path:
   """`path` as an `etils.epath.Path`: local paths made absolute, URLs kept as they are.
 
@@ -232,6 +159,19 @@ def enable_compile_cache() -> str | None:
   if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   return directory
+
+
+def quiet_libraries() -> None:
+  """Keeps diffusers' and transformers' own logging to errors, for the CLIs' `main`.
+
+  Their Flax classes log a deprecation notice each time a model is built or traced;
+  a command line shows ours instead. The library itself never does this: a program
+  that imports it keeps its own logging settings. Call it after `skip_torch`.
+  """
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  diffusers.utils.logging.set_verbosity_error()
+  transformers.logging.set_verbosity_error()
 
 
 def skip_torch() -> None:

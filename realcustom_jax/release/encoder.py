@@ -1,4 +1,4 @@
-"""The authors' released subject encoder and projector, in Flax.
+"""The authors' released subject encoder, in Flax, and its projector's conversion.
 
 The release (`bytedance/RealCustom`, `configs/realcustom_sigdino_highres.json`) encodes
 the reference image with `ShallowDeepPatchfySiglipDinoEncoder`
@@ -16,7 +16,7 @@ Encoder, for a reference image of side R = 2 x 384 = 768 (pixels in [0, 1]):
    transform, which for a 384 x 384 view is a no-op resize (PIL returns a copy), then
    ToTensor (/ 255) and the model's mean / std;
 4. SigLIP so400m (block 25 of 27) and DINOv2-L reg4 (block 22 of 24) features
-   (`realcustom_jax.vit`), concatenated on channels: 1152 + 1024 = 2176;
+   (`realcustom_jax.release.vit`), concatenated on channels: 1152 + 1024 = 2176;
 5. the local views' features are interleaved `(b hp wp) l c -> b (l hp wp) c`:
    token l of the four views in a row, 4 x 729 = 2916 tokens.
 
@@ -25,8 +25,9 @@ encoder under `jax.jit` (see `resize_bilinear_align_corners` for why it matters)
 here: the release's own preparation of the 768 px reference (ToTensor, then bilinear
 align_corners=False resize) and its all-zero negative reference, both pipeline steps.
 
-Projector: MinAttention (queries: LayerNorm `norm1` of the global features; keys and
-values: LayerNorm `norm2` of the local ones; 34 heads of 64, no output projection), then
+Projector (the module: `realcustom_jax.projectors.SubjectProjector`): MinAttention
+(queries: LayerNorm `norm1` of the global features; keys and values: LayerNorm `norm2`
+of the local ones; 34 heads of 64, no output projection), then
 Linear(2176 -> 8704), GELU, Linear(-> 2048), GELU, Linear(2048 -> 2048), LayerNorm, plus
 `projector_base`, a Linear(2176 -> 2048) of the global features, summed.
 
@@ -42,7 +43,6 @@ by side, as the release's `ckpts/` folder holds them:
       --local-dir DIR/vit_large_patch14_reg4_dinov2.lvd142m
 """
 import dataclasses
-import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -51,10 +51,11 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
-from realcustom_jax import vit
-from realcustom_jax import weights
+from realcustom_jax.projectors import RELEASE_DIM_HEAD
+from realcustom_jax.projectors import SubjectProjector
+from realcustom_jax.release import vit
+from realcustom_jax.loading import weights
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -66,12 +67,8 @@ RELEASE_IMAGE_SIZE = 384
 RELEASE_SIGLIP_LAYERS = (25,)
 RELEASE_DINO_LAYERS = (22,)
 RELEASE_PATCHIFY_SCALE = 2
-RELEASE_VISION_DIM = 2176
-RELEASE_OUT_DIM = 2048
-RELEASE_DIM_HEAD = 64
 # Where the projector sits in the release's UNet state dict (RealCustom_highres.pth).
 RELEASE_PROJECTOR_PREFIX = 'encoder_hidden_states_vision_projection.'
-TORCH_LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by the projector
 
 
 # ---------------------------------------------------------------------------------
@@ -314,80 +311,6 @@ def load_subject_encoder(path: str, image_size: int = RELEASE_IMAGE_SIZE,
                                 'dino': loaded['dino'].params})
 
 
-# ---------------------------------------------------------------------------------
-# Projector
-# ---------------------------------------------------------------------------------
-
-
-class MinAttention(nn.Module):
-  """The release's MinAttention: global queries attend to local keys / values.
-
-  No output projection: the heads are concatenated back to heads * dim_head channels.
-  """
-  heads: int
-  dim_head: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, local_features: Array, global_features: Array) -> Array:
-    norm = lambda name: nn.LayerNorm(epsilon=TORCH_LAYER_NORM_EPS, dtype=self.dtype,
-                                     name=name)
-    inner = self.heads * self.dim_head
-    dense = lambda name: nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)
-    queries = norm('norm1')(global_features)
-    keys_values = norm('norm2')(local_features)
-    split = lambda x: x.reshape(x.shape[0], x.shape[1], self.heads, self.dim_head)
-    q = split(dense('to_q')(queries))
-    k = split(dense('to_k')(keys_values))
-    v = split(dense('to_v')(keys_values))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-    probs = jax.nn.softmax(logits / math.sqrt(self.dim_head), axis=-1).astype(v.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    return out.reshape(out.shape[0], out.shape[1], inner)
-
-
-class SubjectProjector(nn.Module):
-  """The release's `ProjectorHighResMinAttn` (adaptive_scale=False, as released).
-
-  Attributes:
-    vision_dim: encoder feature width (2176); a multiple of dim_head.
-    out_dim: output width, the UNet's cross-attention width (2048).
-    dim_head: MinAttention head width (64 -> vision_dim // 64 = 34 heads).
-  """
-  vision_dim: int = RELEASE_VISION_DIM
-  out_dim: int = RELEASE_OUT_DIM
-  dim_head: int = RELEASE_DIM_HEAD
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, global_features: Array, local_features: Array) -> Array:
-    """Projects encoder features to visual tokens.
-
-    Args:
-      global_features: (B, Ng, vision_dim), the encoder's deep global features.
-      local_features: (B, Nl, vision_dim), its interleaved local features.
-
-    Returns:
-      (B, Ng, out_dim) = projector_base(global) + MLP(MinAttention(local, global)).
-    """
-    if self.vision_dim % self.dim_head:
-      raise ValueError(f'vision_dim {self.vision_dim} is not a multiple of dim_head '
-                       f'{self.dim_head}')
-    for name, x in (('global', global_features), ('local', local_features)):
-      if x.ndim != 3 or x.shape[-1] != self.vision_dim:
-        raise ValueError(f'{name} features must be (B, N, {self.vision_dim}), got '
-                         f'{tuple(x.shape)}')
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
-    fused = MinAttention(self.vision_dim // self.dim_head, self.dim_head, self.dtype,
-                         name='min_attention')(local_features, global_features)
-    h = nn.gelu(dense(4 * self.vision_dim, 'projector_0')(fused), approximate=False)
-    h = nn.gelu(dense(self.out_dim, 'projector_2')(h), approximate=False)
-    h = dense(self.out_dim, 'projector_4')(h)
-    h = nn.LayerNorm(epsilon=TORCH_LAYER_NORM_EPS, dtype=self.dtype, name='projector_5')(h)
-    base = dense(self.out_dim, 'projector_base')(global_features)
-    return (base + h).astype(jnp.float32)
-
-
 def _projector_torch_key(path: tuple[str, ...]) -> str:
   *mods, leaf = path
   mods = [m.replace('projector_', 'projector.') if m[-1].isdigit() else m for m in mods]
@@ -446,16 +369,3 @@ def projector_from_torch_state(state: Mapping[str, np.ndarray],
     raise weights.CheckpointError(
         f'{where} has unexpected tensor(s) {", ".join(sorted(prefix + k for k in sub)[:3])}')
   return module, traverse_util.unflatten_dict(out)
-
-
-def load_projector(path: str, dim_head: int = RELEASE_DIM_HEAD, prefix: str = '',
-                   dtype=jnp.float32) -> tuple[SubjectProjector, Params]:
-  """Reads a projector state dict saved as safetensors (torch key layout), torch-free."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise weights.CheckpointError(f'projector file {path} does not exist')
-  try:
-    state = safetensors.numpy.load_file(path)
-  except Exception as e:  # SafetensorError
-    raise weights.CheckpointError(f'cannot read safetensors file {path}: {e}') from None
-  return projector_from_torch_state(state, dim_head, prefix, path, dtype)

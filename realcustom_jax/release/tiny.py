@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from realcustom_jax import cli
-from realcustom_jax import release
-from realcustom_jax import release_encoder
-from realcustom_jax import tiny
+from realcustom_jax.release import paths as release_paths
+from realcustom_jax.release import convert as release
+from realcustom_jax import projectors
+from realcustom_jax.release import encoder as release_encoder
+from realcustom_jax.loading import tiny
 from realcustom_jax import unet as unet_lib
-from realcustom_jax import vit
+from realcustom_jax.release import vit
 
 # The two ViTs at toy sizes (the release: 1152 / 1024 wide, 27 / 24 blocks, 384 px).
 DEFAULT_VISION = dict(image_size=28, embed_dim=32, depth=2, num_heads=2, layers=(1,))
@@ -56,7 +57,7 @@ def paths(path: str) -> dict[str, str]:
 
 
 def is_written(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, cli.TINY_RELEASE_DONE))
+  return os.path.isfile(os.path.join(path, release_paths.TINY_RELEASE_DONE))
 
 
 def _timm_config(architecture: str, tag: str, v: Mapping[str, Any], mean, std) -> dict:
@@ -116,14 +117,15 @@ def release_state(unet_config: Mapping[str, Any], vision_dim: int, dim_head: int
       shape = (layer.width, unet.cross_attention_dim)
       state[f'{layer.torch_prefix}.{name}.weight'] = (
           rng.standard_normal(shape) / math.sqrt(shape[1])).astype(np.float32)
-  projector = release_encoder.SubjectProjector(vision_dim, unet.cross_attention_dim, dim_head)
+  projector = projectors.SubjectProjector(vision_dim, unet.cross_attention_dim, dim_head)
   x = jnp.zeros((1, 1, vision_dim))
   shapes = jax.eval_shape(projector.init, jax.random.PRNGKey(0), x, x)['params']
   params = tiny.host_random_params(shapes, seed + 1)
   for key, value in jax.tree_util.tree_leaves_with_path(params):
     names = tuple(k.key for k in key)
     value = np.asarray(value)
-    torch_name = release_encoder.RELEASE_PROJECTOR_PREFIX + release_encoder._projector_torch_key(names)  # pylint: disable=protected-access
+    torch_key = release_encoder._projector_torch_key  # pylint: disable=protected-access
+    torch_name = release_encoder.RELEASE_PROJECTOR_PREFIX + torch_key(names)
     state[torch_name] = np.ascontiguousarray(value.T if names[-1] == 'kernel' else value)
   return state
 
@@ -162,6 +164,6 @@ def write_tiny_release(path: str, sizes: Mapping[str, Any] | None = None) -> dic
   release.convert_release_checkpoint(
       where['pth'], where['adapter'], allow_pickle=True,
       unet_config=os.path.join(where['sdxl'], 'unet', 'config.json'), dim_head=s['dim_head'])
-  with open(os.path.join(path, cli.TINY_RELEASE_DONE), 'w') as f:
+  with open(os.path.join(path, release_paths.TINY_RELEASE_DONE), 'w') as f:
     json.dump(s, f, indent=2, default=list)
   return where

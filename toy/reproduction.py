@@ -1,13 +1,13 @@
 """Reproduces RealCustom's dual optimum at toy scale on a CPU, from scratch.
 
-  python -m benchmarks.toy_reproduction --workdir=/tmp/toy_repro           # ~20 min, 2 cores
-  python -m benchmarks.toy_reproduction --workdir=/tmp/toy_smoke --smoke   # a few steps
+  python -m toy.reproduction --workdir=/tmp/toy_repro           # ~20 min, 2 cores
+  python -m toy.reproduction --workdir=/tmp/toy_smoke --smoke   # a few steps
 
 Stages, each skipped or resumed when its output is already in --workdir:
 
-1. world/      the toy world's training shards (train/toy_world.py).
+1. world/      the toy world's training shards (toy/world.py).
 2. base/       autoencoder and UNet trained from scratch, saved as a diffusers SD
-               directory base/sd plus a CLIP vision directory base/vision (train/toy_base.py).
+               directory base/sd plus a CLIP vision directory base/vision (toy/base.py).
 3. adapter_*/  the RealCustom adapter, trained by `python -m train.main` on the frozen
                base (subject = the training image, gamma_num ~ U[0.3, 1], image dropout),
                once with the adaptive scoring module and once with model.scoring='none';
@@ -36,6 +36,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from realcustom_jax.runtime import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(ROOT, 'configs', 'toy_world.py')
 
@@ -47,8 +49,9 @@ config_flags.DEFINE_config_file('config', None, 'Config file (default configs/to
 flags.mark_flags_as_required(['workdir'])
 
 # Sources whose change invalidates a trained adapter (and so retrains it).
-_MODEL_SOURCES = ('model.py', 'scoring.py', 'unet.py', 'attention.py', 'adapter.py',
-                  'selection.py', 'training.py')
+_MODEL_SOURCES = ('model.py', 'projectors.py', 'scoring.py', 'unet.py', 'attention.py',
+                  'kernels.py', 'adapter.py', 'selection.py', 'schedules.py',
+                  'adapter_training.py')
 SCORINGS = ('adaptive', 'none')
 
 
@@ -103,7 +106,7 @@ def variants(config) -> list[Variant]:
 
 
 def stage_world(config, workdir: str) -> str:
-  from train import toy_world  # pylint: disable=g-import-not-at-top
+  from toy import world as toy_world  # pylint: disable=g-import-not-at-top
   shards = os.path.join(workdir, 'world', 'shards')
   if not os.path.isdir(shards):
     toy_world.write_world_shards(shards, int(config.toy.num_train_images),
@@ -118,8 +121,8 @@ def stage_base(config, workdir: str) -> tuple[str, str]:
   if os.path.isfile(os.path.join(sd_dir, 'model_index.json')):
     return sd_dir, vision_dir
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from train import toy_base  # pylint: disable=g-import-not-at-top
-  from train import toy_world  # pylint: disable=g-import-not-at-top
+  from toy import base as toy_base  # pylint: disable=g-import-not-at-top
+  from toy import world as toy_world  # pylint: disable=g-import-not-at-top
   os.makedirs(base, exist_ok=True)
   # The same scenes as the shards (same seed): the base sees what the adapter sees.
   images, captions = toy_world.render_arrays(int(config.toy.num_train_images),
@@ -131,7 +134,7 @@ def stage_base(config, workdir: str) -> tuple[str, str]:
   # SD's recipe: scale latents to unit variance for the diffusion model.
   scaling = float(1.0 / raw.std())
   recon = toy_base.decode_latents(vae, vae_params, raw[:256])
-  from benchmarks import toy_metrics  # pylint: disable=g-import-not-at-top
+  from toy import metrics as toy_metrics  # pylint: disable=g-import-not-at-top
   pixel_acc = float(np.mean(toy_metrics.quantize(recon) == toy_metrics.quantize(images[:256])))
   _progress(f'vae: {time.perf_counter() - t0:.0f}s, latent scaling {scaling:.3f}, palette '
             f'accuracy of reconstructions {pixel_acc:.3f}')
@@ -255,10 +258,11 @@ def stage_eval(config, workdir: str, sd_dir: str, vision_dir: str,
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from benchmarks import toy_metrics  # pylint: disable=g-import-not-at-top
-  from benchmarks import toy_plots  # pylint: disable=g-import-not-at-top
+  from toy import metrics as toy_metrics  # pylint: disable=g-import-not-at-top
+  from toy import plots as toy_plots  # pylint: disable=g-import-not-at-top
   from realcustom_jax import sampler  # pylint: disable=g-import-not-at-top
-  from train import toy_world  # pylint: disable=g-import-not-at-top
+  from realcustom_jax import schedules  # pylint: disable=g-import-not-at-top
+  from toy import world as toy_world  # pylint: disable=g-import-not-at-top
 
   res = int(config.resolution)
   cases = toy_world.eval_cases(res, int(config.toy.prompts_per_subject))
@@ -266,10 +270,9 @@ def stage_eval(config, workdir: str, sd_dir: str, vision_dir: str,
   s = config.sampler
   pipes = {k: _pipeline(config, sd_dir, vision_dir, v, k) for k, v in adapters.items()}
   any_pipe = pipes['adaptive']
-  schedule = sampler.ddim_schedule(any_pipe.components.scheduler_config, int(s.num_steps))
-  text, uncond, word_weights = any_pipe.encode_prompts([c.prompt for c in cases],
-                                                       [c.word for c in cases])
-  feats = any_pipe.encode_subjects([Image.fromarray(r) for r in refs], len(cases))
+  schedule = schedules.ddim_schedule(any_pipe.components.scheduler_config, int(s.num_steps))
+  conditions = any_pipe.encode([Image.fromarray(r) for r in refs], [c.prompt for c in cases],
+                               [c.word for c in cases])
   seeds = tuple(int(x) for x in config.toy.seeds)
 
   rows, images, scopes = {}, {}, {}
@@ -283,12 +286,11 @@ def stage_eval(config, workdir: str, sd_dir: str, vision_dir: str,
       settings = sampler.GuidanceSettings.from_config(s, gamma_scope=v.gamma_scope,
                                                       binary_mask=v.binary)
       if not v.scoring:
-        out = sampler.cfg_sample(pipe.model, pipe.params, schedule, latents, text, uncond,
+        out = sampler.cfg_sample(pipe.model, pipe.params, schedule, latents, conditions,
                                  settings)
         scope = None
       else:
-        out = sampler.sample(pipe.model, pipe.params, schedule, latents, text, uncond, feats,
-                             word_weights, settings)
+        out = sampler.sample(pipe.model, pipe.params, schedule, latents, conditions, settings)
         scope = np.asarray(jax.device_get(out.mask))
       generated = pipe.decode(out.latents)
       for i, case in enumerate(cases):
@@ -359,7 +361,7 @@ def check_config(config) -> None:
     raise ValueError(f'config.toy.gamma_scopes must lie in [0, 1], got {tuple(toy.gamma_scopes)}')
   if not 0.0 <= float(toy.caption_dropout) < 1.0:
     raise ValueError(f'config.toy.caption_dropout must lie in [0, 1), got {toy.caption_dropout}')
-  from train import toy_world  # pylint: disable=g-import-not-at-top
+  from toy import world as toy_world  # pylint: disable=g-import-not-at-top
   toy_world.eval_cases(int(config.resolution), int(toy.prompts_per_subject))  # checks the count
 
 
@@ -411,6 +413,7 @@ def main(argv):
   except OSError as e:
     print(f'error: cannot use --workdir {FLAGS.workdir}: {e}', file=sys.stderr)
     sys.exit(2)
+  cli.quiet_libraries()
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_DropOrbaxInfo())
   try:

@@ -1,4 +1,4 @@
-"""Torch-free loading of Stable Diffusion (1.x, 2.x, XL) / CLIP weights, and adapter files.
+"""Torch-free loading of Stable Diffusion (1.x, 2.x, XL) and CLIP weights.
 
 Real checkpoints are read from local diffusers/transformers directories in the
 libraries' own on-disk formats. Safetensors and Flax msgpack files never need torch;
@@ -12,28 +12,14 @@ import os
 import types
 from typing import Any
 
-import diffusers
-
-# Before the Flax classes load: importing them logs a deprecation notice.
-diffusers.utils.logging.set_verbosity_error()
-
 from diffusers import FlaxAutoencoderKL
-from diffusers import FlaxUNet2DConditionModel
 from diffusers.models import modeling_flax_pytorch_utils as diffusers_convert
 import flax
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 import safetensors.numpy
-import transformers
-
-transformers.logging.set_verbosity_error()
-
-from realcustom_jax import adapter as adapter_lib
-from realcustom_jax import unet as unet_lib
-
 from transformers import CLIPTextConfig
 from transformers import CLIPTokenizer
 from transformers import CLIPVisionConfig
@@ -41,6 +27,8 @@ from transformers import FlaxCLIPTextModel
 from transformers import FlaxCLIPTextModelWithProjection
 from transformers import FlaxCLIPVisionModel
 from transformers import modeling_flax_pytorch_utils as transformers_convert
+
+from realcustom_jax import unet as unet_lib
 
 
 # CLIP's own preprocessing constants (openai/clip-vit-*), used when a vision model
@@ -360,6 +348,9 @@ def _load_unet(unet_dir: str, allow_pickle: bool, dtype, sdxl: bool) -> tuple[di
   raw = _read_json(os.path.join(unet_dir, 'config.json'))
   _check_unet_config(raw, os.path.join(unet_dir, 'config.json'), sdxl)
   unet_config = {k: _as_tuples(v) for k, v in raw.items() if not k.startswith('_')}
+  # Imported where used: diffusers logs a deprecation notice when this module loads,
+  # which an import of the library should not do.
+  from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
   unet = FlaxUNet2DConditionModel.from_config(unet_config)
   return unet_config, _load_diffusers_params(unet, unet_dir, allow_pickle, dtype)
 
@@ -617,51 +608,3 @@ def load_vision_encoder(path: str, allow_pickle: bool = False,
       std=tuple(float(x) for x in pre.get('image_std', CLIP_STD)),
       resample=int(pre.get('resample', BICUBIC)),
   )
-
-
-def save_adapter(path: str, adapter_params: Params,
-                 metadata: dict[str, str] | None = None) -> None:
-  """Writes adapter parameters to ONE safetensors file.
-
-  Args:
-    path: destination, must end in `.safetensors`.
-    adapter_params: nested dict of arrays; keys become '/'-joined tree paths.
-    metadata: optional str -> str pairs (e.g. the model config as JSON) stored in the
-      safetensors header. 'adapter_layout' defaults to `adapter.ADAPTER_LAYOUT`.
-  """
-  path = os.fspath(path)
-  if not path.endswith('.safetensors'):
-    raise ValueError(f'adapter path {path} must end in .safetensors')
-  flat = traverse_util.flatten_dict(flax.core.unfreeze(adapter_params), sep='/')
-  if not flat:
-    raise ValueError(f'refusing to write an empty adapter to {path}')
-  metadata = dict(metadata or {})
-  metadata.setdefault('adapter_layout', str(adapter_lib.ADAPTER_LAYOUT))
-  bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
-  if bad:
-    raise ValueError(f'adapter metadata must map str to str; bad entries: {bad}')
-  arrays = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in flat.items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  safetensors.numpy.save_file(arrays, path, metadata=metadata)
-
-
-def load_adapter(path: str) -> Params:
-  """Reads a file written by `save_adapter` back into a nested dict of NumPy arrays."""
-  path = os.fspath(path)
-  if not path.endswith('.safetensors'):
-    raise ValueError(f'adapter path {path} must end in .safetensors')
-  if not os.path.isfile(path):
-    raise ValueError(f'adapter file {path} does not exist')
-  return traverse_util.unflatten_dict(_read_safetensors(path), sep='/')
-
-
-def load_adapter_metadata(path: str) -> dict[str, str]:
-  """Returns the str -> str metadata stored by `save_adapter` (empty when none)."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise ValueError(f'adapter file {path} does not exist')
-  try:
-    with safetensors.safe_open(path, framework='numpy') as f:
-      return dict(f.metadata() or {})
-  except Exception as e:  # SafetensorError
-    raise ValueError(f'cannot read safetensors file {path}: {e}') from None

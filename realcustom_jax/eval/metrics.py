@@ -23,11 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import transformers
-
-transformers.logging.set_verbosity_error()
-
-from realcustom_jax import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
-from realcustom_jax import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
+from realcustom_jax.loading import tiny
+from realcustom_jax.loading import weights
 
 CLIP_MEAN, CLIP_STD = weights.CLIP_MEAN, weights.CLIP_STD
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -33,12 +33,12 @@ import jax.numpy as jnp
 import optax
 
 from realcustom_jax import adapter as adapter_lib
-from realcustom_jax import attention
+from realcustom_jax import kernels
 from realcustom_jax import encoders
-from realcustom_jax import sharding
-from realcustom_jax import weights
+from realcustom_jax.runtime import sharding
+from realcustom_jax.loading import weights
 from realcustom_jax import model as model_lib
-from realcustom_jax import sampler
+from realcustom_jax import schedules
 from realcustom_jax.model import RealCustom
 
 Array = jax.Array
@@ -86,7 +86,7 @@ def build_step_config(config, scheduler_config: Mapping[str, Any]) -> StepConfig
     ConfigError: a scheduler config the noise schedule cannot be built from.
   """
   try:
-    abar = sampler.alphas_cumprod(scheduler_config)  # one schedule for both
+    abar = schedules.alphas_cumprod(scheduler_config)  # one schedule for both
   except ValueError as e:
     raise ConfigError(str(e)) from None
   return StepConfig(
@@ -366,9 +366,9 @@ class TrainSetup:
 
   def _in_mesh(self, fn):
     """`fn` traced under the mesh, so that kernels XLA cannot partition run per device
-    over the batch axes (`attention.per_batch_shard`)."""
+    over the batch axes (`kernels.per_batch_shard`)."""
     def traced_in_mesh(*args):
-      with attention.batch_mesh(self.mesh):
+      with kernels.batch_mesh(self.mesh):
         return fn(*args)
     # The XLA module keeps the step's name ('jit_step', 'jit_train_step', ...).
     traced_in_mesh.__name__ = getattr(fn, '__name__', None) or fn.func.__name__

@@ -15,7 +15,7 @@ in training and are the evaluation subjects.
 
 Images are small (`image_size`, 16 px in configs/toy_world.py) and drawn without
 antialiasing, so every pixel has one palette colour and the metrics
-(`benchmarks/toy_metrics.py`) can read colours back exactly.
+(`toy/metrics.py`) can read colours back exactly.
 """
 from collections.abc import Iterator
 import dataclasses
@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
-from train import toy_data
+from train import synthetic_data as toy_data
 
-# The toy shapes' colours (train/toy_data.py), so both worlds speak the same palette.
+# The toy shapes' colours (train/synthetic_data.py), so both worlds speak the same palette.
 PALETTE = dict(toy_data.COLORS)
 COLORS = tuple(PALETTE)
 SHAPES = ('circle', 'square', 'triangle', 'diamond')

@@ -4,9 +4,33 @@
 random models of `config.tiny` are built in code. `config.vision_encoder` names a local
 CLIP vision directory (required with `pretrained`; optional over the tiny models).
 """
-from realcustom_jax import cli
-from realcustom_jax import tiny
-from realcustom_jax import weights
+from realcustom_jax.loading import tiny
+from realcustom_jax.loading import weights
+
+
+def missing_weights_message(config) -> str | None:
+  """Says which keys to set when a config for real weights has none; else None.
+
+  Without `config.pretrained` the tiny random models are built, and they only take the
+  resolution their VAE factor and UNet sample size give. A config made for real weights
+  (`configs/laion.py`, 512 px) would otherwise fail on that size mismatch.
+
+  Args:
+    config: the run config.
+
+  Returns:
+    A one-line message, or None when the config is usable as it is.
+  """
+  if config.get('pretrained') or 'tiny' not in config:
+    return None
+  try:
+    tiny.vae_config(config)
+  except ValueError as e:
+    return ('this config needs local weights (configs/laion.py: Stable Diffusion 1.5 '
+            'at 512 px): set --config.pretrained=DIR (a diffusers SD 1.x/2.x directory) '
+            'and --config.vision_encoder=DIR (a CLIP vision model directory); without '
+            f'them the tiny random models are built, and {e}')
+  return None
 
 
 def load_components(config) -> tuple[weights.StableDiffusionComponents,
@@ -25,7 +49,7 @@ def load_components(config) -> tuple[weights.StableDiffusionComponents,
       `pretrained` without `vision_encoder`, or a directory that cannot be read
       (`weights.CheckpointError`).
   """
-  missing = cli.missing_weights_message(config)
+  missing = missing_weights_message(config)
   if missing:
     raise ValueError(missing)
   allow_pickle = bool(config.get('allow_pickle', False))

@@ -1,4 +1,4 @@
-"""Metrics of the toy world (train/toy_world.py) that need no pretrained network.
+"""Metrics of the toy world (toy/world.py) that need no pretrained network.
 
 Every pixel is snapped to the nearest palette colour. Then, per generated image:
 
@@ -18,7 +18,7 @@ Every pixel is snapped to the nearest palette colour. Then, per generated image:
 """
 import numpy as np
 
-from train import toy_world
+from toy import world as toy_world
 
 _PALETTE = np.asarray([toy_world.PALETTE[c] for c in toy_world.COLORS], np.float32)
 

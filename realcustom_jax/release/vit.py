@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from realcustom_jax import weights
+from realcustom_jax.loading import weights
 
 Array = jax.Array
 Params = dict[str, Any]

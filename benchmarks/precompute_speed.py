@@ -1,8 +1,9 @@
 """Times the train step with the frozen encoders in it against the step on precomputed
 features, side by side on one device (or data-parallel over `--num_devices`).
 
-  python -m benchmarks.precompute --config=configs/tiny.py
-  python -m benchmarks.precompute --config=configs/tiny.py --arch=sd15 --dtype=bfloat16 --batch=8
+  python -m benchmarks.precompute_speed --config=configs/tiny.py
+  python -m benchmarks.precompute_speed --config=configs/tiny.py --arch=sd15 \\
+      --dtype=bfloat16 --batch=8
 
 In-step (`training.train_step`, what training runs by default): the VAE encoder and
 posterior draw at the image resolution, CLIP text and CLIP vision, then the adapter
@@ -37,10 +38,10 @@ from transformers import FlaxCLIPVisionModel
 
 from benchmarks import common
 from realcustom_jax import adapter as adapter_lib
-from realcustom_jax import sharding
-from realcustom_jax import tiny
-from realcustom_jax import training
-from realcustom_jax import weights
+from realcustom_jax.runtime import sharding
+from realcustom_jax.loading import tiny
+from realcustom_jax import adapter_training as training
+from realcustom_jax.loading import weights
 
 FLAGS = flags.FLAGS
 

@@ -1,0 +1,1 @@
+"""Evaluation: CLIP-T / CLIP-I / DINO-I scores and the DreamBench layout."""

@@ -1,0 +1,2 @@
+"""Running the library: device meshes and sharding, multi-process start-up, the CLIs'
+shared flag and error handling."""
