@@ -397,3 +397,27 @@ def test_prepare_command_prepares_once(tmp_path):
   source = input_pipeline.get_data_source(config, tmp_path / 'work')
   assert len(source) == 6
   assert prepare.prepare(config, tmp_path / 'work') == (path, stats)
+
+
+def test_lossless_sources_keep_full_chroma_jpeg_sources_their_encoding():
+  """A palette PNG (as the toy worlds write) keeps its exact colours through preparation (4:4:4 JPEG); a JPEG
+  source is re-encoded as before (4:2:0)."""
+  from PIL import JpegImagePlugin  # pylint: disable=g-import-not-at-top
+  palette = np.array(list(toy_data.COLORS.values()), np.uint8)
+  rows, cols = np.mgrid[:16, :16]
+  # A two-tone disc on a background, 1-pixel colour edges: what chroma subsampling smears.
+  image = palette[np.where((rows - 8) ** 2 + (cols - 7) ** 2 < 30, 1 + (rows > 8), 5)]
+  snap = lambda x: np.argmin(((x[..., None, :].astype(int) - palette) ** 2).sum(-1), -1)
+
+  def prepared(fmt):
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt)
+    example, status = laion_builder.process_sample(
+        {fmt.lower(): buf.getvalue(), 'txt': b'a circle'}, 16, 'aesthetic', 0.0)
+    assert status == 'written'
+    return Image.open(io.BytesIO(example['image']))
+
+  from_png = prepared('PNG')
+  assert JpegImagePlugin.get_sampling(from_png) == 0  # 4:4:4
+  np.testing.assert_array_equal(snap(np.asarray(from_png.convert('RGB'))), snap(image))
+  assert JpegImagePlugin.get_sampling(prepared('JPEG')) == 2  # 4:2:0, as before
