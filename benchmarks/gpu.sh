@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Usage: [BUDGET=500] [OUT=dir] benchmarks/gpu.sh [RUN ...]
-# The SD1.5-size benchmarks on one GPU, after (fused attention: 'auto'; remat policy) and
-# before (XLA attention, no remat), into $OUT (or ./gpu_out): one log per run, the JSON
+# The SD1.5-size benchmarks on one GPU, with fused attention ('auto'; remat policies) and
+# with XLA attention (no remat) for the ratio of the two, into $OUT (or ./gpu_out): one log per run, the JSON
 # lines in results.jsonl, and for each profiled train step or sampling run where its time
 # goes (NAME.ops.txt: by kernel category, then the top kernels; for sampling, the
 # RealCustom loop and the CFG loop one after the other).
 # RUNs (default: all, in this order: what no GPU has measured yet first, then the rest):
 #   attention_check sampling_auto_b8 sampling_probs_b8 train_auto_b8 precompute_sd15
 #   train_auto_b16 sampling_xla_b8 train_xla_b16 train_auto_b32_dots
-# (sampling_probs_b8: the word maps' probabilities through XLA, as before they moved into
-# the fused kernel.)
+# (sampling_probs_b8: the word maps' probabilities through XLA beside the fused kernel,
+# config.model.fused_word_maps=False.)
 # Runs go in order while BUDGET seconds last (an SD1.5 compile takes about a minute); a
 # run with too little time left is skipped and says so.
 # On a machine without the pins, install wheels first (diffusers 0.39.0, transformers 4.57.6,

@@ -53,7 +53,8 @@ _UNET_PASSES = flags.DEFINE_bool('unet_passes', False, 'Also time one plain UNet
                                  'batch B and 2B (two more compiles): three_pass_floor.')
 _FUSED_WORD_MAPS = flags.DEFINE_bool(
     'fused_word_maps', True, 'T2I word maps out of the fused text kernel; --no: their '
-    "probabilities through XLA beside it (the way before, for a before/after ratio).")
+    "probabilities through XLA beside it (config.model.fused_word_maps=False), for a "
+    'ratio of the two in one run.')
 _PROFILE_DIR = flags.DEFINE_string('profile_dir', None, 'After timing, trace one call of '
                                    'each loop into DIR/realcustom and DIR/cfg.')
 

@@ -7,8 +7,9 @@
       --vision_encoder=/models/realcustom_vision --adapter=realcustom_highres.safetensors \\
       --subject=dog.jpg --prompt="This dog is wearing a spacesuit in space" --word=dog \\
       --out=out.png --mask_grid=masks.png
-  python -m sample.evaluate --config=configs/release.py --pretrained=... \\
-      --vision_encoder=... --adapter=... --bench_dir=dreambench --out_dir=eval_release
+  python -m sample.evaluate --config=configs/release.py --config.pretrained=... \\
+      --config.vision_encoder=... --config.adapter=... --bench_dir=dreambench \\
+      --out_dir=eval_release
 
 Every default is the release's (github.com/bytedance/RealCustom at 28a718e,
 `inference/pipeline.py`, `inference/inference_single_image.py` and its .sh); where
@@ -23,7 +24,7 @@ from realcustom_jax.release import defaults as rd  # import-free: no JAX at conf
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.pipeline = 'release'  # RealCustomPipeline.from_config builds the release pipeline
+  config.pipeline = 'release'  # pipelines.load_pipeline builds the release pipeline
   config.seed = 0
   # A diffusers-format SDXL base 1.0 directory (unet/, vae/, text_encoder/,
   # text_encoder_2/, tokenizer/, tokenizer_2/).

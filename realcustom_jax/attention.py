@@ -199,7 +199,7 @@ class Attention(nn.Module):
     dtype: compute dtype.
     fused_word_maps: with a fused kernel, the word maps out of the text kernel's
       widened heads; False: their rows' probabilities through XLA beside it (for a
-      before/after comparison, `benchmarks.sampling --nofused_word_maps`).
+      comparison of the two, `benchmarks.sampling --nofused_word_maps`).
   """
   query_dim: int
   heads: int

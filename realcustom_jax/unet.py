@@ -410,7 +410,7 @@ class RealCustomUNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   # The T2I word maps out of the fused text kernel (`kernels.fused_attention_with_word_maps`);
   # False: their rows' probabilities through XLA beside it (benchmarks.sampling's
-  # --nofused_word_maps before/after). No effect with XLA attention.
+  # --nofused_word_maps). No effect with XLA attention.
   fused_word_maps: bool = True
 
   @classmethod
