@@ -20,7 +20,7 @@ DEMO_DIR ?= demo_out
 $(STAMP): setup.cfg requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements-lock.txt -e '.[test]'
+	$(PY) -m pip install -q -c requirements-lock.txt -e '.[test,demo]'
 	touch $(STAMP)
 
 test: $(STAMP)
