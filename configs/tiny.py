@@ -102,6 +102,10 @@ def get_config():
   config.train.grad_clip_norm = 0.0  # 0 = no clipping
   config.train.gamma_num_range = (0.3, 1.0)  # Eq. 10, drawn per sample
   config.train.image_dropout = 0.1  # rows trained without the subject (for Eq. 13's branches)
+  # 'zero_v': to_v_visual starts at zero, so the visual branch starts silent; 'copy_text':
+  # both visual K/V copied from the text K/V (IP-Adapter). realcustom_jax/adapter.py says
+  # why zero is the default (measured on the toy base).
+  config.train.visual_kv_init = 'zero_v'
   config.train.frozen_dtype = 'float32'  # storage dtype of the frozen UNet / VAE / CLIP
   config.train.checkpoint_every = 10
   config.train.max_to_keep = 3

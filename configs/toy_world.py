@@ -23,6 +23,11 @@ def get_config(arg: str = ''):
   config.tiny.unet = dict(config.tiny.unet, sample_size=8)
   # Two blocks: factor 2, 16 px -> 8 x 8 x 4 latents.
   config.tiny.vae = dict(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4)
+  # The text encoder trains with the base (toy/base.py): token and position embeddings
+  # and the final LayerNorm, no transformer layer, so each word's feature is its own and
+  # its cross-attention can find its region; 16 positions hold the longest caption (10).
+  config.tiny.text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=0,
+                          num_attention_heads=2, max_position_embeddings=16)
   # 16 px / patch 4: 16 subject tokens, like the default's 32 px / 8.
   config.tiny.vision = dict(config.tiny.vision, image_size=16, patch_size=4)
   if 'scoring' not in config.model:
@@ -48,16 +53,36 @@ def get_config(arg: str = ''):
       vae_batch=4 if smoke else 32,
       vae_lr=1e-3,
       vae_kl_weight=1e-6,  # SD's first stage keeps the KL term tiny
-      unet_steps=3 if smoke else 1500,
+      unet_steps=3 if smoke else 3000,
       unet_batch=4 if smoke else 64,
       unet_lr=1e-3,
       unet_warmup=1 if smoke else 200,
       caption_dropout=0.1,
+      named_fraction=0.7,  # base captions that name the identity; the rest: real word only
+      grounding_weight=0.05,  # the base's word-attention grounding term (toy/base.py)
+      ema_decay=0.0 if smoke else 0.999,
+      text_length=16,  # prompt positions of the world's tokenizer and text encoder
       checkpoint_every=2 if smoke else 500,
       # Evaluation: every held-out identity, `prompts_per_subject` backgrounds, `seeds`.
       prompts_per_subject=2 if smoke else 4,
       seeds=(0,) if smoke else (0, 1),
       gamma_scopes=(0.25, 1.0) if smoke else (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0),
+      # The unmasked injection (scope all ones) at these w_i too, beside the config's.
+      no_mask_guidance_images=(5.0,) if smoke else (3.0, 7.5, 20.0),
+      # Table 3 IDs 3-5 at inference, with the trained adapter: textual / visual scores
+      # only, their plain mean (instead of Eq. 8's timestep-aware fusion).
+      fusions=() if smoke else ('text', 'visual', 'mean'),
+      # Also train an adapter whose visual K/V start as copies of the text K/V (G2).
+      compare_kv_init=not smoke,
+      # The pseudo-word baselines, per held-out subject on its one reference: the step
+      # counts at which each is evaluated (its trade-off curve), its Adam learning rate.
+      ti_checkpoints=(2,) if smoke else (25, 100, 400),
+      ti_lr=5e-3,
+      db_checkpoints=(2,) if smoke else (10, 40, 160),
+      db_lr=1e-4,
+      baseline_batch=2 if smoke else 8,
+      # G2: training images on which the copy errors are measured.
+      copy_gate_images=8 if smoke else 64,
       # Also train a scoring='none' adapter (Table 3 ID-2); the smoke run skips it: a
       # second train.main costs the test suite ~30 s of compiles.
       train_none_scoring=not smoke,

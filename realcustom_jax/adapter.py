@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import flax
 from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -124,15 +125,31 @@ def merge_params(base: Mapping, adapter: Mapping) -> dict:
   return out
 
 
-def init_visual_kv_from_text(params: Mapping) -> dict:
-  """Starts every visual K/V as a copy of its layer's text to_k / to_v (IP-Adapter).
+# How the visual K/V start (config.train.visual_kv_init; the paper is silent):
+# 'copy_text': both copied from the layer's text to_k / to_v (IP-Adapter's start);
+# 'zero_v': to_k_visual copied, to_v_visual zero, so the visual branch adds exactly nothing
+# at step 0 and the frozen base's prediction is untouched (ControlNet's zero start). On
+# the toy base (docs/toy_reproduction.md, G2) copying made the step-0 noise error 66%
+# worse at t = 100, as Eq. 4 adds a second text-sized output, and the adapter first spent
+# its steps muting it: after 1000 steps it beat a shuffled subject by 2.6 / 4.2 / 5.2% at
+# t = 100 / 400 / 700, the zero start by 6.0 / 10.7 / 13.4%.
+VISUAL_KV_INITS = ('zero_v', 'copy_text')
 
-  At step 0 the visual branch then attends like the text branch would to the projected
-  image tokens, a better start than random projections.
+
+def init_visual_kv(params: Mapping, mode: str = 'zero_v') -> dict:
+  """Starts every visual K/V from its layer's text to_k / to_v (see VISUAL_KV_INITS).
+
+  Args:
+    params: the full tree (frozen UNet merged with the adapter).
+    mode: 'zero_v' (to_k_visual = to_k, to_v_visual = 0) or 'copy_text' (both copied).
 
   Raises:
-    ValueError: if a visual projection's shape differs from its text twin's.
+    ValueError: for an unknown mode, or a visual projection whose shape differs from
+      its text twin's.
   """
+  if mode not in VISUAL_KV_INITS:
+    raise ValueError(f'visual_kv_init must be one of {VISUAL_KV_INITS}, got {mode!r}')
+
   def visit(tree: Mapping, path=()) -> dict:
     out = {}
     for k, v in tree.items():
@@ -141,15 +158,23 @@ def init_visual_kv_from_text(params: Mapping) -> dict:
         if text['kernel'].shape != v['kernel'].shape:
           raise ValueError(f'{"/".join(path + (k,))}: shape {v["kernel"].shape} differs '
                            f'from the text projection {text["kernel"].shape}')
-        # A copy, not an alias: the adapter is donated to the train step while the
-        # frozen tree (holding the text kernel) is passed beside it.
-        out[k] = {'kernel': text['kernel'].copy()}
+        if mode == 'zero_v' and k == 'to_v_visual':
+          out[k] = {'kernel': jnp.zeros_like(text['kernel'])}
+        else:
+          # A copy, not an alias: the adapter is donated to the train step while the
+          # frozen tree (holding the text kernel) is passed beside it.
+          out[k] = {'kernel': text['kernel'].copy()}
       elif isinstance(v, Mapping):
         out[k] = visit(v, path + (k,))
       else:
         out[k] = v
     return out
   return visit(params)
+
+
+def init_visual_kv_from_text(params: Mapping) -> dict:
+  """Both visual K/V copied from the text K/V (`init_visual_kv(params, 'copy_text')`)."""
+  return init_visual_kv(params, 'copy_text')
 
 
 def count_params(tree) -> int:

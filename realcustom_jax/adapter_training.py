@@ -151,8 +151,10 @@ def create_optimizer(config) -> optax.GradientTransformation:
 
 
 def init_adapter(model: RealCustom, unet_params: Mapping, rng: Array,
-                 shapes: Mapping[str, tuple[int, ...]]) -> dict:
-  """Random adapter, visual K/V copied from the text K/V (IP-Adapter's recipe).
+                 shapes: Mapping[str, tuple[int, ...]],
+                 visual_kv_init: str = 'zero_v') -> dict:
+  """Random adapter, visual K/V started from the text K/V (`adapter.init_visual_kv`:
+  'zero_v' zeroes to_v_visual, 'copy_text' is IP-Adapter's copy).
 
   Only the adapter is materialised: the jitted init returns the adapter subtree, so XLA
   drops the random UNet it would otherwise build.
@@ -168,8 +170,8 @@ def init_adapter(model: RealCustom, unet_params: Mapping, rng: Array,
     raise ConfigError('the pretrained UNet parameters do not match the UNet built from its '
                       'config (different tree or shapes)')
   adapter = model_lib.init_adapter_params(model, rng, *sizes)
-  full = adapter_lib.init_visual_kv_from_text(
-      adapter_lib.merge_params({'unet': unet_params}, adapter))
+  full = adapter_lib.init_visual_kv(
+      adapter_lib.merge_params({'unet': unet_params}, adapter), visual_kv_init)
   # The adapter trains in float32 even when the frozen text K/V it copies are bf16.
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
                       adapter_lib.split_params(full)[1])
@@ -419,9 +421,10 @@ def setup_training(config, mesh, sd: weights.StableDiffusionComponents,
   """
   models, step_config = build_models(config, sd, vision)
   shapes = feature_shapes(sd, vision, config.resolution)
-  # Adapter first: its visual K/V start as copies of the full-precision text K/V.
+  # Adapter first: its visual K/V start from the full-precision text K/V.
   init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
-  adapter = init_adapter(models.model, sd.unet_params, init_rng, shapes)
+  adapter = init_adapter(models.model, sd.unet_params, init_rng, shapes,
+                         config.train.get('visual_kv_init', 'zero_v'))
   frozen = {'unet': sd.unet_params}
   if with_encoders:
     frozen.update(vae=sd.vae_params, text=sd.text_params, vision=vision.params)

@@ -3,14 +3,18 @@
 An image shows ONE subject on a plain background. The subject is a shape (the class
 word of the caption: "circle", "square", ...) with an *identity* the caption does not
 name: a two-tone colouring, its `body` colour on the upper half and its `accent` colour
-on the lower half. Captions name only the shape and the context:
+on the lower half. The adapter's training captions (the shards) name only the shape and
+the context, the real word:
 
   "a circle on a blue background"
 
-So a text-to-image model trained on the world draws circles of arbitrary identity on the
-asked background, and only a subject image can tell it which identity to draw: the same
-split between the real word's general connotation and the given subject that RealCustom
-narrows (Sec. 1). Identities are ordered colour pairs; `HELD_OUT` of them never appear
+So the real word alone leaves the identity open, and only a subject image can tell the
+model which identity to draw: the same split between the real word's general
+connotation and the given subject that RealCustom narrows (Sec. 1). The base model
+also sees captions that name the identity ("a red and white circle on a blue
+background", `named_caption`), as a real base has seen "red toy" and "white toy": it
+must be able to draw an identity through text before an adapter can be asked to carry
+one in through attention (gate G0, toy/reproduction.py). Identities are ordered colour pairs; `HELD_OUT` of them never appear
 in training and are the evaluation subjects.
 
 Images are small (`image_size`, 16 px in configs/toy_world.py) and drawn without
@@ -35,7 +39,9 @@ COLORS = tuple(PALETTE)
 SHAPES = ('circle', 'square', 'triangle', 'diamond')
 # Whole-word tokens of the world's tokenizer: every caption word is ONE token, so the
 # target word's cross-attention map (Eq. 11) comes from a single token.
-WORDS = ('a', 'an', 'on', 'background') + COLORS + SHAPES
+# 'sks' is the pseudo-word of the Textual Inversion / DreamBooth baselines (toy/baselines.py):
+# a token no caption uses.
+WORDS = ('a', 'an', 'and', 'on', 'background', 'sks') + COLORS + SHAPES
 # Identities are ordered (body, accent) pairs of different colours: 8 * 7 = 56.
 IDENTITIES = tuple((b, a) for b in COLORS for a in COLORS if a != b)
 NUM_HELD_OUT = 8
@@ -71,6 +77,10 @@ class Scene:
     return caption(self.shape, self.background)
 
   @property
+  def named_caption(self) -> str:
+    return named_caption(self.shape, self.body, self.accent, self.background)
+
+  @property
   def identity(self) -> tuple[str, str]:
     return (self.body, self.accent)
 
@@ -82,6 +92,29 @@ def article(word: str) -> str:
 def caption(shape: str, background: str) -> str:
   """The caption of a scene: shape and background only, never the identity."""
   return f'{article(shape)} {shape} on {article(background)} {background} background'
+
+
+def named_caption(shape: str, body: str, accent: str, background: str) -> str:
+  """The caption that names the identity too: "a red and white circle on a ..."."""
+  return (f'{article(body)} {body} and {accent} {shape} on {article(background)} '
+          f'{background} background')
+
+
+def caption_roles(text: str) -> tuple[list[int], list[int]]:
+  """Word positions of a caption by role: (object words, background words).
+
+  The object words are the shape and the identity's colours (every word before "on"
+  but the article and "and"); the background words are the colour after "on" and
+  "background". Positions count words from 0 (token i + 1 after BOS, as every world word
+  is one token).
+  """
+  words = text.split()
+  if 'on' not in words:
+    return [], []
+  on = words.index('on')
+  obj = [i for i in range(on) if words[i] not in ('a', 'an', 'and')]
+  bg = [i for i in range(on + 1, len(words)) if words[i] not in ('a', 'an')]
+  return obj, bg
 
 
 def shape_mask(shape: str, center: tuple[float, float], size: float,
@@ -152,9 +185,10 @@ def random_scene(rng: np.random.Generator, image_size: int,
   elif background in (body, accent):
     raise ValueError(f'background {background!r} equals a colour of the identity '
                      f'{(body, accent)}')
-  # Large enough that both halves cover several latent cells, small enough that the
-  # background stays the majority colour.
-  size = rng.uniform(0.5, 0.75) * image_size
+  # Large, so the identity is a real share of the base's loss (at 0.5-0.75 naming it
+  # lowered the noise error by 0.2-2%: too little for the base to learn to draw it), and
+  # small enough that the background stays the most frequent single colour.
+  size = rng.uniform(0.65, 0.9) * image_size
   cx, cy = rng.uniform(size / 2, image_size - size / 2, size=2)
   return Scene(shape, body, accent, background, (float(cx), float(cy)), float(size))
 
@@ -241,6 +275,11 @@ class EvalCase:
   @property
   def prompt(self) -> str:
     return caption(self.subject.shape, self.background)
+
+  @property
+  def named_prompt(self) -> str:
+    """The prompt naming the subject's identity (G0's oracle)."""
+    return named_caption(self.subject.shape, *self.subject.identity, self.background)
 
   @property
   def word(self) -> str:

@@ -74,6 +74,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= low <= high <= 1.0:
     raise ConfigError(f'config.train.gamma_num_range must satisfy 0 <= low <= high <= 1, '
                       f'got {tuple(t.gamma_num_range)}')
+  if t.get('visual_kv_init', 'zero_v') not in adapter_lib.VISUAL_KV_INITS:
+    raise ConfigError(f'config.train.visual_kv_init must be one of '
+                      f'{adapter_lib.VISUAL_KV_INITS}, got {t.visual_kv_init!r}')
   if not float(t.learning_rate) > 0:
     raise ConfigError(f'config.train.learning_rate must be positive, got {t.learning_rate}')
   if t.frozen_dtype not in DTYPES:
