@@ -101,9 +101,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if release:
-    if precompute.enabled(config):
-      raise ConfigError('config.data.precompute_features is not implemented for the '
-                        'release architecture yet: train with the encoders in the step')
     return
   missing_weights = components.missing_weights_message(config)
   if missing_weights:
