@@ -16,6 +16,20 @@ is a custom call it does not count either, and remat's recomputation is not mode
 work). MFU is achieved FLOP/s over `--peak_tflops` (e.g. 989 for H100 SXM bf16 dense;
 0 = no MFU).
 
+The release's architecture (SDXL + the release's projector and visual K/V,
+`realcustom_jax.release.training`) is estimated, not timed: `--arch=sdxl_release` (the
+full SDXL UNet at 1024 px, the projector over SigLIP + DINOv2 features of a 768 px
+reference) or `--arch=release_tiny` (the tiny SDXL). The step (`adapter_step` with
+SDXL's added conditioning, encoders excluded as above, i.e. training on precomputed
+features) is lowered and compiled for the CPU from `jax.ShapeDtypeStruct`s only (no
+weights are allocated), and the JSON gives its model FLOPs and XLA's memory analysis of
+the compiled program: arguments (frozen UNet, adapter, optimizer state, batch), temps,
+and their sum less the donated state as `estimated_peak_bytes`, per device on one
+device. XLA:CPU attention materialises every attention matrix, so on GPUs with fused
+attention the temps are an upper bound.
+
+  python -m benchmarks.train_step --arch=sdxl_release --batch=4 --remat=dots
+
 The LAST line printed is the JSON result.
 """
 import functools
@@ -25,6 +39,8 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import jax.numpy as jnp
+import ml_collections
 from ml_collections import config_flags
 
 from benchmarks import common
@@ -34,11 +50,22 @@ from realcustom_jax.loading import tiny
 from realcustom_jax.runtime import sharding
 from realcustom_jax import adapter_training as training
 from realcustom_jax import unet as unet_lib
+from realcustom_jax import model as model_lib
+from realcustom_jax.release import convert as release_convert
 
 FLAGS = flags.FLAGS
+# The release's architecture: (UNet config, latent side, global / local tokens, vision
+# width, projector head width, pooled width). SDXL at 1024 px; SigLIP so400m + DINOv2-L
+# at 384 px views of a 768 px reference: 729 global and 4 x 729 local tokens, 2176 wide.
+RELEASE_ARCHS = {
+    'sdxl_release': (release_convert.RELEASE_UNET_CONFIG, 128, 729, 2916, 2176, 64, 1280),
+    'release_tiny': (tiny.SDXL_UNET, 16, 4, 16, 64, 16, 20),
+}
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
-flags.DEFINE_enum('arch', 'tiny', ['tiny', 'sd15'], 'UNet size: the config\'s tiny UNet '
-                  'or Stable Diffusion 1.5 (64x64 latents, 77x768 text, 256x1024 image).')
+flags.DEFINE_enum('arch', 'tiny', ['tiny', 'sd15', *RELEASE_ARCHS],
+                  'UNet size: the config\'s tiny UNet or Stable Diffusion 1.5 (64x64 '
+                  'latents, 77x768 text, 256x1024 image); the release architecture at '
+                  'full SDXL size or tiny (estimated only: FLOPs and memory).')
 flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
                   'Frozen UNet dtype; default config.model.dtype.')
 flags.DEFINE_integer('batch', None, 'Batch size; default 2 (tiny) / 8 (sd15).')
@@ -158,8 +185,87 @@ def run(config, arch: str, dtype_name: str, batch: int, steps: int, warmup: int,
   }
 
 
+def release_estimate(arch: str, dtype_name: str, batch: int, remat: str) -> dict:
+  """FLOPs and XLA's memory analysis of the release's adapter step, from shapes only.
+
+  Raises:
+    ValueError: a non-positive batch.
+  """
+  if batch < 1:
+    raise ValueError(f'--batch must be >= 1, got {batch}')
+  unet_config, side, n_g, n_l, vision_dim, dim_head, pooled = RELEASE_ARCHS[arch]
+  config = ml_collections.ConfigDict(dict(
+      seed=0, model=dict(projector='release_highres', scoring='none', dtype=dtype_name,
+                         remat=remat, attention_impl='xla', release_vision_dim=vision_dim,
+                         release_dim_head=dim_head),
+      train=dict(learning_rate=1e-5, weight_decay=0.01, warmup_steps=0, grad_clip_norm=1.0,
+                 gamma_num_range=(1.0, 1.0), image_dropout=0.0, frozen_dtype=dtype_name)))
+  model = model_lib.build_model(config, unet_config)
+  with config.unlocked():
+    config.model.remat = 'none'
+  plain_model = model_lib.build_model(config, unet_config)  # for the model FLOPs
+  step_config = training.build_step_config(config, tiny.SDXL_SCHEDULER_CONFIG)
+  optimizer = training.create_optimizer(config)
+  full = model_lib.param_shapes(model, (4, side, side), 77, n_g, vision_dim)
+  base, adapter = adapter_lib.split_params(full)
+  dtype = model_lib.DTYPES[dtype_name]
+  unet = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), base['unet'])
+  adapter = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), adapter)
+  state = jax.eval_shape(lambda a: training.create_train_state(a, optimizer,
+                                                               jax.random.PRNGKey(0)), adapter)
+  f32 = lambda *shape: jax.ShapeDtypeStruct((batch,) + shape, jnp.float32)
+  c = model.unet.cross_attention_dim
+  inputs = (f32(4, side, side), f32(77, c), (f32(n_g, vision_dim), f32(n_l, vision_dim)),
+            jax.ShapeDtypeStruct((2,), jnp.uint32),
+            {'text_embeds': f32(pooled), 'time_ids': f32(6)})
+  def lower(m):
+    models = training.Models(model=m, vae=None, text_encoder=None, vision_model=None,
+                             scaling_factor=1.0, vision_resize=0, vision_size=0,
+                             vision_mean=(0.0,) * 3, vision_std=(1.0,) * 3)
+
+    def step(state, unet, latents, text, image, rng, added):
+      return training.adapter_step(state, unet, latents, text, image, rng, models=models,
+                                   step_config=step_config, optimizer=optimizer,
+                                   added_cond=added)
+    return jax.jit(step, donate_argnums=(0,)).lower(state, unet, *inputs)
+
+  t0 = time.perf_counter()
+  lowered = lower(model)
+  lower_s = time.perf_counter() - t0
+  program_flops = common.flops(lowered)
+  # Model FLOPs, as for SD 1.5: the step without remat's recomputation.
+  flops = program_flops if remat == 'none' else common.flops(lower(plain_model))
+  logging.info('lowered in %.1f s (%.3g model FLOP); compiling for the memory analysis',
+               lower_s, flops)
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
+            'temp_size_in_bytes', 'generated_code_size_in_bytes')
+  memory = {k: int(getattr(mem, k, 0) or 0) for k in fields}
+  peak = (memory['argument_size_in_bytes'] + memory['output_size_in_bytes']
+          - memory['alias_size_in_bytes'] + memory['temp_size_in_bytes'])
+  n_bytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+  return {
+      'benchmark': 'train_step', 'arch': arch, 'mode': 'estimate (CPU compile of shapes)',
+      'batch': batch, 'dtype': dtype_name, 'remat': remat, 'attention_impl': 'xla',
+      'encoders': 'excluded', 'flops_per_step': flops,
+      'program_flops_per_step': program_flops,
+      'adapter_params': adapter_lib.count_params(adapter),
+      'frozen_unet_params': adapter_lib.count_params(unet),
+      'frozen_unet_bytes': n_bytes(unet), 'train_state_bytes': n_bytes(state),
+      **memory, 'estimated_peak_bytes': peak,
+      'estimated_peak_gib': round(peak / 2**30, 2),
+      'lower_s': round(lower_s, 1), 'compile_s': round(compile_s, 1),
+  }
+
+
 def _from_flags() -> dict:
   config = FLAGS.config
+  if FLAGS.arch in RELEASE_ARCHS:
+    return release_estimate(FLAGS.arch, FLAGS.dtype or 'bfloat16', FLAGS.batch or 1,
+                            FLAGS.remat)
   batch = FLAGS.batch if FLAGS.batch is not None else (8 if FLAGS.arch == 'sd15' else 2)
   return run(config, FLAGS.arch, FLAGS.dtype or config.model.dtype, batch, FLAGS.steps,
              FLAGS.warmup, FLAGS.peak_tflops, FLAGS.remat,

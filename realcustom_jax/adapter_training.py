@@ -25,7 +25,7 @@ adam_b2, gamma_num_range, image_dropout, frozen_dtype}`.
 """
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import chex
 import jax
@@ -240,14 +240,19 @@ def sample_latents(mean: Array, std: Array, rng: Array, scaling_factor: float) -
 
 
 def adapter_step(state: State, unet_params: Mapping, latents: Array, text: Array,
-                 image: Array, rng: Array, *, models: Models, step_config: StepConfig,
-                 optimizer: optax.GradientTransformation) -> tuple[State, dict]:
+                 image: model_lib.ImageFeatures, rng: Array, *, models: Models,
+                 step_config: StepConfig, optimizer: optax.GradientTransformation,
+                 added_cond: Mapping[str, Array] | None = None) -> tuple[State, dict]:
   """One AdamW update of the adapter on encoded inputs (Eqs. 1, 2, 10).
 
-  Split from `train_step` so benchmarks can time it on pre-computed features.
+  Split from `train_step` so benchmarks can time it on pre-computed features, and so
+  the release's trainer (`realcustom_jax.release.training`) runs the same update: its
+  `image` is the subject encoder's (global, local) pair and `added_cond` SDXL's
+  {'text_embeds', 'time_ids'}. `models` needs only `.model`.
   """
-  chex.assert_rank([latents, text, image], [4, 3, 3])
-  chex.assert_equal_shape_prefix([latents, text, image], 1)
+  images = list(image) if isinstance(image, (tuple, list)) else [image]
+  chex.assert_rank([latents, text, *images], [4, 3] + [3] * len(images))
+  chex.assert_equal_shape_prefix([latents, text, *images], 1)
   b = latents.shape[0]
   t_rng, n_rng, g_rng, d_rng = jax.random.split(rng, 4)
   abar_table = jnp.asarray(step_config.alphas_cumprod, jnp.float32)
@@ -267,7 +272,8 @@ def adapter_step(state: State, unet_params: Mapping, latents: Array, text: Array
   def loss_fn(adapter):
     pred = models.model.apply(
         {'params': adapter_lib.merge_params(base, adapter)}, z_t, t, text, image,
-        sqrt_alpha_bar=jnp.sqrt(abar), gamma_num=gamma_num, image_keep=image_keep)
+        sqrt_alpha_bar=jnp.sqrt(abar), gamma_num=gamma_num, image_keep=image_keep,
+        added_cond=added_cond)
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))  # Eq. 1
 
   loss, grads = jax.value_and_grad(loss_fn)(state['params'])
@@ -327,15 +333,24 @@ class TrainSetup:
     state_sharding: the state's shardings.
     frozen_sharding: the frozen trees' shardings.
     mesh: the device mesh.
+    step_fn: the step with the frozen encoders, `(state, frozen, batch, *, models,
+      step_config, optimizer)`; default `train_step` (the release's trainer passes its
+      own, `realcustom_jax.release.training`).
+    precomputed_step_fn: the step on precomputed features; default
+      `precomputed_train_step`.
+    precomputed_frozen: the frozen trees the precomputed step reads.
   """
-  models: Models
-  step_config: StepConfig
+  models: Any  # Models, or the release trainer's ReleaseModels
+  step_config: Any  # StepConfig, or the release trainer's ReleaseStepConfig
   optimizer: optax.GradientTransformation
   state: State
   frozen: dict
   state_sharding: State
   frozen_sharding: dict
   mesh: Any
+  step_fn: Callable[..., tuple[State, dict]] | None = None
+  precomputed_step_fn: Callable[..., tuple[State, dict]] | None = None
+  precomputed_frozen: tuple[str, ...] = ('unet',)
 
   def batch_sharding(self, batch: Mapping[str, Any]) -> dict:
     """Each batch entry split along the mesh's batch axes."""
@@ -345,12 +360,15 @@ class TrainSetup:
     """The sharded, donated step: ONE jax.jit with in/out shardings, taking (state,
     frozen, batch) shaped like `batch`; with the frozen encoders (`train_step`), or on
     precomputed features (`precomputed_train_step`, whose frozen tree is {'unet'})."""
-    fn = functools.partial(precomputed_train_step if precomputed else train_step,
-                           models=self.models, step_config=self.step_config,
+    if precomputed:
+      step = self.precomputed_step_fn or precomputed_train_step
+    else:
+      step = self.step_fn or train_step
+    fn = functools.partial(step, models=self.models, step_config=self.step_config,
                            optimizer=self.optimizer)
     frozen_sharding = self.frozen_sharding
     if precomputed:
-      frozen_sharding = {'unet': frozen_sharding['unet']}
+      frozen_sharding = {k: frozen_sharding[k] for k in self.precomputed_frozen}
     return jax.jit(self._in_mesh(fn), in_shardings=(self.state_sharding, frozen_sharding,
                                      self.batch_sharding(batch)),
                    out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
@@ -378,7 +396,7 @@ class TrainSetup:
 
 
 def place_train_setup(config, mesh, models: Models, step_config: StepConfig, adapter: dict,
-                      frozen: dict) -> TrainSetup:
+                      frozen: dict, **step_fns) -> TrainSetup:
   """Creates the optimizer and the train state and places both trees on `mesh`.
 
   Args:
@@ -388,6 +406,8 @@ def place_train_setup(config, mesh, models: Models, step_config: StepConfig, ada
     step_config: the step's hyper-parameters.
     adapter: the initial adapter tree (float32).
     frozen: the frozen trees, cast here to `config.train.frozen_dtype`.
+    **step_fns: TrainSetup's `step_fn`, `precomputed_step_fn`, `precomputed_frozen`
+      (the release's trainer); default the paper's steps.
 
   Returns:
     The TrainSetup.
@@ -400,7 +420,8 @@ def place_train_setup(config, mesh, models: Models, step_config: StepConfig, ada
   state = create_train_state(adapter, optimizer, train_rng)
   state_sh = state_shardings(state, mesh)
   state = sharding.device_put_tree(state, state_sh)
-  return TrainSetup(models, step_config, optimizer, state, frozen, state_sh, frozen_sh, mesh)
+  return TrainSetup(models, step_config, optimizer, state, frozen, state_sh, frozen_sh, mesh,
+                    **step_fns)
 
 
 def setup_training(config, mesh, sd: weights.StableDiffusionComponents,

@@ -155,3 +155,16 @@ def test_random_params_match_init_shapes_and_scales():
   conv_in = lambda seed: common.random_params(model, a, seed=seed)['unet']['conv_in']['kernel']
   np.testing.assert_array_equal(conv_in(0), kernel)
   assert not np.array_equal(conv_in(1), kernel)
+
+
+def test_train_step_benchmark_estimates_the_release_architecture():
+  """The release's step from shapes only: model FLOPs and XLA's memory analysis (the
+  figures docs/release.md gives at SDXL size, here on the tiny SDXL)."""
+  r = _last_json(_run('benchmarks.train_step', '--arch=release_tiny', '--batch=1',
+                      '--dtype=float32'))
+  assert r['arch'] == 'release_tiny' and r['encoders'] == 'excluded'
+  assert r['flops_per_step'] > 0 and r['adapter_params'] > 0
+  # The donated train state is counted once; the frozen UNet is an argument.
+  assert r['alias_size_in_bytes'] == r['train_state_bytes']
+  assert r['argument_size_in_bytes'] >= r['frozen_unet_bytes'] + r['train_state_bytes']
+  assert r['estimated_peak_bytes'] > r['argument_size_in_bytes']

@@ -184,3 +184,19 @@ def test_release_settings_are_read_from_its_config(tmp_path):
            unet_config=fixture.UNET_CONFIG)
   info, _ = _convert(tmp_path, unet_config=fixture.UNET_CONFIG, dim_head=fixture.DIM_HEAD)
   assert info['dim_head'] == fixture.DIM_HEAD
+
+
+def test_export_release_state_is_the_converter_inverse_on_the_release_file(tmp_path):
+  """The release's own .pth (saved from its own UNet module tree): converted, then
+  written back with `export_release_state`, gives its state dict again: the same keys,
+  shapes and values (what train.export writes for a release run)."""
+  info, out = _convert(tmp_path)
+  tree = adapter_lib.load_adapter(out)
+  unet = RealCustomUNet.from_config(release.read_unet_config(fixture.RELEASE_CONFIG)[0])
+  back = release.export_release_state(tree, unet)
+  state = fixture.release_state()
+  assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state.items()}
+  for key, value in state.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+  again, _ = release.adapter_from_release_state(back, unet, info['dim_head'])
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, again, tree)))

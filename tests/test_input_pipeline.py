@@ -421,3 +421,33 @@ def test_lossless_sources_keep_full_chroma_jpeg_sources_their_encoding():
   assert JpegImagePlugin.get_sampling(from_png) == 0  # 4:4:4
   np.testing.assert_array_equal(snap(np.asarray(from_png.convert('RGB'))), snap(image))
   assert JpegImagePlugin.get_sampling(prepared('JPEG')) == 2  # 4:2:0, as before
+
+
+def test_sdxl_micro_conditions_are_the_crop_taken(tmp_path):
+  """The prepared set keeps each source's size before resizing (img2dataset's
+  original_height / original_width when it resized, else the decoded image's) and the
+  (top, left) of the centre crop in the image resized to RES on its shorter side;
+  SDXLTrainPreprocess turns them into SDXL's time_ids with the target size."""
+  wide = np.zeros((32, 64, 3), np.uint8)  # resized to 16 x 32: the crop starts at x = 8
+  tall = np.zeros((62, 30, 3), np.uint8)  # resized to 33 x 16: the crop starts at y = 8
+  resized_meta = json.dumps({'aesthetic': 6.0, 'original_height': 600,
+                             'original_width': 1200}).encode()
+  shards = tmp_path / 'shards'
+  shards.mkdir()
+  toy_data.write_webdataset_shard(shards / 'a.tar', [
+      ('wide', {'png': _png(wide), 'txt': b'wide', 'json': resized_meta}),
+      ('tall', {'png': _png(tall), 'txt': b'tall', 'json': _meta(6.0)}),
+  ])
+  source = laion_builder.prepare_dataset(shards, tmp_path / 'tfds', RES,
+                                         min_aesthetic=0.0).as_data_source(split='train')
+  rows = {source[i]['caption']: source[i] for i in range(2)}
+  np.testing.assert_array_equal(rows[b'wide']['original_size'], [600, 1200])
+  np.testing.assert_array_equal(rows[b'wide']['crop_top_left'], [0, 8])
+  np.testing.assert_array_equal(rows[b'tall']['original_size'], [62, 30])
+  np.testing.assert_array_equal(rows[b'tall']['crop_top_left'], [8, 0])
+  out = input_pipeline.SDXLTrainPreprocess(_tokenize, lambda c: _tokenize(c)[::-1], RES).map(
+      rows[b'wide'])
+  np.testing.assert_array_equal(out['time_ids'], [600, 1200, 0, 8, RES, RES])
+  assert out['time_ids'].dtype == np.float32
+  np.testing.assert_array_equal(out['input_ids_2'], out['input_ids'][::-1])
+  assert out['image'].shape == (RES, RES, 3) and out['image'].min() >= -1.0

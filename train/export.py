@@ -4,6 +4,16 @@
 
 The file's metadata holds the training config's `model` section as JSON ('model_config')
 and the checkpoint step ('step'); `adapter_lib.load_adapter` reads it back.
+
+A run of the release's architecture (configs/release_train*.py) exports a release-kind
+adapter (what `sample.convert_release` writes for the authors' file, so `sample.main
+--config=configs/release*.py --adapter=OUT` samples with it) and, unless
+--norelease_layout, a second file in the release's own layout: the state-dict keys and
+(out, in) shapes of RealCustom_highres.pth, float32, next to OUT as
+`<OUT stem>_release.safetensors` (or --release_out), for the authors' torch code:
+
+  unet.load_state_dict(safetensors.torch.load_file('adapter_release.safetensors'),
+                       strict=False)
 """
 import json
 import sys
@@ -20,6 +30,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir (with checkpoints/).')
 flags.DEFINE_string('out', None, 'Destination .safetensors file.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to export; default the latest.')
+flags.DEFINE_bool('release_layout', True, 'Release runs: also write the adapter under '
+                  'the release\'s state-dict keys (RealCustom_highres.pth\'s).')
+flags.DEFINE_string('release_out', None, 'Release runs: the release-layout file; default '
+                    '<out stem>_release.safetensors.')
 flags.mark_flags_as_required(['workdir', 'out'])
 
 CHECKPOINT_DIR = 'checkpoints'  # as train/train.py writes it
@@ -61,16 +75,41 @@ def _numpy_restore_args(tree):
   return ocp.RestoreArgs(restore_type=np.ndarray)
 
 
-def export(workdir: str, out: str, step: int | None = None) -> int:
+def release_layout_path(out: str) -> str:
+  """`<out stem>_release.safetensors`: where the release-layout file goes by default."""
+  stem = out[:-len('.safetensors')] if out.endswith('.safetensors') else out
+  return f'{stem}_release.safetensors'
+
+
+def export(workdir: str, out: str, step: int | None = None,
+           release_out: str | None = None) -> int:
   """Writes the adapter of `step` (default latest) to `out`; returns the step."""
+  return export_files(workdir, out, step, release_out)[0]
+
+
+def export_files(workdir: str, out: str, step: int | None = None,
+                 release_out: str | None = None) -> tuple[int, list[str]]:
+  """`export`, returning (step, the files written).
+
+  A release run's checkpoint (its config says pipeline 'release') is written as a
+  release-kind adapter, and in the release's own key layout to `release_out` when given
+  (a paper run has no such layout and ignores it).
+  """
   params, step, config = load_checkpoint_adapter(workdir, step)
+  if config.get('pipeline') == 'release':
+    from realcustom_jax.release import training as release_training  # pylint: disable=g-import-not-at-top
+    if 'release_unet_config' not in config:
+      raise ValueError(f'the checkpoint config in {workdir} lacks release_unet_config')
+    release_training.export(params, config.get('model', {}), config['release_unet_config'],
+                            out, step, release_out)
+    return step, [out] + ([release_out] if release_out else [])
   metadata = {'model_config': json.dumps(config.get('model', {}), sort_keys=True),
               'step': str(step),
               # Checkpoints from before the layout number are layout 1: exported as
               # such, so that loading refuses them by name.
               'adapter_layout': str(config.get('adapter_layout', 1))}
   adapter_lib.save_adapter(out, params, metadata)
-  return step
+  return step, [out]
 
 
 def main(argv):
@@ -78,11 +117,16 @@ def main(argv):
     raise app.UsageError('Too many command-line arguments.')
   cli.quiet_libraries()
   try:
-    step = export(FLAGS.workdir, FLAGS.out, FLAGS.step)
+    release_out = None
+    if FLAGS.release_layout:
+      release_out = FLAGS.release_out or release_layout_path(FLAGS.out)
+    step, written = export_files(FLAGS.workdir, FLAGS.out, FLAGS.step, release_out)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(f'exported step {step} to {FLAGS.out}')
+  if release_out in written:
+    print(f'the release\'s key layout (RealCustom_highres.pth\'s): {release_out}')
 
 
 if __name__ == '__main__':

@@ -176,6 +176,28 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
       method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
 
 
+def center_crop_top_left(height: int, width: int, resolution: int) -> tuple[int, int]:
+  """(top, left) of `resize_center_crop`'s square in the image resized so that its
+  shorter side is `resolution`: SDXL's crop micro-conditioning (c_top, c_left)."""
+  scale = resolution / min(height, width)
+  resized_h, resized_w = round(height * scale), round(width * scale)
+  return (max(resized_h - resolution, 0) // 2, max(resized_w - resolution, 0) // 2)
+
+
+def _original_size(meta_bytes: bytes | None, image: Image.Image) -> tuple[int, int]:
+  """(height, width) of the image before any resize: img2dataset's 'original_height' /
+  'original_width' (it records them when it resizes), else the decoded image's."""
+  try:
+    meta = json.loads(meta_bytes) if meta_bytes else {}
+  except (ValueError, UnicodeDecodeError):
+    meta = {}
+  h, w = (meta.get(k) if isinstance(meta, dict) else None
+          for k in ('original_height', 'original_width'))
+  if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w)):
+    return h, w
+  return image.height, image.width
+
+
 def process_sample(
     members: dict[str, bytes],
     resolution: int,
@@ -215,6 +237,9 @@ def process_sample(
   try:
     with Image.open(io.BytesIO(members[image_ext])) as image:
       source_is_jpeg = image.format == 'JPEG'
+      # Before `draft`, which decodes JPEGs at a reduced size.
+      original_size = _original_size(members.get('json'), image)
+      crop_top_left = center_crop_top_left(image.height, image.width, resolution)
       # JPEG decodes at a reduced DCT scale that still covers `resolution`: much faster
       # for large LAION images, no effect on small ones.
       image.draft('RGB', (resolution, resolution))
@@ -233,6 +258,9 @@ def process_sample(
       'image': buf.getvalue(),
       'caption': caption,
       'aesthetic': np.float32(np.nan if score is None else score),
+      # SDXL's size and crop micro-conditions (the release trainer's time_ids).
+      'original_size': np.asarray(original_size, np.int32),
+      'crop_top_left': np.asarray(crop_top_left, np.int32),
   }
   return example, 'written'
 
@@ -273,8 +301,9 @@ def iter_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 class LaionAesthetic(tfds.core.GeneratorBasedBuilder):
   """LAION-style image-text shards, aesthetic-filtered, resized and center-cropped."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'original_size and crop_top_left (SDXL micro-conditions).'}
 
   def __init__(self, *, config: LaionConfig, **kwargs):
     super().__init__(config=config, **kwargs)
@@ -288,6 +317,10 @@ class LaionAesthetic(tfds.core.GeneratorBasedBuilder):
                 shape=(res, res, 3), dtype=np.uint8, encoding_format='jpeg'),
             'caption': tfds.features.Text(),
             'aesthetic': np.float32,  # NaN when the sample had no score
+            # (height, width) before resizing; (top, left) of the crop in the image
+            # resized to `resolution` on its shorter side.
+            'original_size': tfds.features.Tensor(shape=(2,), dtype=np.int32),
+            'crop_top_left': tfds.features.Tensor(shape=(2,), dtype=np.int32),
         }),
         supervised_keys=None,
     )

@@ -54,6 +54,7 @@ from realcustom_jax import model as model_lib
 from realcustom_jax.runtime import sharding
 from realcustom_jax import adapter_training as training
 from realcustom_jax.loading import weights
+from realcustom_jax.release import paths as release_paths
 from train import input_pipeline
 
 FORMAT_VERSION = 1  # bump when what a record holds, or how it is computed, changes
@@ -70,9 +71,13 @@ def enabled(config) -> bool:
 
 
 def check_config(config) -> None:
-  """Raises ValueError (one line) for a feature dtype that cannot be stored."""
+  """Raises ValueError (one line) for a feature dtype that cannot be stored, or a
+  release config (its features are not implemented)."""
   if not enabled(config):
     return
+  if release_paths.is_release_config(config):
+    raise ValueError('config.data.precompute_features is not implemented for the release '
+                     'architecture yet: train with the encoders in the step')
   dtype = config.data.get('feature_dtype', 'float16')
   if dtype not in FEATURE_DTYPES:
     raise ValueError(f'config.data.feature_dtype must be one of {FEATURE_DTYPES} with '

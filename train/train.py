@@ -9,6 +9,10 @@ With `config.data.precompute_features` the frozen encoders run once over the pre
 set before training (train/precompute.py) and the loop trains on their stored outputs
 (`adapter_training.precomputed_train_step`); the VAE and CLIP then stay off the devices.
 
+A release config (`config.pipeline == 'release'`: configs/release_train.py) trains the
+authors' released architecture instead, SDXL with its projector and visual K/V: the
+same loop, with the models, inputs and step of `realcustom_jax.release.training`.
+
 Config keys read (besides the model/data ones): `config.train.*` (see
 `validate_config`), `config.mesh.{data,fsdp,distributed}`.
 """
@@ -38,6 +42,8 @@ from realcustom_jax.model import DTYPES
 from realcustom_jax.model import check_model_config
 from realcustom_jax.adapter_training import setup_training
 from realcustom_jax.adapter_training import State
+from realcustom_jax.release import paths as release_paths
+from realcustom_jax.release import training as release_training
 from train import input_pipeline
 from train import precompute
 
@@ -65,18 +71,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if section not in config:
       raise ConfigError(f'config has no `{section}` section')
   t = config.train
+  release = release_paths.is_release_config(config)
   for key in ('num_steps', 'checkpoint_every', 'log_every', 'max_to_keep'):
     if int(t[key]) <= 0:
       raise ConfigError(f'config.train.{key} must be positive, got {t[key]}')
-  if not 0.0 <= float(t.image_dropout) <= 1.0:
-    raise ConfigError(f'config.train.image_dropout must lie in [0, 1], got {t.image_dropout}')
-  low, high = (float(x) for x in t.gamma_num_range)
-  if not 0.0 <= low <= high <= 1.0:
-    raise ConfigError(f'config.train.gamma_num_range must satisfy 0 <= low <= high <= 1, '
-                      f'got {tuple(t.gamma_num_range)}')
-  if t.get('visual_kv_init', 'zero_v') not in adapter_lib.VISUAL_KV_INITS:
-    raise ConfigError(f'config.train.visual_kv_init must be one of '
-                      f'{adapter_lib.VISUAL_KV_INITS}, got {t.visual_kv_init!r}')
+  if not release:
+    if not 0.0 <= float(t.image_dropout) <= 1.0:
+      raise ConfigError(f'config.train.image_dropout must lie in [0, 1], got {t.image_dropout}')
+    low, high = (float(x) for x in t.gamma_num_range)
+    if not 0.0 <= low <= high <= 1.0:
+      raise ConfigError(f'config.train.gamma_num_range must satisfy 0 <= low <= high <= 1, '
+                        f'got {tuple(t.gamma_num_range)}')
+    if t.get('visual_kv_init', 'zero_v') not in adapter_lib.VISUAL_KV_INITS:
+      raise ConfigError(f'config.train.visual_kv_init must be one of '
+                        f'{adapter_lib.VISUAL_KV_INITS}, got {t.visual_kv_init!r}')
   if not float(t.learning_rate) > 0:
     raise ConfigError(f'config.train.learning_rate must be positive, got {t.learning_rate}')
   if t.frozen_dtype not in DTYPES:
@@ -91,8 +99,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   try:
     input_pipeline.check_data_config(config)  # one listing: the shards exist
     precompute.check_config(config)
+    if release:
+      release_training.check_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if release:
+    return
   missing_weights = components.missing_weights_message(config)
   if missing_weights:
     raise ConfigError(missing_weights)
@@ -132,9 +144,13 @@ def check_workdir(workdir: str) -> epath.Path:
   return path
 
 
-def load_components(config) -> tuple[weights.StableDiffusionComponents, weights.VisionEncoder]:
-  """`components.load_components`, its mistakes as ConfigError (one line, exit 2)."""
+def load_components(config) -> (tuple[weights.StableDiffusionComponents, weights.VisionEncoder]
+                                 | release_training.ReleaseComponents):
+  """`components.load_components` (a release config: `release_training.load_components`),
+  its mistakes as ConfigError (one line, exit 2)."""
   try:
+    if release_paths.is_release_config(config):
+      return release_training.load_components(config)
     return components.load_components(config)
   except ValueError as e:  # CheckpointError and size mismatches are user mistakes
     raise ConfigError(str(e)) from None
@@ -292,16 +308,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
                jax.device_count(), jax.process_count())
 
   # ---- Input ----
+  release = release_paths.is_release_config(config)
   with _stage(f'loading the frozen models ({config.pretrained or "tiny random"})'):
-    sd, vision = load_components(config)
+    loaded = load_components(config)
   precomputed = precompute.enabled(config)
   try:
-    if precomputed:
+    if release:
+      with _stage('preparing / opening the data set'):
+        source = input_pipeline.get_data_source(config, workdir)
+      sdxl = loaded.sdxl
+      loader = input_pipeline.create_train_loader(
+          config, source, None, preprocess=input_pipeline.SDXLTrainPreprocess(
+              functools.partial(input_pipeline.tokenize_caption, sdxl.tokenizer),
+              functools.partial(input_pipeline.tokenize_caption, sdxl.tokenizer_2),
+              config.resolution))
+    elif precomputed:
+      sd, vision = loaded
       with _stage('preparing / opening the data set and its precomputed features'):
         source = precompute.get_feature_source(config, workdir, sd, vision)
       loader = input_pipeline.create_train_loader(
           config, source, None, preprocess=precompute.DecodeFeatures(source.layout))
     else:
+      sd, vision = loaded
       with _stage('preparing / opening the data set'):
         source = input_pipeline.get_data_source(config, workdir)
       loader = input_pipeline.create_train_loader(
@@ -313,13 +341,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   # ---- Model & optimizer, shard & transfer ----
   logging.info('building the adapter and placing the frozen weights ...')
   t0 = time.perf_counter()
-  setup, shapes = setup_training(config, mesh, sd, vision, with_encoders=not precomputed)
+  if release:
+    setup, shapes = release_training.setup_training(config, mesh, loaded)
+  else:
+    setup, shapes = setup_training(config, mesh, sd, vision, with_encoders=not precomputed)
   state, frozen = setup.state, setup.frozen
   logging.info('adapter: %d trainable parameters; frozen: %d; setup %.1fs',
                adapter_lib.count_params(state['params']),
                adapter_lib.count_params(frozen), time.perf_counter() - t0)
   b = int(config.data.batch_size)
-  if precomputed:
+  if release:
+    abstract_batch = release_training.abstract_batch(config, loaded, b)
+  elif precomputed:
     abstract_batch = {k: jax.ShapeDtypeStruct((b,) + shape, dtype)
                       for k, (shape, dtype) in source.layout.items()}
   else:
@@ -359,6 +392,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   debug_nan_step = int(t.get('debug_nan_step', -1))
   config_json = json.loads(config.to_json_best_effort())
   config_json['adapter_layout'] = adapter_lib.ADAPTER_LAYOUT  # read by resume and export
+  if release:
+    # What train.export rebuilds the release's key layout from.
+    config_json['release_unet_config'] = release_training.unet_config_for_export(
+        loaded.sdxl.unet_config)
   pending: list[tuple[int, dict]] = []
   t_last, steps_since = time.perf_counter(), 0
   try:

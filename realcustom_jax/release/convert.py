@@ -381,6 +381,47 @@ def convert_release_checkpoint(checkpoint: str, out: str, *, allow_pickle: bool,
 
 
 # ---------------------------------------------------------------------------------
+# Back to the release's layout (export of an adapter trained here)
+# ---------------------------------------------------------------------------------
+
+
+def projector_to_torch_state(params: Mapping) -> dict[str, np.ndarray]:
+  """The projector tree under the release's state-dict names (`.weight` (out, in))."""
+  state = {}
+  for key, value in jax.tree_util.tree_leaves_with_path(params):
+    names = tuple(k.key for k in key)
+    value = np.asarray(value)
+    torch_key = release_encoder._projector_torch_key  # pylint: disable=protected-access
+    state[release_encoder.RELEASE_PROJECTOR_PREFIX + torch_key(names)] = (
+        np.ascontiguousarray(value.T if names[-1] == 'kernel' else value))
+  return state
+
+
+def export_release_state(adapter: Mapping, unet: unet_lib.RealCustomUNet
+                         ) -> dict[str, np.ndarray]:
+  """Our adapter tree under the release's state-dict keys (`RealCustom_highres.pth`):
+  every attn2's `to_k_vision.weight` / `to_v_vision.weight` and the projector, torch's
+  (out, in) layout; the inverse of `convert.adapter_from_release_state`.
+
+  Raises:
+    ValueError: a visual K/V the UNet has is missing from `adapter`.
+  """
+  state = {}
+  for layer in attn2_layers(unet):
+    node = adapter
+    try:
+      for key in layer.path:
+        node = node[key]
+    except KeyError:
+      raise ValueError(f'the adapter has no visual K/V at {"/".join(layer.path)}') from None
+    for ours, theirs in VISION_KV.items():
+      state[f'{layer.torch_prefix}.{theirs}.weight'] = np.ascontiguousarray(
+          np.asarray(node[ours]['kernel']).T)
+  state.update(projector_to_torch_state(adapter['subject_projector']))
+  return state
+
+
+# ---------------------------------------------------------------------------------
 # Loading (torch-free)
 # ---------------------------------------------------------------------------------
 

@@ -112,7 +112,7 @@ def target_token_weights(tokenizer, tokenizer_2, prompt: str, phrase: str) -> np
   return out
 
 
-def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """torch's bilinear source taps (align_corners False): (i0, i1, weight of i1)."""
   scale = in_size / out_size
   src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
@@ -131,9 +131,9 @@ def reference_pixels(image: Image.Image, size: int) -> np.ndarray:
     float32 (size, size, 3) in [0, 1].
   """
   x = np.asarray(image.convert('RGB'), np.float32) / np.float32(255)
-  r0, r1, rw = _bilinear_taps(x.shape[0], size)
+  r0, r1, rw = bilinear_taps(x.shape[0], size)
   x = x[r0] * (1 - rw)[:, None, None] + x[r1] * rw[:, None, None]
-  c0, c1, cw = _bilinear_taps(x.shape[1], size)
+  c0, c1, cw = bilinear_taps(x.shape[1], size)
   x = x[:, c0] * (1 - cw)[None, :, None] + x[:, c1] * cw[None, :, None]
   return x.astype(np.float32)
 

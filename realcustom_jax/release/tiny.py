@@ -120,13 +120,7 @@ def release_state(unet_config: Mapping[str, Any], vision_dim: int, dim_head: int
   projector = projectors.SubjectProjector(vision_dim, unet.cross_attention_dim, dim_head)
   x = jnp.zeros((1, 1, vision_dim))
   shapes = jax.eval_shape(projector.init, jax.random.PRNGKey(0), x, x)['params']
-  params = tiny.host_random_params(shapes, seed + 1)
-  for key, value in jax.tree_util.tree_leaves_with_path(params):
-    names = tuple(k.key for k in key)
-    value = np.asarray(value)
-    torch_key = release_encoder._projector_torch_key  # pylint: disable=protected-access
-    torch_name = release_encoder.RELEASE_PROJECTOR_PREFIX + torch_key(names)
-    state[torch_name] = np.ascontiguousarray(value.T if names[-1] == 'kernel' else value)
+  state.update(release.projector_to_torch_state(tiny.host_random_params(shapes, seed + 1)))
   return state
 
 
