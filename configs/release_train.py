@@ -61,6 +61,7 @@ def get_config():
 
   # ---- Training ----
   config.train = tiny.get_config().train
+  config.train.visual_kv_init = 'copy_text'  # IP-Adapter's start (the release publishes none)
   del config.train['gamma_num_range']  # no scoring: no top-k ratio
   del config.train['image_dropout']  # replaced by the three rates below
   config.train.num_steps = 20_000

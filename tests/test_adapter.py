@@ -115,6 +115,25 @@ def test_visual_kv_starts_as_copy_of_text_kv(built):
   chex.assert_trees_all_equal(adapter.split_params(copied)[0], adapter.split_params(params)[0])
 
 
+def test_zero_v_start_leaves_the_base_prediction_untouched(built):
+  """'zero_v' (the default start): to_k_visual copied, to_v_visual zero, so the subject
+  changes nothing at step 0; the copied start changes the prediction."""
+  cfg, model, params = built
+  zero = adapter.init_visual_kv(params, 'zero_v')
+  attn2 = zero['unet']['down_blocks_0']['attentions_0']['transformer_blocks_0']['attn2']
+  np.testing.assert_array_equal(attn2['to_k_visual']['kernel'], attn2['to_k']['kernel'])
+  assert not np.any(np.asarray(attn2['to_v_visual']['kernel']))
+  z, t, text, image = _features(cfg)
+  run = lambda p, img: model.apply({'params': p}, z, t, text, img,
+                                   sqrt_alpha_bar=jnp.array([0.1, 0.9]), gamma_num=0.8)
+  base = model.apply({'params': zero}, z, t, text)
+  chex.assert_trees_all_close(run(zero, image), base, atol=1e-6)
+  copied = adapter.init_visual_kv(params, 'copy_text')
+  assert float(jnp.max(jnp.abs(run(copied, image) - base))) > 1e-3
+  with pytest.raises(ValueError, match='visual_kv_init must be one of'):
+    adapter.init_visual_kv(params, 'random')
+
+
 def _features(cfg, seed=1):
   k = jax.random.split(jax.random.PRNGKey(seed), 4)
   return (jax.random.normal(k[0], (2, 4, 8, 8)), jnp.array([3, 900]),

@@ -144,6 +144,14 @@ def test_bad_model_keys_are_config_errors(data_dir, tmp_path, key, value, messag
     train.train_and_evaluate(config, str(tmp_path))
 
 
+def test_bad_visual_kv_init_is_a_config_error(data_dir, tmp_path):
+  config = _config(data_dir)
+  config.train.visual_kv_init = 'random'
+  with pytest.raises(train.ConfigError, match="config.train.visual_kv_init must be one of "
+                     r"\('zero_v', 'copy_text'\), got 'random'"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
 def test_unusable_workdir_is_a_config_error(data_dir, tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')

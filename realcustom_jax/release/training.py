@@ -245,7 +245,8 @@ def init_adapter(config, models: ReleaseModels, components: ReleaseComponents,
                  rng: Array) -> dict:
   """The initial adapter, float32: `config.init_adapter`'s exact values (fine-tuning a
   converted release adapter or a previous export), else from scratch (every visual K/V
-  a copy of its layer's text K/V, the projector at its flax init).
+  a copy of its layer's text K/V, or with `config.train.visual_kv_init='zero_v'` a zero
+  to_v_vision; the projector at its flax init).
 
   Raises:
     ConfigError: a file whose tree or widths do not fit the model.
@@ -256,7 +257,8 @@ def init_adapter(config, models: ReleaseModels, components: ReleaseComponents,
     shapes = feature_shapes(config, components)
     return adapter_training.init_adapter(
         model, components.sdxl.unet_params, rng,
-        dict(latents=shapes['latents'], text=shapes['text'], image=shapes['image_global']))
+        dict(latents=shapes['latents'], text=shapes['text'], image=shapes['image_global']),
+        config.train.get('visual_kv_init', 'copy_text'))
   try:
     params, metadata = convert.load_release_adapter(path, model)
   except ValueError as e:
