@@ -40,10 +40,17 @@ from realcustom_jax.runtime import cli
 from realcustom_jax.eval import dreambench
 from realcustom_jax.eval import metrics
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
-_BENCH_DIR = flags.DEFINE_string('bench_dir', None, 'DreamBench-layout directory.')
-_OUT_DIR = flags.DEFINE_string('out_dir', None, 'Output directory (resumable).')
-cli.define_compile_cache_flags()
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program: tests import `evaluate` beside other entry
+  points (sample.app) that define --config in the same process."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
+  flags.DEFINE_string('bench_dir', None, 'DreamBench-layout directory.')
+  flags.DEFINE_string('out_dir', None, 'Output directory (resumable).')
+  cli.define_compile_cache_flags()
+
 
 EVAL_DEFAULTS = dict(
     clip_model='',  # local CLIP ViT-B/32 dir; empty: tiny random CLIP (plumbing only)
@@ -430,23 +437,24 @@ def _fail(msg: str) -> None:
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _CONFIG.value is None:
+  if FLAGS.config is None:
     _fail('--config is required (e.g. --config=configs/tiny.py)')
-  if not _BENCH_DIR.value:
+  if not FLAGS.bench_dir:
     _fail('--bench_dir is required')
-  if not _OUT_DIR.value:
+  if not FLAGS.out_dir:
     _fail('--out_dir is required')
   cli.enable_compile_cache()  # before the first compile
   cli.quiet_libraries()
   from realcustom_jax import pipelines  # pylint: disable=g-import-not-at-top
-  missing_weights = pipelines.missing_weights_message(_CONFIG.value)
+  missing_weights = pipelines.missing_weights_message(FLAGS.config)
   if missing_weights:
     _fail(missing_weights)
   try:
-    evaluate(_CONFIG.value, _BENCH_DIR.value, _OUT_DIR.value)
+    evaluate(FLAGS.config, FLAGS.bench_dir, FLAGS.out_dir)
   except (dreambench.BenchError, FileNotFoundError) as e:
     _fail(str(e))
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main, flags_parser=cli.flags_parser('evaluate: '))

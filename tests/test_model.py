@@ -30,12 +30,17 @@ def components(tiny_components):
   return tiny_components
 
 
-def _setup(components, **model):
+def _setup(components, visual_kv_init='copy_text', **model):
+  # The wiring tests start the visual V from the text V: with the default zero start
+  # (`adapter.VISUAL_KV_INITS`) the visual branch outputs exactly zero at step 0, so the
+  # score nets and the projection get no gradient until to_v_visual has moved (by design,
+  # tested in test_zero_v_start_* below).
   sd, vision = components
   c = _config(**model)
   models, step_config = training.build_models(c, sd, vision)
   shapes = training.feature_shapes(sd, vision, c.resolution)
-  adapter = training.init_adapter(models.model, sd.unet_params, jax.random.PRNGKey(0), shapes)
+  adapter = training.init_adapter(models.model, sd.unet_params, jax.random.PRNGKey(0), shapes,
+                                  visual_kv_init)
   k = jax.random.split(jax.random.PRNGKey(1), 4)
   t = jnp.array([50, 300, 600, 950])
   inputs = dict(
@@ -96,6 +101,24 @@ def test_changing_the_score_nets_changes_the_noise_prediction(components, adapti
   assert np.abs(after - before).max() > 1e-3 * np.abs(before).max()
 
 
+def test_zero_v_start_leaves_the_base_untouched_and_trains_to_v_first(components):
+  """'zero_v' (the default): step 0 predicts exactly what the frozen base predicts without
+  a subject, and the gradient reaches to_v_visual, the one leaf that opens the branch."""
+  _, models, _, adapter, x = _setup(components, visual_kv_init='zero_v')
+  unet_params = components[0].unet_params
+  with_subject = np.asarray(_predict(models, unet_params, adapter, x))
+  without = np.asarray(models.model.apply(
+      {'params': adapter_lib.merge_params({'unet': unet_params}, adapter)},
+      x['latents'], x['t'], x['text'], None, sqrt_alpha_bar=x['sqrt_ab']))
+  np.testing.assert_allclose(with_subject, without, atol=1e-6)
+  grads = _grads(models, unet_params, adapter, x)
+  to_v = [g for p, g in jax.tree_util.tree_leaves_with_path(grads)
+          if 'to_v_visual' in jax.tree_util.keystr(p)]
+  assert to_v and all(np.abs(np.asarray(g)).max() > 0 for g in to_v)
+  # Behind the zero V nothing is reachable yet: the scoring nets wait for to_v to move.
+  assert _norm(grads['scoring']) == 0.0
+
+
 def _toy_batch(tokenizer, step: int, resolution: int) -> dict:
   rng = np.random.default_rng(step)
   images, ids = [], []
@@ -107,8 +130,9 @@ def _toy_batch(tokenizer, step: int, resolution: int) -> dict:
   return {'image': jnp.asarray(np.stack(images)), 'input_ids': jnp.asarray(ids, jnp.int32)}
 
 
-def test_a_few_dozen_steps_move_the_score_nets(components, adaptive):
-  config, models, step_config, adapter, _ = adaptive
+def test_a_few_dozen_steps_move_the_score_nets(components):
+  # From the default zero start: the score nets must move once to_v_visual has opened.
+  config, models, step_config, adapter, _ = _setup(components, visual_kv_init='zero_v')
   sd, vision = components
   optimizer = training.create_optimizer(config)
   state = training.create_train_state(adapter, optimizer, jax.random.PRNGKey(2))
