@@ -15,7 +15,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 TEST_WORKERS ?= auto
 DEMO_DIR ?= demo_out
 
-.PHONY: test test-slow demo clean
+.PHONY: test test-slow demo demo-tiny clean
 
 $(STAMP): setup.cfg requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,17 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m slow tests
 
-# Embedded default end to end: train the adapter on the toy shapes, export it, sample
-# with it (image + Fig. 6-style mask grid). Rerunning resumes / reuses the checkpoints.
-DEMO_STEPS ?= 300
+# The shipped toy model (toy/shipped/, trained by `python -m toy.reproduction`): a held-out
+# subject drawn where the word is, plain T2I beside it, the mask grid, and its own reading.
+DEMO_SUBJECT ?= 0
 demo: $(STAMP)
+	$(PY) -m toy.demo --out=$(DEMO_DIR) --subject=$(DEMO_SUBJECT)
+
+# Embedded default end to end (random tiny models: wiring, not images): train the adapter
+# on the toy shapes, export it, sample with it (image + Fig. 6-style mask grid).
+# Rerunning resumes / reuses the checkpoints.
+DEMO_STEPS ?= 300
+demo-tiny: $(STAMP)
 	mkdir -p $(DEMO_DIR)
 	$(PY) -m train.main --config=configs/tiny.py --workdir=$(DEMO_DIR)/workdir \
 	    --config.train.num_steps=$(DEMO_STEPS) --config.train.checkpoint_every=100 \

@@ -28,13 +28,24 @@ def test_smoke_run_reports_every_variant_and_a_rerun_skips_training(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   variants = result['variants']
-  assert set(variants) == {'plain_t2i', 'no_mask', 'realcustom', 'gamma_1', 'binary_0.25'}
+  assert set(variants) == {'plain_t2i', 'named_prompt', 'no_mask', 'realcustom',
+                           'no_mask_wi_5', 'gamma_1', 'binary_0.25', 'g1_eq4_sum',
+                           'g1_visual_only', 'g1_doubled', 'textual_inversion_2',
+                           'dreambooth_2'}
   n = result['cases'] * len(result['seeds'])
   assert all(v['n'] == n for v in variants.values())
+  for v in variants.values():  # the names for the three axes
+    assert {'text_control', 'subject_sim', 'identity_acc'} <= set(v)
+  assert set(result['gates']) == {'G0', 'G1', 'G2', 'G3'}
+  assert result['baseline_curves'] == {'textual_inversion': ['textual_inversion_2'],
+                                       'dreambooth': ['dreambooth_2']}
+  # G1 feeds the naming caption through the visual branch alone: it must equal the
+  # naming prompt through the text path (exactly, up to float error).
+  assert result['gates']['G1']['visual_only_vs_text_max_abs'] < 1e-4
   # Binary top-k at gamma_scope 1 keeps every position: no mask guidance at all.
   assert variants['no_mask']['scope'] == 'all ones'
   assert variants['no_mask']['scope_in_object'] < 1.0
-  assert '| realcustom | adaptive | soft | 0.25 |' in proc.stdout
+  assert '| realcustom | adaptive | plain | soft | 0.25 |' in proc.stdout
   for name in ('tradeoff.png', 'samples.png', 'results.json'):
     assert os.path.getsize(tmp_path / 'eval' / name) > 0
   assert os.path.isfile(tmp_path / 'adapter_adaptive' / 'adapter.safetensors')

@@ -1,22 +1,30 @@
 """Reproduces RealCustom's dual optimum at toy scale on a CPU, from scratch.
 
-  python -m toy.reproduction --workdir=/tmp/toy_repro           # ~20 min, 2 cores
-  python -m toy.reproduction --workdir=/tmp/toy_smoke --smoke   # a few steps
+  python -m toy.reproduction --workdir=/tmp/toy_repro            # every stage
+  python -m toy.reproduction --workdir=/tmp/toy_b --base=shipped  # on the shipped base
+  python -m toy.reproduction --workdir=/tmp/toy_smoke --smoke    # a few steps
 
 Stages, each skipped or resumed when its output is already in --workdir:
 
 1. world/      the toy world's training shards (toy/world.py).
-2. base/       autoencoder and UNet trained from scratch, saved as a diffusers SD
-               directory base/sd plus a CLIP vision directory base/vision (toy/base.py).
+2. base/       autoencoder, UNet and text encoder trained from scratch, saved as a
+               diffusers SD directory base/sd plus a CLIP vision directory base/vision
+               (toy/base.py); with --base=shipped, toy/shipped/'s base written out instead.
 3. adapter_*/  the RealCustom adapter, trained by `python -m train.main` on the frozen
-               base (subject = the training image, gamma_num ~ U[0.3, 1], image dropout),
-               once with the adaptive scoring module and once with model.scoring='none';
-               exported to adapter_*/adapter.safetensors. A change of the model code
-               (its fingerprint is stored) retrains.
-4. eval/       every variant on the same held-out subjects, prompts and seeds: plain T2I,
-               RealCustom without mask (scope all ones), with adaptive mask guidance
-               (Sec. 4.1 settings), a gamma_scope sweep, binary scope, no scoring.
-               Writes results.json, tradeoff.png and samples.png, prints the table.
+               base (subject = the training image, gamma_num ~ U[0.3, 1], image dropout):
+               'adaptive' (the paper), 'none' (model.scoring='none', Table 3 ID-2) and
+               'copy_text' (visual K/V started as copies of the text K/V, G2); exported
+               to adapter_*/adapter.safetensors. A change of the model code (its
+               fingerprint is stored) retrains.
+4. eval/       every variant on the same held-out subjects, prompts and seeds: plain T2I
+               with the real word and with the naming caption (G0), RealCustom without
+               mask at several w_i, with adaptive mask guidance (Sec. 4.1 settings), the
+               gamma_scope sweep, binary scope, the fusion ablations, no scoring; G1's
+               visual-path checks; Textual Inversion and DreamBooth per subject at
+               several step counts (toy/baselines.py); G2's copy errors. Writes
+               results.json, tradeoff.png (text control vs identity accuracy),
+               tradeoff_sim.png (vs subject similarity) and samples.png, prints the
+               table and the gates G0-G3 (toy/gates.py).
 
 The last line printed is a JSON summary. Config: configs/toy_world.py (`--config.*`
 overrides work; `--smoke` uses its 'smoke' sizes).
@@ -44,6 +52,9 @@ CONFIG_FILE = os.path.join(ROOT, 'configs', 'toy_world.py')
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for every stage (created; reruns resume).')
 flags.DEFINE_bool('smoke', False, 'A few steps per stage: checks the wiring, not the method.')
+flags.DEFINE_enum('base', 'train', ['train', 'shipped'],
+                  "'train': world, autoencoder and base from scratch; 'shipped': the base "
+                  'model shipped in toy/shipped/ (adapters, baselines and evaluation only).')
 config_flags.DEFINE_config_file('config', None, 'Config file (default configs/toy_world.py).',
                                 lock_config=False)
 flags.mark_flags_as_required(['workdir'])
@@ -149,10 +160,15 @@ def stage_world(config, workdir: str) -> str:
   return shards
 
 
-def stage_base(config, workdir: str) -> tuple[str, str]:
-  """Trains (or resumes, or skips) the autoencoder and the UNet; returns (sd, vision) dirs."""
+def stage_base(config, workdir: str, source: str = 'train') -> tuple[str, str]:
+  """Trains (or resumes, or skips) the autoencoder and the UNet, or with source 'shipped'
+  writes out the shipped base (toy/shipped/); returns (sd, vision) dirs."""
   base = os.path.join(workdir, 'base')
   sd_dir, vision_dir = os.path.join(base, 'sd'), os.path.join(base, 'vision')
+  if source == 'shipped':
+    from toy import shipped  # pylint: disable=g-import-not-at-top
+    sd_dir, vision_dir, _ = shipped.materialise(os.path.join(workdir, 'shipped_base'))
+    return sd_dir, vision_dir
   if os.path.isfile(os.path.join(sd_dir, 'model_index.json')):
     return sd_dir, vision_dir
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -231,12 +247,16 @@ def stage_adapter(config, workdir: str, name: str, overrides: dict[str, str], sd
   adir = os.path.join(workdir, f'adapter_{name}')
   out = os.path.join(adir, 'adapter.safetensors')
   stamp_path = os.path.join(adir, 'fingerprint.json')
-  stamp = {'model_code': model_fingerprint(), 'num_steps': int(config.train.num_steps)}
+  train = hashlib.sha256(json.dumps(
+      {**config.train.to_dict(), **config.model.to_dict(), **overrides}, sort_keys=True,
+      default=str).encode()).hexdigest()[:16]
+  stamp = {'model_code': model_fingerprint(), 'num_steps': int(config.train.num_steps),
+           'train_config': train}
   if os.path.isdir(adir):
     old = json.load(open(stamp_path)) if os.path.isfile(stamp_path) else None
     if old != stamp:
-      _progress(f'adapter_{name}: model code or steps changed ({old} -> {stamp}): '
-                'retraining')
+      _progress(f'adapter_{name}: model code or training config changed ({old} -> '
+                f'{stamp}): retraining')
       shutil.rmtree(adir)
   if os.path.isfile(out):
     return out
@@ -287,16 +307,26 @@ def _pipeline(config, sd_dir, vision_dir, adapter, overrides: dict[str, str]):
 
 
 def _pipelines(config, sd_dir, vision_dir, adapters) -> dict:
-  """One pipeline per (adapter, inference fusion) the variants use."""
+  """One pipeline per (adapter, inference fusion) the variants use.
+
+  A fusion ablation samples the adapter trained with Eq. 8's fusion through a model
+  that fuses the scores otherwise (same parameter tree). The pipeline refuses such a
+  mismatch from a user's config, so the ablation swaps the model of a loaded pipeline.
+  """
+  import copy  # pylint: disable=g-import-not-at-top
+  from realcustom_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   runs = adapter_runs(config)
   pipes = {}
   for v in variants(config):
+    name = v.adapter or 'adaptive'
+    if name not in pipes:
+      pipes[name] = _pipeline(config, sd_dir, vision_dir, adapters[name], dict(runs[name]))
     if v.pipe not in pipes:
-      name = v.adapter or 'adaptive'
-      overrides = dict(runs[name])
-      if v.fusion:
-        overrides['model.fusion'] = v.fusion
-      pipes[v.pipe] = _pipeline(config, sd_dir, vision_dir, adapters[name], overrides)
+      ablation = config.copy_and_resolve_references()
+      ablation.model.fusion = v.fusion
+      pipe = copy.copy(pipes[name])
+      pipe.model = model_lib.build_model(ablation, pipe.components.unet_config)
+      pipes[v.pipe] = pipe
   return pipes
 
 
@@ -428,6 +458,8 @@ def stage_eval(config, workdir: str, sd_dir: str, vision_dir: str,
   with open(os.path.join(out_dir, 'results.json'), 'w') as f:
     json.dump(result, f, indent=2)
   toy_plots.tradeoff_plot(summary, os.path.join(out_dir, 'tradeoff.png'), baseline_curves)
+  toy_plots.tradeoff_plot(summary, os.path.join(out_dir, 'tradeoff_sim.png'), baseline_curves,
+                          x_key='sim')
   first = seeds[0]
   columns = ['plain_t2i', 'named_prompt', 'no_mask', 'realcustom'] + [
       n for n in (baseline_curves.get('textual_inversion', [])[-1:]
@@ -657,14 +689,14 @@ def check_config(config) -> None:
   toy_world.eval_cases(int(config.resolution), int(toy.prompts_per_subject))  # checks the count
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, base: str = 'train') -> dict:
   """All stages; returns the evaluation result plus stage wall times."""
   times, t_all = {}, time.perf_counter()
   t0 = time.perf_counter()
   shards = stage_world(config, workdir)
   times['world_s'] = time.perf_counter() - t0
   t0 = time.perf_counter()
-  sd_dir, vision_dir = stage_base(config, workdir)
+  sd_dir, vision_dir = stage_base(config, workdir, base)
   times['base_s'] = time.perf_counter() - t0
   adapters = {}
   for name, overrides in adapter_runs(config).items():
@@ -708,8 +740,15 @@ def main(argv):
   cli.quiet_libraries()
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+  if FLAGS.base == 'shipped':
+    from toy import shipped  # pylint: disable=g-import-not-at-top
+    try:
+      shipped.check()
+    except ValueError as e:  # a missing or changed shipped model
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
   try:
-    result = run(config, workdir)
+    result = run(config, workdir, FLAGS.base)
   except RuntimeError as e:  # a train.main / export subprocess failed; its log is named
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -1,0 +1,149 @@
+"""The shipped toy model (toy/shipped/) as a learning regression test.
+
+The base and the RealCustom adapter that `python -m toy.reproduction` trained, read
+through the real loaders (`shipped.materialise` writes the diffusers layout, then
+`pipelines.load_pipeline`), sampled on the held-out identities at the reproduction's
+settings. The thresholds sit below what the shipped model measured (docs/
+toy_reproduction.md, "Regression test"): a change that breaks the text path, the visual
+branch, the influence scope or the guidance fails here, not only a shape.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import toy_world as toy_config
+from realcustom_jax import pipelines
+from realcustom_jax import sampler
+from toy import gates
+from toy import metrics as toy_metrics
+from toy import shipped
+from toy import world as toy_world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = (0, 1)
+# Measured on the shipped model with these 16 samples (2026-12-07, 2 CPU cores): named
+# identity 0.94, plain 0.06; realcustom identity 0.50, similarity 0.71 vs plain's 0.19,
+# text control 1.00 (plain 1.00), scope on the object 0.99; copy margins vs a shuffled
+# subject 0.28 / 0.36 at t = 400 / 700. Each threshold leaves room for float noise across
+# machines, none for a broken path.
+THRESHOLDS = dict(
+    named_identity_min=0.75,       # G0: the naming caption draws the identity
+    plain_identity_max=0.25,       # G0: the real word alone does not
+    realcustom_identity_min=0.25,  # G3: the subject's identity comes through the adapter
+    realcustom_sim_gain_min=0.3,   # G3: similarity above plain T2I's
+    text_control_drop_max=0.1,     # G3: text control within this of plain T2I's
+    scope_on_object_min=0.85,      # the word's scope finds the object
+    copy_margin_min=0.12,          # G2: the subject lowers the noise error vs shuffled
+)
+
+
+@pytest.fixture(scope='module')
+def shipped_run(tmp_path_factory):
+  sd_dir, vision_dir, adapter = shipped.materialise(str(tmp_path_factory.mktemp('shipped')))
+  config = toy_config.get_config()
+  pipe = pipelines.load_pipeline(config, pretrained=sd_dir, vision_encoder=vision_dir,
+                                 adapter=adapter)
+  res = int(config.resolution)
+  cases = toy_world.eval_cases(res, 1)  # every held-out identity, one background each
+  refs = [toy_world.render(c.subject, res)[0] for c in cases]
+  subjects = [Image.fromarray(r) for r in refs]
+  plain = pipe.encode(subjects, [c.prompt for c in cases], [c.word for c in cases])
+  named = pipe.encode(subjects, [c.named_prompt for c in cases], [c.word for c in cases])
+  schedule = pipe.schedule()
+  settings = pipe.settings()
+  rows = {'plain': [], 'named': [], 'realcustom': []}
+  for seed in SEEDS:
+    z = pipe.initial_latents(seed, len(cases)) * schedule.init_noise_sigma
+    outs = {
+        'plain': (sampler.cfg_sample(pipe.model, pipe.params, schedule, z, plain, settings),
+                  None),
+        'named': (sampler.cfg_sample(pipe.model, pipe.params, schedule, z, named, settings),
+                  None),
+    }
+    rc = sampler.sample(pipe.model, pipe.params, schedule, z, plain, settings)
+    outs['realcustom'] = (rc, np.asarray(jax.device_get(rc.mask)))
+    for name, (out, scope) in outs.items():
+      images = pipe.decode(out.latents)
+      rows[name] += [toy_metrics.score_image(
+          images[i], c.background, refs[i], c.subject.identity,
+          None if scope is None else scope[i]) for i, c in enumerate(cases)]
+  return pipe, config, {k: toy_metrics.summarize(v) for k, v in rows.items()}
+
+
+def test_shipped_files_match_their_checksums():
+  shipped.check()  # raises on a missing file or a Git LFS pointer
+
+
+def test_g0_the_base_draws_an_identity_only_when_named(shipped_run):
+  _, _, r = shipped_run
+  assert r['named']['id'] >= THRESHOLDS['named_identity_min'], r['named']
+  assert r['plain']['id'] <= THRESHOLDS['plain_identity_max'], r['plain']
+
+
+def test_g3_realcustom_carries_the_subject_and_keeps_the_text(shipped_run):
+  _, _, r = shipped_run
+  assert r['realcustom']['id'] >= THRESHOLDS['realcustom_identity_min'], r['realcustom']
+  gain = r['realcustom']['sim'] - r['plain']['sim']
+  assert gain >= THRESHOLDS['realcustom_sim_gain_min'], (r['realcustom'], r['plain'])
+  drop = r['plain']['text'] - r['realcustom']['text']
+  assert drop <= THRESHOLDS['text_control_drop_max'], (r['realcustom'], r['plain'])
+  assert r['realcustom']['scope_in_object'] >= THRESHOLDS['scope_on_object_min']
+
+
+def test_g2_the_adapter_reads_its_subject(shipped_run):
+  """The trained adapter denoises a training image better with that image as the
+  subject than with another image's: a broken visual branch or scorer fails here."""
+  pipe, config, _ = shipped_run
+  scenes = list(toy_world.iter_scenes(16, int(config.resolution), config.seed))
+  images = np.stack([toy_world.render(sc, int(config.resolution))[0] for sc in scenes])
+  c = pipe.components
+  from toy import base as toy_base  # pylint: disable=g-import-not-at-top
+  z0 = toy_base.encode_latents(c.vae, c.vae_params, images) * c.scaling_factor
+  cond = pipe.encode([Image.fromarray(x) for x in images], [sc.caption for sc in scenes],
+                     [sc.shape for sc in scenes])
+  errors = gates.copy_errors(pipe.model, pipe.params, z0, cond.text, cond.image,
+                             c.scheduler_config, timesteps=(400, 700), draws=2)
+  for t, e in errors.items():
+    assert e['margin_vs_shuffled'] >= THRESHOLDS['copy_margin_min'], (t, e)
+
+
+def test_demo_refuses_bad_input_in_one_line():
+  for args, message in ((['--subject=99'], '--subject must lie in'),
+                        (['--background=teal'], '--background must be one of')):
+    proc = subprocess.run([sys.executable, '-m', 'toy.demo', '--out=/nonexistent/x'] + args,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_export_of_the_written_out_model_gives_the_shipped_files(tmp_path):
+  """materialise and export are inverses: the diffusers layout written out and exported
+  again is byte for byte the shipped base (what `python -m toy.shipped` writes)."""
+  sd_dir, _, adapter = shipped.materialise(str(tmp_path / 'model'))
+  sums = shipped.export(os.path.dirname(sd_dir), adapter, str(tmp_path / 'again'))
+  with open(os.path.join(shipped.HERE, 'SHA256SUMS')) as f:
+    expected = {name: digest for digest, name in (line.split() for line in f)}
+  assert sums == expected
+
+
+def test_a_missing_or_changed_shipped_file_is_one_line(tmp_path):
+  with pytest.raises(ValueError, match='no shipped toy model'):
+    shipped.check(str(tmp_path))
+  copy = tmp_path / 'copy'
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(shipped.HERE, copy)
+  with open(copy / 'adapter.safetensors', 'r+b') as f:
+    f.seek(-1, os.SEEK_END)
+    last = f.read(1)
+    f.seek(-1, os.SEEK_END)
+    f.write(bytes([last[0] ^ 1]))
+  with pytest.raises(ValueError, match='does not match SHA256SUMS'):
+    shipped.check(str(copy))
+  os.remove(copy / 'base.safetensors')
+  with pytest.raises(ValueError, match='is missing'):
+    shipped.check(str(copy))

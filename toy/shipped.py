@@ -1,0 +1,147 @@
+"""The trained toy model that ships in the repository (toy/shipped/).
+
+`python -m toy.reproduction --workdir=DIR` trains a base model and a RealCustom adapter
+on the toy world; `python -m toy.shipped --workdir=DIR` then copies them here:
+
+  toy/shipped/base.safetensors      UNet, VAE, text encoder, CLIP vision tower ('/'-joined
+                                    keys under unet/, vae/, text_encoder/, vision/)
+  toy/shipped/adapter.safetensors   the adapter, as train.export writes it
+  toy/shipped/files/...             the configs and the tokenizer (small JSON / text)
+  toy/shipped/SHA256SUMS            checksums of the two weight files
+
+`materialise(dest)` writes them back out in the diffusers / transformers layouts the
+real loaders read (`dest/sd`, `dest/vision`), so everything downstream (the pipeline,
+`sample.main`, `make demo`, the regression test) goes through the real loading code.
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+from absl import app
+from absl import flags
+import flax
+from flax import traverse_util
+import numpy as np
+import safetensors.numpy
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shipped')
+# (directory in the base model, its weights file, the key prefix in base.safetensors)
+_WEIGHTS = (('sd/unet', 'diffusion_flax_model.msgpack', 'unet'),
+            ('sd/vae', 'diffusion_flax_model.msgpack', 'vae'),
+            ('sd/text_encoder', 'flax_model.msgpack', 'text_encoder'),
+            ('vision', 'flax_model.msgpack', 'vision'))
+
+
+def _sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def export(base_dir: str, adapter_path: str, out_dir: str = HERE,
+           provenance: dict | None = None) -> dict[str, str]:
+  """Copies a trained base (toy.reproduction's base/) and adapter into `out_dir`.
+
+  Returns:
+    {file name: sha256} of the two weight files.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  tensors = {}
+  for sub, name, prefix in _WEIGHTS:
+    with open(os.path.join(base_dir, sub, name), 'rb') as f:
+      tree = flax.serialization.msgpack_restore(f.read())
+    for key, value in traverse_util.flatten_dict(tree, sep='/').items():
+      tensors[f'{prefix}/{key}'] = np.ascontiguousarray(value)
+  safetensors.numpy.save_file(tensors, os.path.join(out_dir, 'base.safetensors'))
+  shutil.copyfile(adapter_path, os.path.join(out_dir, 'adapter.safetensors'))
+  files = os.path.join(out_dir, 'files')
+  shutil.rmtree(files, ignore_errors=True)
+  for root, _, names in os.walk(base_dir):
+    rel = os.path.relpath(root, base_dir)
+    if rel.split(os.sep)[0] not in ('sd', 'vision'):
+      continue
+    for name in names:
+      if not name.endswith('.msgpack'):
+        os.makedirs(os.path.join(files, rel), exist_ok=True)
+        shutil.copyfile(os.path.join(root, name), os.path.join(files, rel, name))
+  sums = {n: _sha256(os.path.join(out_dir, n)) for n in ('base.safetensors',
+                                                         'adapter.safetensors')}
+  with open(os.path.join(out_dir, 'SHA256SUMS'), 'w') as f:
+    f.writelines(f'{h}  {n}\n' for n, h in sums.items())
+  with open(os.path.join(out_dir, 'provenance.json'), 'w') as f:
+    json.dump(provenance or {}, f, indent=2)
+  return sums
+
+
+def check(src: str = HERE) -> None:
+  """ValueError (one line) when a shipped file is missing or its checksum differs."""
+  sums_path = os.path.join(src, 'SHA256SUMS')
+  if not os.path.isfile(sums_path):
+    raise ValueError(f'no shipped toy model in {src} (python -m toy.shipped --workdir=...)')
+  for line in open(sums_path):
+    digest, name = line.split()
+    path = os.path.join(src, name)
+    if not os.path.isfile(path):
+      raise ValueError(f'shipped toy model: {path} is missing')
+    if _sha256(path) != digest:
+      raise ValueError(f'shipped toy model: {path} does not match SHA256SUMS (a Git LFS '
+                       'pointer, or a changed file?)')
+
+
+def materialise(dest: str, src: str = HERE) -> tuple[str, str, str]:
+  """Writes the shipped model in the diffusers layout under `dest` (once; reused after).
+
+  Returns:
+    (sd_dir, vision_dir, adapter_path).
+  """
+  check(src)
+  sd_dir, vision_dir = os.path.join(dest, 'sd'), os.path.join(dest, 'vision')
+  stamp = os.path.join(dest, 'materialised_from')
+  digest = _sha256(os.path.join(src, 'SHA256SUMS'))
+  if not (os.path.isfile(stamp) and open(stamp).read() == digest):
+    tmp = f'{dest}.tmp{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(os.path.join(src, 'files'), tmp)
+    tensors = safetensors.numpy.load_file(os.path.join(src, 'base.safetensors'))
+    for sub, name, prefix in _WEIGHTS:
+      flat = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + '/')}
+      tree = traverse_util.unflatten_dict(flat, sep='/')
+      with open(os.path.join(tmp, sub, name), 'wb') as f:
+        f.write(flax.serialization.msgpack_serialize(tree))
+    with open(os.path.join(tmp, 'materialised_from'), 'w') as f:
+      f.write(digest)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    os.replace(tmp, dest)
+  return sd_dir, vision_dir, os.path.join(src, 'adapter.safetensors')
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    sys.exit(2)
+  workdir = flags.FLAGS.workdir
+  base = os.path.join(workdir or '', 'base')
+  adapter = os.path.join(workdir or '', 'adapter_adaptive', 'adapter.safetensors')
+  if not workdir or not os.path.isfile(os.path.join(base, 'sd', 'model_index.json')) \
+      or not os.path.isfile(adapter):
+    print(f'error: --workdir={workdir} holds no finished toy reproduction (base/sd and '
+          'adapter_adaptive/adapter.safetensors)', file=sys.stderr)
+    sys.exit(2)
+  results = os.path.join(workdir, 'eval', 'results.json')
+  provenance = {'command': 'python -m toy.reproduction --workdir=DIR && '
+                           'python -m toy.shipped --workdir=DIR'}
+  if os.path.isfile(results):
+    with open(results) as f:
+      r = json.load(f)
+    provenance['gates'] = r.get('gates')
+    provenance['wall_s'] = r.get('wall_s')
+  for name, digest in export(base, adapter, provenance=provenance).items():
+    print(f'{digest}  toy/shipped/{name}')
+
+
+if __name__ == '__main__':
+  # Defined only when run: the tests import this module beside other entry points.
+  flags.DEFINE_string('workdir', None, 'A finished `python -m toy.reproduction` workdir.')
+  app.run(main)
