@@ -55,16 +55,7 @@ from realcustom_jax.runtime import cli
 _STARTED = time.perf_counter()
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/tiny.py).')
-_PRETRAINED = flags.DEFINE_string('pretrained', None,
-                                  'Local diffusers Stable Diffusion directory (SDXL for '
-                                  'configs/release.py; overrides config.pretrained).')
-_VISION = flags.DEFINE_string('vision_encoder', None, 'Local CLIP vision model directory '
-                              '(configs/release.py: the directory holding the two timm '
-                              'ViT folders; overrides config.vision_encoder).')
-_ADAPTER = flags.DEFINE_string('adapter', None, 'Trained adapter .safetensors file (or the '
-                               "release's, converted by sample.convert_release).")
-_ALLOW_PICKLE = flags.DEFINE_bool('allow_pickle', False,
-                                  'Accept torch .bin weights (unpickling runs code).')
+_PRETRAINED, _VISION, _ADAPTER, _ALLOW_PICKLE = cli.define_weight_flags()
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on (0.0.0.0: every '
                             'interface; anyone who can reach it can use the demo).')
 _PORT = flags.DEFINE_integer('port', 7860, 'TCP port to listen on.')
@@ -753,15 +744,8 @@ def launch(blocks, host: str = '127.0.0.1', port: int = 7860,
 
 def _apply_flags(config) -> None:
   """Command-line paths override the config's."""
-  with config.unlocked():
-    if _PRETRAINED.value is not None:
-      config.pretrained = _PRETRAINED.value
-    if _VISION.value is not None:
-      config.vision_encoder = _VISION.value
-    if _ADAPTER.value is not None:
-      config.adapter = _ADAPTER.value
-    if _ALLOW_PICKLE.value:
-      config.allow_pickle = True
+  cli.apply_weight_flags(config, _PRETRAINED.value, _VISION.value, _ADAPTER.value,
+                         _ALLOW_PICKLE.value)
 
 
 def _check_flags() -> None:

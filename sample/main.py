@@ -36,16 +36,7 @@ _PROMPT = flags.DEFINE_string('prompt', None, 'Prompt, containing --word.')
 _WORD = flags.DEFINE_string('word', None, 'Target real word in the prompt (e.g. "toy").')
 _OUT = flags.DEFINE_string('out', None, 'Output image file (.png, .jpg).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the initial noise.')
-_PRETRAINED = flags.DEFINE_string('pretrained', None,
-                                  'Local diffusers Stable Diffusion directory (SDXL for '
-                                  'configs/release.py; overrides config.pretrained).')
-_VISION = flags.DEFINE_string('vision_encoder', None, 'Local CLIP vision model directory '
-                              '(configs/release.py: the directory holding the two timm '
-                              'ViT folders; overrides config.vision_encoder).')
-_ADAPTER = flags.DEFINE_string('adapter', None, 'Trained adapter .safetensors file (or the '
-                               "release's, converted by sample.convert_release).")
-_ALLOW_PICKLE = flags.DEFINE_bool('allow_pickle', False,
-                                  'Accept torch .bin weights (unpickling runs code).')
+_PRETRAINED, _VISION, _ADAPTER, _ALLOW_PICKLE = cli.define_weight_flags()
 _MASK_GRID = flags.DEFINE_string('mask_grid', None, 'Also write a Fig. 6-style grid of '
                                  'the influence scope and x0 prediction per step.')
 cli.define_compile_cache_flags()
@@ -82,15 +73,8 @@ def _check_output(path: str, flag: str) -> None:
 
 def _apply_flags(config) -> None:
   """Command-line paths override the config's."""
-  with config.unlocked():
-    if _PRETRAINED.value is not None:
-      config.pretrained = _PRETRAINED.value
-    if _VISION.value is not None:
-      config.vision_encoder = _VISION.value
-    if _ADAPTER.value is not None:
-      config.adapter = _ADAPTER.value
-    if _ALLOW_PICKLE.value:
-      config.allow_pickle = True
+  cli.apply_weight_flags(config, _PRETRAINED.value, _VISION.value, _ADAPTER.value,
+                         _ALLOW_PICKLE.value)
 
 
 def _check_word(config, prompt: str, word: str) -> None:

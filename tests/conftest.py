@@ -73,3 +73,14 @@ def tiny_pretrained(tmp_path_factory):
   from tests import testing  # pylint: disable=g-import-not-at-top
   return testing.save_tiny_pretrained(str(tmp_path_factory.mktemp('tiny_pretrained')),
                                       tiny_config.get_config())
+
+
+@pytest.fixture(scope='module')
+def subject(tmp_path_factory):
+  """A 40 x 30 RGBA noise image as a subject file (the CLIs convert and resize it)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp('subject') / 'toy.png'
+  rng = np.random.RandomState(0)
+  Image.fromarray((rng.rand(40, 30, 4) * 255).astype(np.uint8), 'RGBA').save(path)
+  return str(path)

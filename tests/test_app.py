@@ -12,7 +12,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import zlib
@@ -27,6 +26,7 @@ import gradio_client  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from realcustom_jax.runtime import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from sample import app  # noqa: E402  pylint: disable=g-import-not-at-top
+from tests import testing  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Gradio answers each gr.Error through a constant Starlette deprecates.
 pytestmark = pytest.mark.filterwarnings('ignore:.*HTTP_422_UNPROCESSABLE_ENTITY')
@@ -56,14 +56,6 @@ def _png_header(path, width: int, height: int) -> None:
     f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8,
                                                               2, 0, 0, 0))
             + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b''))
-
-
-@pytest.fixture(scope='module')
-def subject(tmp_path_factory):
-  path = tmp_path_factory.mktemp('subject') / 'toy.png'
-  rng = np.random.RandomState(0)
-  Image.fromarray((rng.rand(40, 30, 4) * 255).astype(np.uint8), 'RGBA').save(path)
-  return str(path)
 
 
 @pytest.fixture(scope='module')
@@ -231,17 +223,8 @@ def test_command_line_serves_the_page_and_stops_on_sigterm():
   command, options = _cli(f'--config.sampler.num_steps={STEPS}', f'--port={port}')
   proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           **options)
-  lines, ready = [], threading.Event()
-
-  def read():
-    for line in proc.stdout:
-      lines.append(line)
-      if 'ready: http://' in line:
-        ready.set()
-  reader = threading.Thread(target=read, daemon=True)
-  reader.start()
   try:
-    assert ready.wait(150), ''.join(lines[-20:])
+    lines, reader = testing.wait_until_ready(proc, 150)
     log = ''.join(lines)
     assert f'ready: http://127.0.0.1:{port}/ (start-up ' in log
     assert 'compile included' in log and 'Traceback' not in log

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 from PIL import Image
 from PIL import ImageDraw
@@ -36,6 +35,7 @@ from selenium.webdriver.support import expected_conditions  # noqa: E402  pylint
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from realcustom_jax.runtime import cli  # noqa: E402  pylint: disable=g-import-not-at-top
+from tests import testing  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCREENSHOT = os.path.join(ROOT, 'docs', 'demo', 'app.png')
@@ -64,17 +64,8 @@ def _served(*flags, timeout: float = 180):
       [sys.executable, '-m', 'sample.app', '--config=configs/tiny.py', f'--port={port}',
        *flags], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT)
-  lines, ready = [], threading.Event()
-
-  def read():
-    for line in proc.stdout:
-      lines.append(line)
-      if 'ready: http://' in line:
-        ready.set()
-  reader = threading.Thread(target=read, daemon=True)
-  reader.start()
   try:
-    assert ready.wait(timeout), ''.join(lines[-20:])
+    testing.wait_until_ready(proc, timeout)
     yield f'http://127.0.0.1:{port}/'
   finally:
     proc.send_signal(signal.SIGTERM)
@@ -83,7 +74,6 @@ def _served(*flags, timeout: float = 180):
     except subprocess.TimeoutExpired:
       proc.kill()
       proc.wait()
-    reader.join(5)
 
 
 def _subject(path) -> str:

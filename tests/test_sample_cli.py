@@ -21,14 +21,6 @@ def _run(*args, timeout=240):
                         timeout=timeout)
 
 
-@pytest.fixture(scope='module')
-def subject(tmp_path_factory):
-  path = tmp_path_factory.mktemp('subject') / 'toy.png'
-  rng = np.random.RandomState(0)
-  Image.fromarray((rng.rand(40, 30, 4) * 255).astype(np.uint8), 'RGBA').save(path)
-  return str(path)
-
-
 def _assert_one_line_error(proc, *needles):
   assert proc.returncode == 2, proc.stderr
   assert 'Traceback' not in proc.stderr

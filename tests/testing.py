@@ -82,3 +82,27 @@ def write_json(path: str, value) -> None:
   """Writes `value` as JSON (tests use it to break configs on purpose)."""
   with open(path, 'w') as f:
     json.dump(value, f)
+
+
+def wait_until_ready(proc, timeout: float):
+  """Reads a served app's merged output on a thread until its 'ready: http://' line.
+
+  Returns:
+    (lines, reader): the lines read so far, which the reader thread keeps appending to
+    until the output closes (join it to have them all).
+
+  Raises:
+    AssertionError: no 'ready' line within `timeout` seconds (with the last lines).
+  """
+  import threading  # pylint: disable=g-import-not-at-top
+  lines, ready = [], threading.Event()
+
+  def read():
+    for line in proc.stdout:
+      lines.append(line)
+      if 'ready: http://' in line:
+        ready.set()
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  assert ready.wait(timeout), ''.join(lines[-20:])
+  return lines, reader

@@ -134,6 +134,37 @@ def define_compile_cache_flags() -> None:
                       '$XDG_CACHE_HOME/realcustom_jax/xla (~/.cache/realcustom_jax/xla).')
 
 
+def define_weight_flags():
+  """--pretrained, --vision_encoder, --adapter, --allow_pickle, for the sampling entry
+  points; returns their FlagHolders in that order."""
+  return (
+      flags.DEFINE_string('pretrained', None,
+                          'Local diffusers Stable Diffusion directory (SDXL for '
+                          'configs/release.py; overrides config.pretrained).'),
+      flags.DEFINE_string('vision_encoder', None, 'Local CLIP vision model directory '
+                          '(configs/release.py: the directory holding the two timm ViT '
+                          'folders; overrides config.vision_encoder).'),
+      flags.DEFINE_string('adapter', None, "Trained adapter .safetensors file (or the "
+                          "release's, converted by sample.convert_release)."),
+      flags.DEFINE_bool('allow_pickle', False,
+                        'Accept torch .bin weights (unpickling runs code).'))
+
+
+def apply_weight_flags(config, pretrained: str | None, vision_encoder: str | None,
+                       adapter: str | None, allow_pickle: bool) -> None:
+  """--pretrained / --vision_encoder / --adapter / --allow_pickle override the config's
+  paths (None: the flag was not given); for the sampling entry points."""
+  with config.unlocked():
+    if pretrained is not None:
+      config.pretrained = pretrained
+    if vision_encoder is not None:
+      config.vision_encoder = vision_encoder
+    if adapter is not None:
+      config.adapter = adapter
+    if allow_pickle:
+      config.allow_pickle = True
+
+
 def default_compile_cache_dir() -> str:
   """$JAX_COMPILATION_CACHE_DIR, else the user cache directory's realcustom_jax/xla."""
   if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
