@@ -248,7 +248,8 @@ def stage_adapter(config, workdir: str, name: str, overrides: dict[str, str], sd
   out = os.path.join(adir, 'adapter.safetensors')
   stamp_path = os.path.join(adir, 'fingerprint.json')
   train = hashlib.sha256(json.dumps(
-      {**config.train.to_dict(), **config.model.to_dict(), **overrides}, sort_keys=True,
+      {'train': config.train.to_dict(), 'model': config.model.to_dict(),
+       'overrides': overrides}, sort_keys=True,
       default=str).encode()).hexdigest()[:16]
   stamp = {'model_code': model_fingerprint(), 'num_steps': int(config.train.num_steps),
            'train_config': train}
