@@ -3,9 +3,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 from PIL import Image
-import pytest
 
 from realcustom_jax.runtime import cli
 

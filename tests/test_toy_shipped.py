@@ -99,15 +99,10 @@ def test_g2_the_adapter_reads_its_subject(shipped_run):
   """The trained adapter denoises a training image better with that image as the
   subject than with another image's: a broken visual branch or scorer fails here."""
   pipe, config, _ = shipped_run
-  scenes = list(toy_world.iter_scenes(16, int(config.resolution), config.seed))
-  images = np.stack([toy_world.render(sc, int(config.resolution))[0] for sc in scenes])
-  c = pipe.components
-  from toy import base as toy_base  # pylint: disable=g-import-not-at-top
-  z0 = toy_base.encode_latents(c.vae, c.vae_params, images) * c.scaling_factor
-  cond = pipe.encode([Image.fromarray(x) for x in images], [sc.caption for sc in scenes],
-                     [sc.shape for sc in scenes])
+  z0, cond = gates.copy_inputs(pipe, 16, int(config.resolution), config.seed)
   errors = gates.copy_errors(pipe.model, pipe.params, z0, cond.text, cond.image,
-                             c.scheduler_config, timesteps=(400, 700), draws=2)
+                             pipe.components.scheduler_config, timesteps=(400, 700),
+                             draws=2)
   for t, e in errors.items():
     assert e['margin_vs_shuffled'] >= THRESHOLDS['copy_margin_min'], (t, e)
 

@@ -85,9 +85,7 @@ def main(argv):
   from toy import metrics as toy_metrics  # pylint: disable=g-import-not-at-top
   from toy import world as toy_world  # pylint: disable=g-import-not-at-top
 
-  model_dir = _MODEL_DIR.value or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'realcustom_jax',
-      'toy_shipped')
+  model_dir = _MODEL_DIR.value or cli.user_cache_dir('toy_shipped')
   sd_dir, vision_dir, adapter = shipped.materialise(model_dir)
   config = toy_config.get_config()
   pipe = pipelines.load_pipeline(config, pretrained=sd_dir, vision_encoder=vision_dir,

@@ -118,6 +118,26 @@ def visual_path_check(unet, unet_params: Mapping, adapter_unet: Mapping, schedul
   return out
 
 
+def copy_inputs(pipe, num_images: int, resolution: int, seed: int):
+  """G2's inputs: the first `num_images` training scenes of the world's shards (`seed`),
+  images the adapters trained on, each its own subject.
+
+  Returns:
+    ((N, C, h, w) scaled latents z_0, the pipeline's Conditions of their real-word
+    captions and their own images).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from toy import base as toy_base  # pylint: disable=g-import-not-at-top
+  from toy import world as toy_world  # pylint: disable=g-import-not-at-top
+  scenes = list(toy_world.iter_scenes(num_images, resolution, seed))
+  images = np.stack([toy_world.render(sc, resolution)[0] for sc in scenes])
+  c = pipe.components
+  z0 = toy_base.encode_latents(c.vae, c.vae_params, images) * c.scaling_factor
+  cond = pipe.encode([Image.fromarray(x) for x in images], [sc.caption for sc in scenes],
+                     [sc.shape for sc in scenes])
+  return z0, cond
+
+
 def copy_errors(model, params, z0: Array, text: Array, image: Array,
                 scheduler_config: dict, timesteps=(100, 400, 700), draws: int = 4,
                 seed: int = 0) -> dict[str, dict[str, float]]:

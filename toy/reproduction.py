@@ -530,21 +530,12 @@ def _run_baselines(config, pipe, cases, refs, schedule, conditions, latents, rec
 
 def _copy_gate(config, pipes, adapters) -> dict:
   """G2 for every trained paper-projector adapter, and for both starts untrained."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   from realcustom_jax import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
-  from toy import base as toy_base  # pylint: disable=g-import-not-at-top
   from toy import gates  # pylint: disable=g-import-not-at-top
-  from toy import world as toy_world  # pylint: disable=g-import-not-at-top
-  n = int(config.toy.copy_gate_images)
-  # The first training scenes (the shards' seed): images the adapters trained on.
-  scenes = list(toy_world.iter_scenes(n, int(config.resolution), config.seed))
-  imgs = np.stack([toy_world.render(sc, int(config.resolution))[0] for sc in scenes])
   main = pipes['adaptive']
   c = main.components
-  z0 = toy_base.encode_latents(c.vae, c.vae_params, imgs) * c.scaling_factor
-  cond = main.encode([Image.fromarray(x) for x in imgs], [sc.caption for sc in scenes],
-                     [sc.shape for sc in scenes])
+  z0, cond = gates.copy_inputs(main, int(config.toy.copy_gate_images),
+                               int(config.resolution), config.seed)
   out = {}
   for name in adapters:
     pipe = pipes.get(name)

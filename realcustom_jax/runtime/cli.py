@@ -165,12 +165,17 @@ def apply_weight_flags(config, pretrained: str | None, vision_encoder: str | Non
       config.allow_pickle = True
 
 
+def user_cache_dir(*parts: str) -> str:
+  """$XDG_CACHE_HOME/realcustom_jax/<parts> (~/.cache/realcustom_jax/<parts>)."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'realcustom_jax', *parts)
+
+
 def default_compile_cache_dir() -> str:
   """$JAX_COMPILATION_CACHE_DIR, else the user cache directory's realcustom_jax/xla."""
   if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     return os.environ['JAX_COMPILATION_CACHE_DIR']
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'realcustom_jax', 'xla')
+  return user_cache_dir('xla')
 
 
 def enable_compile_cache() -> str | None:
