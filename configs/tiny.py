@@ -28,6 +28,9 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   config.model.scoring_hidden = 0  # width of the two score-net MLPs; 0 = image feature width
   config.model.fusion = 'timestep'  # Eq. 8; 'text', 'visual', 'mean' for Table 3 ablations
+  # Eq. 6 at inference: 'paper' pools every latent position of M-hat * z_t (the zeroed
+  # ones too), 'scope' only those inside the influence scope.
+  config.model.visual_pool = 'paper'
   # 'adaptive' (Eqs. 5-10) | 'none' (Table 3 ID-2: every image token, no scores, no top-k)
   config.model.scoring = 'adaptive'
   # 'torch': the numerics SD checkpoints were trained with (exact GELU in GEGLU, GroupNorm
@@ -80,6 +83,10 @@ def get_config():
   config.data.tfds_data_dir = ''  # '' = <workdir>/tfds
   config.data.aesthetic_field = 'aesthetic'  # key in each sample's .json
   config.data.min_aesthetic = 0.0  # <= 0 disables the filter
+  # The subject image the adapter reads in training: 'self' (the paper: the training
+  # image itself) or 'stored' (each sample's `KEY.ref.<ext>` in the shards: the same
+  # subject in another scene, so the reference's context stops predicting the target's).
+  config.data.subject_reference = 'self'
   config.data.batch_size = 4  # global, across all processes
   config.data.shuffle_seed = 0
   config.data.worker_count = 0  # grain worker processes

@@ -75,8 +75,6 @@ def get_config(arg: str = ''):
       # Table 3 IDs 3-5 at inference, with the trained adapter: textual / visual scores
       # only, their plain mean (instead of Eq. 8's timestep-aware fusion).
       fusions=() if smoke else ('text', 'visual', 'mean'),
-      # Also train an adapter whose visual K/V start as copies of the text K/V (G2).
-      compare_kv_init=not smoke,
       # The pseudo-word baselines, per held-out subject on its one reference: the step
       # counts at which each is evaluated (its trade-off curve), its Adam learning rate.
       ti_checkpoints=(2,) if smoke else (25, 100, 400),
@@ -86,8 +84,22 @@ def get_config(arg: str = ''):
       baseline_batch=2 if smoke else 8,
       # G2: training images on which the copy errors are measured.
       copy_gate_images=8 if smoke else 64,
-      # Also train a scoring='none' adapter (Table 3 ID-2); the smoke run skips it: a
-      # second train.main costs the test suite ~30 s of compiles.
-      train_none_scoring=not smoke,
+      # The adapters trained (toy.reproduction.ADAPTER_RUNS), each with every seed of
+      # `adapter_seeds`: the paper's recipe, Table 3 ID-2, and both with the subject
+      # re-rendered as the training reference. The smoke run trains one (a second
+      # train.main costs the test suite ~30 s of compiles).
+      adapters=('adaptive',) if smoke else ('adaptive_ref', 'none_ref', 'adaptive', 'none'),
+      adapter_seeds=(0,) if smoke else (0, 1, 2),
+      # The adapter of the main rows (G3, the target, no mask, the gamma_scope sweep).
+      main_adapter='adaptive',
+      # Eq. 10's ratio at inference, beside the config's 0.8, for every scored adapter
+      # (Table 3 IDs 6-7 and the sweep of issue 27).
+      gamma_nums=(1.0,) if smoke else (0.5, 0.7, 0.9, 1.0),
+      # Gate A (toy/selection_gate.py) on these adapters: Eq. 10 following a fixed token
+      # order ('kind:gamma_num'; oracle = most object area first), Eq. 9's gain off,
+      # Eq. 6 pooled inside the scope.
+      gate_a_adapters=('adaptive',) if smoke else ('adaptive', 'adaptive_ref'),
+      fixed_selections=('oracle:0.5',) if smoke else (
+          'oracle:0.8', 'anti_oracle:0.8', 'random:0.8', 'oracle:0.5', 'random:0.5'),
   )
   return config

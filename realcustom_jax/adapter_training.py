@@ -217,17 +217,22 @@ def encode_features(frozen: Mapping, batch: Mapping[str, Array],
   What precomputation stores (train/precompute.py): the VAE posterior's moments rather
   than one draw from it, so every step still draws its own z_0 (`sample_latents`).
 
+  The subject features come from `batch['reference']` when the batch has one (a set
+  prepared with references, `config.data.subject_reference='stored'`), else from the
+  training image itself (the paper).
+
   Returns:
     {'latent_mean', 'latent_std': (B, h, w, c) NHWC as the VAE gives them, unscaled;
      'text': (B, L, c_t) f_ct; 'image': (B, n, c_i) f_ci}, in the encoders' dtype.
   """
   images = batch['image'].astype(jnp.float32)
+  subjects = batch.get('reference', images).astype(jnp.float32)
   posterior = models.vae.apply({'params': frozen['vae']}, jnp.transpose(images, (0, 3, 1, 2)),
                                method=models.vae.encode).latent_dist
   return {'latent_mean': posterior.mean, 'latent_std': posterior.std,
           'text': encoders.encode_text(models.text_encoder, frozen['text'], batch['input_ids']),
           'image': encoders.image_features(models.vision_model, frozen['vision'],
-                                           vision_pixels(images, models))}
+                                           vision_pixels(subjects, models))}
 
 
 def sample_latents(mean: Array, std: Array, rng: Array, scaling_factor: float) -> Array:

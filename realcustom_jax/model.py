@@ -28,6 +28,7 @@ from realcustom_jax.projectors import SubjectProjector
 from realcustom_jax.projectors import VisualProjection
 from realcustom_jax.scoring import FUSIONS
 from realcustom_jax.scoring import SCORINGS
+from realcustom_jax.scoring import VISUAL_POOLS
 from realcustom_jax.scoring import AdaptiveScoring
 from realcustom_jax.unet import NUMERICS
 from realcustom_jax.unet import RealCustomUNet
@@ -63,6 +64,8 @@ class RealCustom(nn.Module):
   scoring_hidden: int = 0
   fusion: str = 'timestep'
   scoring_mode: str = 'adaptive'
+  visual_pool: str = 'paper'
+  scoring_gain: bool = True
   projector: str = 'paper'
   release_vision_dim: int = RELEASE_VISION_DIM
   release_dim_head: int = RELEASE_DIM_HEAD
@@ -80,7 +83,8 @@ class RealCustom(nn.Module):
           self.release_vision_dim, self.unet.cross_attention_dim, self.release_dim_head)
       return
     if self.scoring_mode == 'adaptive':
-      self.scoring = AdaptiveScoring(self.scoring_hidden, self.fusion)
+      self.scoring = AdaptiveScoring(self.scoring_hidden, self.fusion, self.visual_pool,
+                                     self.scoring_gain)
     self.visual_proj = VisualProjection(self.unet.cross_attention_dim)
 
   def __call__(self, latents: Array, timesteps: Array, text_features: Array,
@@ -90,7 +94,8 @@ class RealCustom(nn.Module):
                scope_mask: Optional[Array] = None,
                image_keep: Optional[Array] = None,
                word_weights: Optional[Array] = None,
-               added_cond: Optional[Mapping[str, Array]] = None) -> Array:
+               added_cond: Optional[Mapping[str, Array]] = None,
+               token_priority: Optional[Array] = None) -> Array:
     """Predicts the noise, with or without the subject.
 
     Args:
@@ -114,6 +119,8 @@ class RealCustom(nn.Module):
         (read them with `word_maps`).
       added_cond: SDXL's {'text_embeds', 'time_ids'} (see `RealCustomUNet`); None for
         SD 1.x / 2.x.
+      token_priority: (B, n_i) an order for Eq. 10's top-k instead of the learned
+        scores (diagnostics; see `AdaptiveScoring`); None: the learned scores.
 
     Returns:
       (B, 4, h, w) predicted noise.
@@ -133,14 +140,16 @@ class RealCustom(nn.Module):
       raise ValueError('sqrt_alpha_bar is required with image_features (Eq. 8)')
     tokens = self.visual_proj(image_features)
     if self.scoring_mode == 'adaptive':
-      scored_latents = latents
+      scored_latents, latent_scope = latents, None
       if scope_mask is not None:
         h, w = latents.shape[2:]
-        scored_latents = latents * resize_scope(scope_mask, h, w)[:, None].astype(latents.dtype)
+        latent_scope = resize_scope(scope_mask, h, w)
+        scored_latents = latents * latent_scope[:, None].astype(latents.dtype)
       # The score nets read the CLIP tokens; Eq. 9 scales the projected ones, whose
       # scale reaches the bias-free visual K/V (and so the loss) intact.
       scored = self.scoring(text_features, scored_latents, sqrt_alpha_bar, image_features,
-                            gamma_num, tokens=tokens)
+                            gamma_num, tokens=tokens, latent_scope=latent_scope,
+                            priority=token_priority)
       tokens, selected = scored.features, scored.selected
     else:
       selected = jnp.ones(tokens.shape[:2], bool)
@@ -168,6 +177,7 @@ class RealCustom(nn.Module):
 # `config.model` as configs/tiny.py sets it; keys a config lacks take these values.
 # The release_* keys are read with projector='release_highres' only (the authors' widths).
 DEFAULT_MODEL_CONFIG = dict(scoring_hidden=0, fusion='timestep', scoring='adaptive',
+                            visual_pool='paper',
                             numerics='torch', dtype='float32', attention_impl='auto',
                             mask_antialias=False, remat='none', projector='paper',
                             fused_word_maps=True,
@@ -184,6 +194,7 @@ def check_model_config(m) -> None:
   m = _model_settings(m)
   for key, allowed in (('dtype', tuple(DTYPES)), ('scoring', SCORINGS),
                        ('numerics', NUMERICS), ('fusion', FUSIONS),
+                       ('visual_pool', VISUAL_POOLS),
                        ('attention_impl', ATTENTION_IMPLS), ('projector', PROJECTORS)):
     if m[key] not in allowed:
       raise ValueError(f'config.model.{key} must be one of {allowed}, got {m[key]!r}')
@@ -224,7 +235,8 @@ def build_model(config, unet_config) -> RealCustom:
       attention_impl=m['attention_impl'], mask_antialias=bool(m['mask_antialias']),
       numerics=m['numerics'], fused_word_maps=bool(m['fused_word_maps']))
   return RealCustom(unet=unet, scoring_hidden=int(m['scoring_hidden']), fusion=m['fusion'],
-                    scoring_mode=m['scoring'], projector=m['projector'],
+                    scoring_mode=m['scoring'], visual_pool=m['visual_pool'],
+                    projector=m['projector'],
                     release_vision_dim=int(m['release_vision_dim']),
                     release_dim_head=int(m['release_dim_head']))
 

@@ -235,6 +235,9 @@ class Conditions:
       'time_ids': (B, 6)} for the conditional rows.
     uncond_added: SDXL: the same for the unconditional rows (the negative prompt's
       pooled embedding); None: `added`.
+    token_priority: (B, n_i) an order of the subject tokens that Eq. 10's top-k follows
+      instead of the learned scores (diagnostics: an oracle or random choice); None:
+      the learned scores.
   """
   text: Array
   uncond_text: Array
@@ -243,6 +246,7 @@ class Conditions:
   uncond_image: Any = None
   added: Optional[dict] = None
   uncond_added: Optional[dict] = None
+  token_priority: Optional[Array] = None
 
   @property
   def pair_text(self) -> Array:
@@ -265,11 +269,14 @@ class SampleOutput(NamedTuple):
     mask: (B, H, W) the influence scope of the last step (None for `cfg_sample`).
     masks: (S, B, H, W) the scope at every step, when the trajectory is asked for.
     x0: (S, B, C, h, w) the x0 prediction at every step, when asked for.
+    selections: (S, B, n_i) bool, the subject tokens Eq. 10 kept at every step, when
+      the trajectory is asked for (paper guidance with adaptive scoring only).
   """
   latents: Array
   mask: Optional[Array] = None
   masks: Optional[Array] = None
   x0: Optional[Array] = None
+  selections: Optional[Array] = None
 
 
 # ---------------------------------------------------------------------------------
@@ -368,13 +375,19 @@ def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, la
     scope = _scope(model, settings, maps, self_maps, size)
     if reuse:  # the T2I call stays (Eq. 13 reads eps_T2I); only the scope is reused
       scope = jnp.where(fresh(i), scope, carried)
-    eps_image = model.apply(
-        {'params': params}, z, jnp.full((b,), t), cond.text, cond.image,
-        sqrt_alpha_bar=jnp.full((b,), jnp.sqrt(alpha_bar)), gamma_num=settings.gamma_num,
-        scope_mask=scope, **_added(cond.added))
+    args = ({'params': params}, z, jnp.full((b,), t), cond.text, cond.image)
+    kwargs = dict(sqrt_alpha_bar=jnp.full((b,), jnp.sqrt(alpha_bar)),
+                  gamma_num=settings.gamma_num, scope_mask=scope,
+                  token_priority=cond.token_priority, **_added(cond.added))
+    selection = None
+    if return_trajectory and model.scoring_mode == 'adaptive':
+      eps_image, state = model.apply(*args, mutable=['intermediates'], **kwargs)
+      selection = state['intermediates']['scoring']['selected_tokens'][0]
+    else:
+      eps_image = model.apply(*args, **kwargs)
     guided = adaptive_mask_guidance(eps_uncond, eps_text, eps_image,
                                     settings.guidance_text, settings.guidance_image)
-    return guided, scope
+    return guided, scope, selection
 
   def release_step(z, carried, i, t, alpha_bar):
     if reuse:  # a real branch: from step N on the mask pass does not run
@@ -387,15 +400,16 @@ def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, la
         pair_text, pair_image, sqrt_alpha_bar=jnp.full((2 * b,), jnp.sqrt(alpha_bar)),
         gamma_num=settings.gamma_num, scope_mask=jnp.concatenate([scope, scope], axis=0),
         **_added(pair_added))
-    return release_guidance(eps[:b], eps[b:], settings.guidance_image), scope
+    return release_guidance(eps[:b], eps[b:], settings.guidance_image), scope, None
 
   def step(carry, xs):
     z, carried, state = carry
     i, t, alpha_bar, alpha_bar_prev, order, alpha_bar_anchor = xs
-    guided, scope = (release_step if release else paper_step)(z, carried, i, t, alpha_bar)
+    guided, scope, selection = (release_step if release else paper_step)(
+        z, carried, i, t, alpha_bar)
     z_prev, x0, state = solver_update(z, guided, state, order, alpha_bar, alpha_bar_anchor,
                                        alpha_bar_prev, schedule)
-    ys = (scope, x0) if return_trajectory else None
+    ys = (scope, x0, selection) if return_trajectory else None
     return (z_prev, scope, state), ys
 
   # (B, H, W), or (B, R, H, W) for R reference subjects ((B, R, n_t) word weights).
@@ -410,7 +424,7 @@ def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, la
   (z0, scope, state), ys = jax.lax.scan(step, init, xs)
   out = solver_output(z0, state, schedule)
   if return_trajectory:
-    return SampleOutput(out, scope, ys[0], ys[1])
+    return SampleOutput(out, scope, ys[0], ys[1], ys[2])
   return SampleOutput(out, scope)
 
 
@@ -561,10 +575,11 @@ def sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Arr
       release's negative image, SDXL's added conditioning).
     settings: w_t, w_i, gamma_scope, gamma_num, mask strategy and reuse, guidance
       mode; None: the paper's.
-    return_trajectory: also return per-step scopes and x0 predictions; static.
+    return_trajectory: also return per-step scopes, x0 predictions and kept subject
+      tokens; static.
 
   Returns:
-    SampleOutput (masks/x0 filled when return_trajectory).
+    SampleOutput (masks/x0/selections filled when return_trajectory).
 
   Raises:
     ValueError: for shapes that disagree, settings that are not GuidanceSettings,
@@ -578,6 +593,12 @@ def sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Arr
                      '(cfg_sample samples from the text alone)')
   model_lib.validate_inputs(model, conditions.text, conditions.image,
                             conditions.word_weights)
+  if conditions.token_priority is not None:
+    want = tuple(np.shape(conditions.image)[:2]) if not isinstance(
+        conditions.image, (tuple, list)) else None
+    if want is None or tuple(np.shape(conditions.token_priority)) != want:
+      raise ValueError(f'token_priority must be (batch, image tokens) = {want} for the '
+                       f'paper model, got {tuple(np.shape(conditions.token_priority))}')
   if settings.guidance_mode == 'release':
     if _shapes(conditions.uncond_image) != _shapes(conditions.image):
       raise ValueError("guidance_mode 'release' needs uncond_image (the negative image) of "

@@ -12,19 +12,29 @@ Array = jax.Array
 FUSIONS = ('timestep', 'text', 'visual', 'mean')
 # 'adaptive': Eqs. 5-10; 'none': Table 3 ID-2, every image token, unscored.
 SCORINGS = ('adaptive', 'none')
+# Eq. 6 at inference pools M-hat * z_t. 'paper': over every latent position, the zeroed
+# ones included (a bias-free logit of 0 each); 'scope': over the positions inside the
+# influence scope only (training, which has no scope, is the same either way).
+VISUAL_POOLS = ('paper', 'scope')
 
 
-def context_pooling(features: Array, logits: Array) -> Array:
+def context_pooling(features: Array, logits: Array, where: Optional[Array] = None) -> Array:
   """Eqs. 5-7: softmax-weighted pooling of (B, n, c) features into a (B, c) context.
 
   Args:
     features: (B, n, c) text features f_ct or flattened latents z_t.
     logits: (B, n) pooling logits f W_a (Eq. 5 / Eq. 6 before the softmax).
+    where: optional (B, n) bool, the positions the softmax runs over (a row with none
+      pools every position).
 
   Returns:
     (B, c) context A^T f (Eq. 7).
   """
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  logits = logits.astype(jnp.float32)
+  if where is not None:
+    where = where | ~jnp.any(where, axis=-1, keepdims=True)
+    logits = jnp.where(where, logits, -jnp.inf)
+  weights = jax.nn.softmax(logits, axis=-1)
   return jnp.einsum('bn,bnc->bc', weights, features.astype(jnp.float32))
 
 
@@ -89,13 +99,19 @@ class AdaptiveScoring(nn.Module):
   Attributes:
     hidden: width of the two score nets (0: the image feature width c_i).
     fusion: how textual and visual scores combine (see `fuse_scores`).
+    visual_pool: Eq. 6's positions at inference (see VISUAL_POOLS).
+    gain: Eq. 9's (1 + S) scaling; False is an inference-time ablation (the tokens
+      enter unscaled, the selection is unchanged).
   """
   hidden: int = 0
   fusion: str = 'timestep'
+  visual_pool: str = 'paper'
+  gain: bool = True
 
   @nn.compact
   def __call__(self, text_features: Array, latents: Array, sqrt_alpha_bar: Array,
-               image_features: Array, gamma_num, tokens: Optional[Array] = None
+               image_features: Array, gamma_num, tokens: Optional[Array] = None,
+               latent_scope: Optional[Array] = None, priority: Optional[Array] = None
                ) -> ScoringOutput:
     """Runs Eqs. 5-10.
 
@@ -107,22 +123,36 @@ class AdaptiveScoring(nn.Module):
       gamma_num: top-k ratio, scalar or (B,), may be traced (Eq. 10).
       tokens: (B, n_i, c) what Eq. 9 scales, one row per image token; default
         `image_features`. The model passes the projected tokens (see `model.RealCustom`).
+      latent_scope: (B, h, w) the scope at the latents' size, or None (training); read
+        with visual_pool='scope'.
+      priority: (B, n_i) an order of the tokens that Eq. 10's top-k follows instead of
+        the learned scores (a diagnostic: an oracle, anti-oracle or random choice); S
+        still scales the tokens (Eq. 9). None: the learned scores (the paper).
 
     Returns:
       ScoringOutput.
     """
     if self.fusion not in FUSIONS:
       raise ValueError(f'fusion must be one of {FUSIONS}, got {self.fusion!r}')
+    if self.visual_pool not in VISUAL_POOLS:
+      raise ValueError(f'visual_pool must be one of {VISUAL_POOLS}, got {self.visual_pool!r}')
     b, c = latents.shape[:2]
     z = latents.reshape(b, c, -1).transpose(0, 2, 1)  # (B, n_z, c)
     pool = lambda name, f: nn.Dense(1, use_bias=False, name=name)(f.astype(jnp.float32))[..., 0]
     text_context = context_pooling(text_features, pool('text_pool', text_features))  # Eq. 5, 7
-    visual_context = context_pooling(z, pool('visual_pool', z))  # Eq. 6, 7
+    inside = None
+    if self.visual_pool == 'scope' and latent_scope is not None:
+      inside = latent_scope.reshape(b, -1) > 0
+    visual_context = context_pooling(z, pool('visual_pool', z), inside)  # Eq. 6, 7
     hidden = self.hidden or image_features.shape[-1]
     text_scores = ScoreNet(hidden, name='text_score_net')(image_features, text_context)
     visual_scores = ScoreNet(hidden, name='visual_score_net')(image_features, visual_context)
     fused = fuse_scores(text_scores, visual_scores, sqrt_alpha_bar, self.fusion)
     scores = jax.nn.softmax(fused, axis=-1)
     tokens = image_features if tokens is None else tokens
-    return ScoringOutput(modulate_features(tokens, scores),
-                         top_fraction_mask(scores, gamma_num), scores)
+    selected = top_fraction_mask(scores if priority is None else priority, gamma_num)
+    # Read by diagnostics that apply the model with mutable=['intermediates'] (the
+    # toy reproduction's selection precision); a no-op otherwise.
+    self.sow('intermediates', 'selected_tokens', selected)
+    return ScoringOutput(modulate_features(tokens, scores) if self.gain else tokens,
+                         selected, scores)

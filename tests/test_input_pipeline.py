@@ -208,7 +208,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
   assert stats == {
       'shards': 2, 'bad_shard': 1, 'samples': 9, 'written': 3,
       'corrupt_image': 2, 'missing_image': 1, 'missing_caption': 1,
-      'missing_score': 2, 'low_aesthetic': 0}
+      'missing_score': 2, 'low_aesthetic': 0, 'missing_reference': 0}
   source = builder.as_data_source(split='train')
   captions = sorted(source[i]['caption'] for i in range(len(source)))
   assert captions == [b'a red image', b'before the cut', b'from json']
@@ -451,3 +451,37 @@ def test_sdxl_micro_conditions_are_the_crop_taken(tmp_path):
   assert out['time_ids'].dtype == np.float32
   np.testing.assert_array_equal(out['input_ids_2'], out['input_ids'][::-1])
   assert out['image'].shape == (RES, RES, 3) and out['image'].min() >= -1.0
+
+
+def test_stored_references_reach_the_batches(tmp_path):
+  from toy import world as toy_world  # pylint: disable=g-import-not-at-top
+  shards = tmp_path / 'shards'
+  toy_world.write_world_shards(shards, 12, RES, seed=2, images_per_shard=6,
+                               with_reference=True)
+  config = _config(toy=False, shards_dir=str(shards), subject_reference='stored',
+                   tfds_data_dir=str(tmp_path / 'tfds'))
+  source = input_pipeline.get_data_source(config, tmp_path)
+  assert len(source) == 12 and 'reference' in source[0]
+  loader = input_pipeline.create_train_loader(config, source, _tokenize)
+  batch = next(iter(loader))
+  chex.assert_shape([batch['image'], batch['reference']], (4, RES, RES, 3))
+  assert batch['reference'].min() >= -1.0 and batch['reference'].max() <= 1.0
+  # The reference is another scene of the subject, not the training image.
+  assert np.mean(batch['reference'] != batch['image']) > 0.3
+  # The same shards read as the paper's: no reference, a set of its own.
+  plain = input_pipeline.get_data_source(_config(
+      toy=False, shards_dir=str(shards), tfds_data_dir=str(tmp_path / 'tfds')), tmp_path)
+  assert 'reference' not in plain[0]
+  assert np.array_equal(plain[0]['image'], source[0]['image'])
+
+
+def test_stored_references_need_shards_that_have_them(tmp_path):
+  with pytest.raises(ValueError, match='subject_reference'):
+    input_pipeline.check_data_config(_config(subject_reference='other'))
+  with pytest.raises(ValueError, match='toy shapes have none'):
+    input_pipeline.check_data_config(_config(subject_reference='stored'))
+  shards = tmp_path / 'plain'
+  toy_data.write_toy_shards(shards, 4, 2, RES, seed=0)
+  with pytest.raises(ValueError, match='missing_reference'):
+    laion_builder.prepare_dataset(shards, tmp_path / 'tfds', RES, min_aesthetic=0,
+                                  with_reference=True)

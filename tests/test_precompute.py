@@ -286,3 +286,12 @@ def test_training_on_features_logs_and_checkpoints(prepared, tmp_path):
   assert metrics[0]['loss'] != metrics[1]['loss']  # two batches, two draws
   assert sorted(int(d) for d in os.listdir(tmp_path / train.CHECKPOINT_DIR)
                 if d.isdigit()) == [1, 2]
+
+
+def test_precomputed_features_refuse_a_stored_reference():
+  config = tiny_config.get_config()
+  config.data.precompute_features = True
+  precompute.check_config(config)  # the paper's reference: fine
+  config.data.subject_reference = 'stored'
+  with pytest.raises(ValueError, match='subject_reference'):
+    precompute.check_config(config)

@@ -518,3 +518,22 @@ def test_a_second_reference_without_its_word_adds_nothing(release_setup):
   with pytest.raises(ValueError, match='R=2'):
     sampler.sample(model, params, schedule, z, _conditions(
         x, image=both(one, other), uncond_image=both(neg, neg_other)), settings=settings)
+
+
+def test_trajectory_reports_the_kept_tokens_and_a_priority_overrides_them(setup, default_run):
+  model, params, schedule, x, _ = setup
+  k = int(0.8 * N_IMAGE)
+  selections = np.asarray(default_run.selections)
+  assert selections.shape == (STEPS, B, N_IMAGE) and selections.dtype == bool
+  assert np.all(selections.sum(-1) == k)
+  # A fixed order (Conditions.token_priority): Eq. 10 keeps its top k at every step.
+  priority = jnp.tile(jnp.arange(N_IMAGE, dtype=jnp.float32)[None], (B, 1))
+  cond = _conditions(x).replace(token_priority=priority)
+  out = sampler.sample(model, params, schedule, x['latents'], cond,
+                       sampler.GuidanceSettings.create(gamma_scope=GAMMA_SCOPE),
+                       return_trajectory=True)
+  expected = np.arange(N_IMAGE) >= N_IMAGE - k
+  assert np.all(np.asarray(out.selections) == expected)
+  with pytest.raises(ValueError, match='token_priority'):
+    sampler.sample(model, params, schedule, x['latents'],
+                   cond.replace(token_priority=priority[:, :3]))

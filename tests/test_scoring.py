@@ -122,3 +122,56 @@ def test_unknown_fusion_is_refused():
   with pytest.raises(ValueError, match='fusion'):
     AdaptiveScoring(fusion='sum').init(jax.random.PRNGKey(0), text, latents,
                                        jnp.ones((B,)), image, 0.5)
+
+
+def test_priority_replaces_the_learned_order_but_not_eq9(module_and_params):
+  module, params = module_and_params
+  text, latents, image = _inputs()
+  learned = module.apply({'params': params}, text, latents, jnp.full((B,), 0.5), image, 0.5)
+  # An order opposite to the learned scores: Eq. 10 must follow it, Eq. 9 must not.
+  priority = -learned.scores
+  fixed = module.apply({'params': params}, text, latents, jnp.full((B,), 0.5), image, 0.5,
+                       priority=priority)
+  k = int(0.5 * NI)
+  for p, m in zip(np.asarray(priority), np.asarray(fixed.selected)):
+    assert m.sum() == k and p[m].min() >= p[~m].max()
+  assert not np.array_equal(np.asarray(fixed.selected), np.asarray(learned.selected))
+  chex.assert_trees_all_close(fixed.features, learned.features)
+  chex.assert_trees_all_close(fixed.scores, learned.scores)
+
+
+def test_gain_off_leaves_the_tokens_unscaled_and_the_selection_unchanged(module_and_params):
+  module, params = module_and_params
+  text, latents, image = _inputs()
+  on = module.apply({'params': params}, text, latents, jnp.full((B,), 0.5), image, 0.8)
+  off = module.clone(gain=False).apply({'params': params}, text, latents,
+                                       jnp.full((B,), 0.5), image, 0.8)
+  chex.assert_trees_all_close(off.features, image)
+  assert np.array_equal(np.asarray(off.selected), np.asarray(on.selected))
+
+
+def test_scope_pooling_ignores_the_positions_outside_the_scope(module_and_params):
+  module, params = module_and_params
+  text, latents, image = _inputs()
+  scope = jnp.zeros((B, H, H)).at[:, :2, :3].set(1.0)
+  masked = latents * scope[:, None]
+  pooled = module.clone(visual_pool='scope')
+  # With the scope, Eq. 6's softmax runs over the 6 inside positions only: what lies
+  # outside cannot change the visual scores.
+  other = masked + 50.0 * (1.0 - scope[:, None])
+  a = pooled.apply({'params': params}, text, masked, jnp.ones((B,)), image, 0.8,
+                   latent_scope=scope)
+  b = pooled.apply({'params': params}, text, other, jnp.ones((B,)), image, 0.8,
+                   latent_scope=scope)
+  chex.assert_trees_all_close(a.scores, b.scores, atol=1e-6)
+  # The paper's pooling keeps the zeroed positions in the softmax: it differs.
+  paper = module.apply({'params': params}, text, masked, jnp.ones((B,)), image, 0.8,
+                       latent_scope=scope)
+  assert not np.allclose(np.asarray(paper.scores), np.asarray(a.scores), atol=1e-6)
+  # An empty scope pools every position (no 0 / 0).
+  empty = pooled.apply({'params': params}, text, latents, jnp.ones((B,)), image, 0.8,
+                       latent_scope=jnp.zeros((B, H, H)))
+  assert np.all(np.isfinite(np.asarray(empty.scores)))
+  with pytest.raises(ValueError, match='visual_pool'):
+    module.clone(visual_pool='nope').apply({'params': params}, text, latents,
+                                           jnp.ones((B,)), image, 0.8)

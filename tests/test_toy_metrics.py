@@ -63,3 +63,26 @@ def test_summarize_gives_mean_and_standard_error():
   assert s['a_se'] == pytest.approx(np.std([0, 1, 1, 0], ddof=1) / 2)
   with pytest.raises(ValueError):
     toy_metrics.summarize([])
+
+
+def test_summarize_over_seeds_reports_the_mean_of_seed_means_and_their_spread():
+  rows = {0: [{'id': 1.0}, {'id': 1.0}], 1: [{'id': 0.0}, {'id': 1.0}],
+          2: [{'id': 0.0}, {'id': 0.0}]}
+  s = toy_metrics.summarize_over_seeds(rows)
+  assert s['training_seeds'] == [0, 1, 2] and s['n'] == 2
+  assert np.isclose(s['id'], 0.5)
+  assert s['id_per_seed'] == [1.0, 0.5, 0.0]
+  assert np.isclose(s['id_seed_sd'], 0.5)
+  # Per-seed sampling errors 0, 0.5, 0 combined: sqrt(0.25) / 3.
+  assert np.isclose(s['id_se'], 0.5 / 3)
+  with pytest.raises(ValueError):
+    toy_metrics.summarize_over_seeds({})
+
+
+def test_a_difference_within_the_seed_spread_is_not_evidence():
+  a = {'id': 0.6, 'id_se': 0.01, 'id_seed_sd': 0.2, 'training_seeds': [0, 1, 2]}
+  b = {'id': 0.5, 'id_se': 0.01, 'id_seed_sd': 0.0, 'training_seeds': [0, 1, 2]}
+  assert not toy_metrics.difference_is_evidence(a, b)
+  a['id_seed_sd'] = 0.01
+  assert toy_metrics.difference_is_evidence(a, b)
+  assert not toy_metrics.difference_is_evidence(b, a)

@@ -85,3 +85,33 @@ def test_every_caption_word_is_one_token():
     assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
   ids = tokenizer('an orange background').input_ids
   assert len(ids) == 5  # start, three words, end
+
+
+def test_shards_with_references_keep_the_scenes_and_rerender_the_subject(tmp_path):
+  plain = toy_world.write_world_shards(tmp_path / 'a', 24, 16, seed=5, images_per_shard=8)
+  with_ref = toy_world.write_world_shards(tmp_path / 'b', 24, 16, seed=5, images_per_shard=8,
+                                          with_reference=True)
+  n = 0
+  for p, r in zip(plain, with_ref):
+    with tarfile.open(p) as tar:
+      a = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    with tarfile.open(r) as tar:
+      b = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for name in a:
+      if name.endswith(('.png', '.txt')):
+        assert a[name] == b[name]  # the training scenes do not change
+    for name, data in b.items():
+      if not name.endswith('.json'):
+        continue
+      meta, key = json.loads(data), name[:-5]
+      ref = meta['reference']
+      # The same subject (shape, identity) in another scene.
+      assert (ref['shape'], ref['body'], ref['accent']) == (
+          meta['shape'], meta['body'], meta['accent'])
+      assert ref['background'] not in (meta['background'], meta['body'], meta['accent'])
+      image = np.asarray(Image.open(io.BytesIO(b[key + '.ref.png'])))
+      expected, _ = toy_world.render(toy_world.Scene(**{
+          k: tuple(v) if isinstance(v, list) else v for k, v in ref.items()}), 16)
+      assert np.array_equal(image, expected)
+      n += 1
+  assert n == 24

@@ -95,3 +95,46 @@ def summarize(rows: list[dict]) -> dict:
     out[key] = float(values.mean())
     out[key + '_se'] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
   return out
+
+
+def summarize_over_seeds(rows_by_seed: dict) -> dict:
+  """A variant's metrics over several training seeds.
+
+  Each metric is the mean over seeds of the per-seed means; beside it `<key>_se`, the
+  sampling standard error of that mean (the per-seed errors combined), `<key>_seed_sd`,
+  the spread between the seeds' means (standard deviation, 0 with one seed), and
+  `<key>_per_seed`. `training_seeds` lists the seeds; `n` counts the samples of one
+  seed.
+
+  Args:
+    rows_by_seed: {training seed: that seed's per-sample rows (`score_image`)}; a
+      variant without training (plain T2I) passes one entry.
+  """
+  if not rows_by_seed:
+    raise ValueError('no training seed to summarize')
+  seeds = sorted(rows_by_seed)
+  per_seed = [summarize(rows_by_seed[s]) for s in seeds]
+  out = {'n': per_seed[0]['n'], 'training_seeds': list(seeds)}
+  for key in per_seed[0]:
+    if key == 'n' or key.endswith('_se'):
+      continue
+    means = np.asarray([p[key] for p in per_seed], np.float64)
+    errors = np.asarray([p[key + '_se'] for p in per_seed], np.float64)
+    out[key] = float(means.mean())
+    out[key + '_se'] = float(np.sqrt(np.sum(errors ** 2)) / len(seeds))
+    out[key + '_seed_sd'] = float(means.std(ddof=1)) if len(seeds) > 1 else 0.0
+    out[key + '_per_seed'] = [float(m) for m in means]
+  return out
+
+
+def difference_is_evidence(a: dict, b: dict, key: str = 'id') -> bool:
+  """Whether a's `key` exceeds b's by more than twice their combined standard error.
+
+  The error of each mean over training seeds counts both the sampling error and the
+  spread between seeds (seed_sd / sqrt(seeds)), whichever is larger, so that one lucky
+  seed is not evidence.
+  """
+  def error(r):
+    seeds = max(len(r.get('training_seeds', [0])), 1)
+    return max(r[key + '_se'], r.get(key + '_seed_sd', 0.0) / np.sqrt(seeds))
+  return a[key] - b[key] > 2.0 * float(np.hypot(error(a), error(b)))

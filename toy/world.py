@@ -208,8 +208,16 @@ def _png(image: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
+def rerendered(scene: Scene, rng: np.random.Generator, image_size: int) -> Scene:
+  """The same subject (shape and identity) in another scene: a new background colour
+  (neither the identity's nor `scene`'s own), place and size."""
+  return random_scene(rng, image_size, (scene.identity,), shape=scene.shape,
+                      excluded_backgrounds=(scene.background,))
+
+
 def write_world_shards(out_dir: str | os.PathLike[str], num_images: int, image_size: int,
-                       seed: int, images_per_shard: int = 512) -> list[str]:
+                       seed: int, images_per_shard: int = 512,
+                       with_reference: bool = False) -> list[str]:
   """Writes training images of the TRAIN identities as img2dataset webdataset shards.
 
   Each sample is `KEY.png`, `KEY.txt` (the caption) and `KEY.json` (metadata with the
@@ -223,6 +231,10 @@ def write_world_shards(out_dir: str | os.PathLike[str], num_images: int, image_s
     image_size: image side, pixels.
     seed: numpy seed of the scenes.
     images_per_shard: samples per `.tar`.
+    with_reference: also write `KEY.ref.png`, the sample's subject re-rendered in
+      another scene (`rerendered`), read by `config.data.subject_reference='stored'`.
+      The training scenes are the same as without it (the references draw from a
+      generator of their own).
 
   Returns:
     The shard paths.
@@ -234,6 +246,7 @@ def write_world_shards(out_dir: str | os.PathLike[str], num_images: int, image_s
   tmp = f'{out_dir}.tmp{os.getpid()}'
   os.makedirs(tmp, exist_ok=True)
   scenes = list(iter_scenes(num_images, image_size, seed))
+  reference_rng = np.random.default_rng([seed, 1])
   names = []
   for shard, start in enumerate(range(0, num_images, images_per_shard)):
     samples = []
@@ -242,8 +255,13 @@ def write_world_shards(out_dir: str | os.PathLike[str], num_images: int, image_s
       key = f'{shard:05d}{i:04d}'
       meta = dict(dataclasses.asdict(scene), key=key, caption=scene.caption,
                   width=image_size, height=image_size, aesthetic=6.0)
-      samples.append((key, {'png': _png(image), 'txt': scene.caption.encode(),
-                            'json': json.dumps(meta).encode()}))
+      members = {'png': _png(image), 'txt': scene.caption.encode()}
+      if with_reference:
+        reference = rerendered(scene, reference_rng, image_size)
+        members['ref.png'] = _png(render(reference, image_size)[0])
+        meta['reference'] = dataclasses.asdict(reference)
+      members['json'] = json.dumps(meta).encode()
+      samples.append((key, members))
     name = f'{shard:05d}.tar'
     toy_data.write_webdataset_shard(os.path.join(tmp, name), samples)
     names.append(name)

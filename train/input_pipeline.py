@@ -89,6 +89,14 @@ def prepare_toy_dataset(
       min_aesthetic=config.data.min_aesthetic)
 
 
+SUBJECT_REFERENCES = ('self', 'stored')
+
+
+def stored_reference(config: ml_collections.ConfigDict) -> bool:
+  """Whether the adapter reads each sample's stored reference instead of the image."""
+  return config.data.get('subject_reference', 'self') == 'stored'
+
+
 def get_data_source(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
 ) -> Any:
@@ -124,7 +132,8 @@ def get_data_builder(
     return laion_builder.prepare_dataset(
         config.data.shards_dir, data_dir, config.resolution,
         aesthetic_field=config.data.aesthetic_field,
-        min_aesthetic=config.data.min_aesthetic)
+        min_aesthetic=config.data.min_aesthetic,
+        with_reference=stored_reference(config))
 
   return prepared_by_process_zero_first(prepare, 'realcustom_data_prepared')
 
@@ -155,8 +164,17 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
     config: reads `data.toy` and `data.shards_dir`.
 
   Raises:
-    ValueError: both or neither of `toy` and `shards_dir`, or no `.tar` shards there.
+    ValueError: both or neither of `toy` and `shards_dir`, or no `.tar` shards there,
+      or a `subject_reference` the source cannot give.
   """
+  reference = config.data.get('subject_reference', 'self')
+  if reference not in SUBJECT_REFERENCES:
+    raise ValueError(f'config.data.subject_reference must be one of {SUBJECT_REFERENCES}, '
+                     f'got {reference!r}')
+  if reference == 'stored' and config.data.toy:
+    raise ValueError("config.data.subject_reference='stored' needs shards with KEY.ref.* "
+                     'references (config.data.shards_dir); the generated toy shapes have '
+                     'none')
   if config.data.toy and config.data.shards_dir:
     # Training on the toy shapes while the user points at real shards would pass
     # silently for hours; the two settings contradict each other.
@@ -187,7 +205,8 @@ def tokenize_caption(tokenizer, caption: str) -> np.ndarray:
 
 
 class TrainPreprocess(grain.transforms.Map):
-  """Scales the image to [-1, 1] and tokenizes the caption."""
+  """Scales the image (and a stored subject reference) to [-1, 1] and tokenizes the
+  caption."""
 
   def __init__(self, tokenize_fn: Callable[[str], np.ndarray]):
     self._tokenize_fn = tokenize_fn
@@ -201,7 +220,10 @@ class TrainPreprocess(grain.transforms.Map):
       raise ValueError(
           f'tokenize_fn must return a 1-D array, got shape {input_ids.shape}')
     image = np.asarray(element['image'], dtype=np.float32) / 127.5 - 1.0
-    return {'image': image, 'input_ids': input_ids}
+    out = {'image': image, 'input_ids': input_ids}
+    if 'reference' in element:  # a set prepared with references (subject_reference)
+      out['reference'] = np.asarray(element['reference'], dtype=np.float32) / 127.5 - 1.0
+    return out
 
 
 class SDXLTrainPreprocess(grain.transforms.Map):

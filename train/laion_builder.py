@@ -38,7 +38,10 @@ IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 STATS_FILE = 'prepare_stats.json'
 # Outcome counters of a preparation; every sample lands in 'written' or one skip reason.
 STAT_KEYS = ('shards', 'bad_shard', 'samples', 'written', 'corrupt_image',
-             'missing_image', 'missing_caption', 'missing_score', 'low_aesthetic')
+             'missing_image', 'missing_caption', 'missing_score', 'low_aesthetic',
+             'missing_reference')
+# `KEY.ref.png` (...): a sample's subject reference, read with `with_reference`.
+REFERENCE_PREFIX = 'ref.'
 _JPEG_QUALITY = 95  # re-encoding of the cropped image; 95 keeps artefacts negligible
 
 
@@ -51,11 +54,15 @@ class LaionConfig(tfds.core.BuilderConfig):
     resolution: side of the square output images, in pixels.
     aesthetic_field: key of the score in each sample's `.json`.
     min_aesthetic: keep samples with score >= this; <= 0 turns filtering off.
+    with_reference: also store each sample's subject reference, `KEY.ref.<ext>`
+      (an image of the same subject in another scene), as the 'reference' feature;
+      samples without one are skipped ('missing_reference').
   """
   shards_dir: str = ''
   resolution: int = 512
   aesthetic_field: str = 'aesthetic'
   min_aesthetic: float = 5.0
+  with_reference: bool = False
 
 
 def make_config(
@@ -64,6 +71,7 @@ def make_config(
     aesthetic_field: str = 'aesthetic',
     min_aesthetic: float = 5.0,
     shards: list[str] | None = None,
+    with_reference: bool = False,
 ) -> LaionConfig:
   """Returns a builder config whose name identifies the source and the filtering.
 
@@ -78,6 +86,8 @@ def make_config(
     aesthetic_field: score key in the `.json` metadata.
     min_aesthetic: score threshold; <= 0 keeps everything.
     shards: the shard paths, from `list_shards(shards_dir)` (listed when None).
+    with_reference: store the samples' `KEY.ref.<ext>` subject references too (a
+      set of its own: the name ends in `_ref`).
 
   Returns:
     The `LaionConfig`.
@@ -88,12 +98,14 @@ def make_config(
   threshold = f'{float(min_aesthetic):g}'.replace('.', 'p').replace('-', 'm')
   return LaionConfig(
       name=f'{_name_prefix(shards_dir, resolution, aesthetic_field, threshold)}_'
-           f'{shard_set_digest(shards)}',
-      description=f'{shards_dir}, {aesthetic_field} >= {min_aesthetic}',
+           f'{shard_set_digest(shards)}' + ('_ref' if with_reference else ''),
+      description=f'{shards_dir}, {aesthetic_field} >= {min_aesthetic}'
+                  + (', with references' if with_reference else ''),
       shards_dir=shards_dir,
       resolution=int(resolution),
       aesthetic_field=aesthetic_field,
       min_aesthetic=float(min_aesthetic),
+      with_reference=bool(with_reference),
   )
 
 
@@ -203,6 +215,7 @@ def process_sample(
     resolution: int,
     aesthetic_field: str,
     min_aesthetic: float,
+    with_reference: bool = False,
 ) -> tuple[dict[str, Any] | None, str]:
   """Turns one webdataset sample into a tfds example, or says why it was skipped.
 
@@ -216,10 +229,12 @@ def process_sample(
     resolution: output side in pixels.
     aesthetic_field: score key in the `.json`.
     min_aesthetic: keep scores >= this; <= 0 keeps everything.
+    with_reference: also read `KEY.ref.<ext>`, the subject reference ('reference').
 
   Returns:
     (example, 'written') or (None, reason), reason one of 'missing_image',
-    'missing_caption', 'missing_score', 'low_aesthetic', 'corrupt_image'.
+    'missing_caption', 'missing_score', 'low_aesthetic', 'corrupt_image',
+    'missing_reference'.
   """
   image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
   if image_ext is None:
@@ -234,11 +249,45 @@ def process_sample(
   caption = _read_caption(members)
   if not caption:
     return None, 'missing_caption'
+  reference = None
+  if with_reference:
+    reference_ext = next((e for e in IMAGE_EXTENSIONS if REFERENCE_PREFIX + e in members),
+                         None)
+    if reference_ext is None:
+      return None, 'missing_reference'
+    reference = _square_image(members[REFERENCE_PREFIX + reference_ext], resolution)
+    if reference is None:
+      return None, 'corrupt_image'
+  square = _square_image(members[image_ext], resolution, members.get('json'))
+  if square is None:
+    return None, 'corrupt_image'
+  image_bytes, original_size, crop_top_left = square
+  example = {
+      'image': image_bytes,
+      'caption': caption,
+      'aesthetic': np.float32(np.nan if score is None else score),
+      # SDXL's size and crop micro-conditions (the release trainer's time_ids).
+      'original_size': np.asarray(original_size, np.int32),
+      'crop_top_left': np.asarray(crop_top_left, np.int32),
+  }
+  if reference is not None:
+    example['reference'] = reference[0]
+  return example, 'written'
+
+
+def _square_image(data: bytes, resolution: int, meta_bytes: bytes | None = None
+                  ) -> tuple[bytes, tuple[int, int], tuple[int, int]] | None:
+  """Decodes, resizes and centre-crops one image, re-encoded as JPEG.
+
+  Returns:
+    (JPEG bytes, original (height, width), crop (top, left)), or None when the bytes do
+    not decode.
+  """
   try:
-    with Image.open(io.BytesIO(members[image_ext])) as image:
+    with Image.open(io.BytesIO(data)) as image:
       source_is_jpeg = image.format == 'JPEG'
       # Before `draft`, which decodes JPEGs at a reduced size.
-      original_size = _original_size(members.get('json'), image)
+      original_size = _original_size(meta_bytes, image)
       crop_top_left = center_crop_top_left(image.height, image.width, resolution)
       # JPEG decodes at a reduced DCT scale that still covers `resolution`: much faster
       # for large LAION images, no effect on small ones.
@@ -247,22 +296,14 @@ def process_sample(
   except Exception:  # pylint: disable=broad-except
     # PIL raises OSError, ValueError, SyntaxError, struct.error, DecompressionBombError
     # ... on malformed bytes; any of them means this one sample is unusable.
-    return None, 'corrupt_image'
+    return None
   buf = io.BytesIO()
   # A lossless source (PNG: the toy worlds' exact palette colours) keeps full chroma:
   # JPEG's default 4:2:0 subsampling moved 3.1% of a 16 px toy image's pixels to another
   # palette colour; 4:4:4 at this quality moves none. JPEG sources keep the default.
   chroma = {} if source_is_jpeg else {'subsampling': 0}
   cropped.save(buf, format='JPEG', quality=_JPEG_QUALITY, **chroma)
-  example = {
-      'image': buf.getvalue(),
-      'caption': caption,
-      'aesthetic': np.float32(np.nan if score is None else score),
-      # SDXL's size and crop micro-conditions (the release trainer's time_ids).
-      'original_size': np.asarray(original_size, np.int32),
-      'crop_top_left': np.asarray(crop_top_left, np.int32),
-  }
-  return example, 'written'
+  return buf.getvalue(), original_size, crop_top_left
 
 
 def iter_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -311,10 +352,14 @@ class LaionAesthetic(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     res = self.builder_config.resolution
+    image = lambda: tfds.features.Image(shape=(res, res, 3), dtype=np.uint8,
+                                        encoding_format='jpeg')
+    # The subject reference, only in sets prepared `with_reference`.
+    reference = {'reference': image()} if self.builder_config.with_reference else {}
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(res, res, 3), dtype=np.uint8, encoding_format='jpeg'),
+            'image': image(),
+            **reference,
             'caption': tfds.features.Text(),
             'aesthetic': np.float32,  # NaN when the sample had no score
             # (height, width) before resizing; (top, left) of the crop in the image
@@ -340,7 +385,8 @@ class LaionAesthetic(tfds.core.GeneratorBasedBuilder):
         for key, members in iter_shard(path):
           stats['samples'] += 1
           example, status = process_sample(
-              members, cfg.resolution, cfg.aesthetic_field, cfg.min_aesthetic)
+              members, cfg.resolution, cfg.aesthetic_field, cfg.min_aesthetic,
+              cfg.with_reference)
           stats[status] += 1
           if example is not None:
             yield f'{shard}/{key}', example
@@ -357,6 +403,7 @@ def prepare_dataset(
     resolution: int,
     aesthetic_field: str = 'aesthetic',
     min_aesthetic: float = 5.0,
+    with_reference: bool = False,
 ) -> LaionAesthetic:
   """Prepares the shards as ArrayRecord under `data_dir` (no-op if already there).
 
@@ -370,6 +417,7 @@ def prepare_dataset(
     resolution: output side in pixels.
     aesthetic_field: score key in each `.json`.
     min_aesthetic: keep samples with score >= this; <= 0 keeps all.
+    with_reference: store each sample's `KEY.ref.<ext>` subject reference too.
 
   Returns:
     The prepared builder; `builder.as_data_source(split='train')` reads it.
@@ -382,7 +430,8 @@ def prepare_dataset(
   shards_dir = os.fspath(shards_dir)
   shards = list_shards(shards_dir)  # fail early, with the path, before tfds makes dirs
   builder = LaionAesthetic(
-      config=make_config(shards_dir, resolution, aesthetic_field, min_aesthetic, shards),
+      config=make_config(shards_dir, resolution, aesthetic_field, min_aesthetic, shards,
+                         with_reference),
       data_dir=os.fspath(data_dir),
       file_format='array_record',
   )

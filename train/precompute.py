@@ -78,6 +78,9 @@ def check_config(config) -> None:
   if release_paths.is_release_config(config):
     raise ValueError('config.data.precompute_features is not implemented for the release '
                      'architecture yet: train with the encoders in the step')
+  if config.data.get('subject_reference', 'self') != 'self':
+    raise ValueError('config.data.precompute_features stores the training image\'s own '
+                     'subject features: it needs config.data.subject_reference=\'self\'')
   dtype = config.data.get('feature_dtype', 'float16')
   if dtype not in FEATURE_DTYPES:
     raise ValueError(f'config.data.feature_dtype must be one of {FEATURE_DTYPES} with '

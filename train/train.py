@@ -360,6 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
         'image': jax.ShapeDtypeStruct((b, config.resolution, config.resolution, 3),
                                       np.float32),
         'input_ids': jax.ShapeDtypeStruct((b, shapes['text'][0]), np.int32)}
+    if input_pipeline.stored_reference(config):
+      abstract_batch['reference'] = abstract_batch['image']
   step_fn = setup.train_step(abstract_batch, precomputed=precomputed)
   logging.info('compiling the train step ...')
   t0 = time.perf_counter()
