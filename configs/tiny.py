@@ -31,6 +31,9 @@ def get_config():
   # Eq. 6 at inference: 'paper' pools every latent position of M-hat * z_t (the zeroed
   # ones too), 'scope' only those inside the influence scope.
   config.model.visual_pool = 'paper'
+  # How the fused scores become S (Eqs. 8-9): 'softmax' (the paper) or 'sigmoid' (each
+  # token's own S, whose gradient does not vanish when one token dominates).
+  config.model.score_normalization = 'softmax'
   # 'adaptive' (Eqs. 5-10) | 'none' (Table 3 ID-2: every image token, no scores, no top-k)
   config.model.scoring = 'adaptive'
   # 'torch': the numerics SD checkpoints were trained with (exact GELU in GEGLU, GroupNorm

@@ -27,6 +27,7 @@ from realcustom_jax.projectors import RELEASE_VISION_DIM
 from realcustom_jax.projectors import SubjectProjector
 from realcustom_jax.projectors import VisualProjection
 from realcustom_jax.scoring import FUSIONS
+from realcustom_jax.scoring import SCORE_NORMALIZATIONS
 from realcustom_jax.scoring import SCORINGS
 from realcustom_jax.scoring import VISUAL_POOLS
 from realcustom_jax.scoring import AdaptiveScoring
@@ -66,6 +67,7 @@ class RealCustom(nn.Module):
   scoring_mode: str = 'adaptive'
   visual_pool: str = 'paper'
   scoring_gain: bool = True
+  score_normalization: str = 'softmax'
   projector: str = 'paper'
   release_vision_dim: int = RELEASE_VISION_DIM
   release_dim_head: int = RELEASE_DIM_HEAD
@@ -84,7 +86,7 @@ class RealCustom(nn.Module):
       return
     if self.scoring_mode == 'adaptive':
       self.scoring = AdaptiveScoring(self.scoring_hidden, self.fusion, self.visual_pool,
-                                     self.scoring_gain)
+                                     self.scoring_gain, self.score_normalization)
     self.visual_proj = VisualProjection(self.unet.cross_attention_dim)
 
   def __call__(self, latents: Array, timesteps: Array, text_features: Array,
@@ -177,7 +179,7 @@ class RealCustom(nn.Module):
 # `config.model` as configs/tiny.py sets it; keys a config lacks take these values.
 # The release_* keys are read with projector='release_highres' only (the authors' widths).
 DEFAULT_MODEL_CONFIG = dict(scoring_hidden=0, fusion='timestep', scoring='adaptive',
-                            visual_pool='paper',
+                            visual_pool='paper', score_normalization='softmax',
                             numerics='torch', dtype='float32', attention_impl='auto',
                             mask_antialias=False, remat='none', projector='paper',
                             fused_word_maps=True,
@@ -195,6 +197,7 @@ def check_model_config(m) -> None:
   for key, allowed in (('dtype', tuple(DTYPES)), ('scoring', SCORINGS),
                        ('numerics', NUMERICS), ('fusion', FUSIONS),
                        ('visual_pool', VISUAL_POOLS),
+                       ('score_normalization', SCORE_NORMALIZATIONS),
                        ('attention_impl', ATTENTION_IMPLS), ('projector', PROJECTORS)):
     if m[key] not in allowed:
       raise ValueError(f'config.model.{key} must be one of {allowed}, got {m[key]!r}')
@@ -236,7 +239,7 @@ def build_model(config, unet_config) -> RealCustom:
       numerics=m['numerics'], fused_word_maps=bool(m['fused_word_maps']))
   return RealCustom(unet=unet, scoring_hidden=int(m['scoring_hidden']), fusion=m['fusion'],
                     scoring_mode=m['scoring'], visual_pool=m['visual_pool'],
-                    projector=m['projector'],
+                    score_normalization=m['score_normalization'], projector=m['projector'],
                     release_vision_dim=int(m['release_vision_dim']),
                     release_dim_head=int(m['release_dim_head']))
 

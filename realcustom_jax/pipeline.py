@@ -72,12 +72,18 @@ def _check_adapter_config(trained: dict, config) -> None:
   The tree shapes cannot tell an Eq. 8 fusion ablation ('text', 'mean', ...) from the
   default, so the training config that `train.export` stores is compared here.
   """
-  defaults = {'scoring': 'adaptive'}  # files from before the key existed
-  for key in ('fusion', 'scoring_hidden', 'scoring'):
-    if key in trained and trained[key] != config.model.get(key, defaults.get(key)):
-      raise ValueError(f'the adapter was trained with model.{key}={trained[key]!r} but the '
+  if not trained:  # no stored training config (a random adapter, an old file)
+    return
+  # Files from before a key existed were trained with its default.
+  defaults = {'scoring': 'adaptive', 'score_normalization': 'softmax'}
+  for key in ('fusion', 'scoring_hidden', 'scoring', 'score_normalization'):
+    if key not in trained and key not in defaults:
+      continue
+    used = trained.get(key, defaults.get(key))
+    if used != config.model.get(key, defaults.get(key)):
+      raise ValueError(f'the adapter was trained with model.{key}={used!r} but the '
                        f'config has {config.model.get(key)!r}; set '
-                       f'--config.model.{key}={trained[key]}')
+                       f'--config.model.{key}={used}')
 
 
 class RealCustomPipeline:

@@ -16,6 +16,11 @@ SCORINGS = ('adaptive', 'none')
 # ones included (a bias-free logit of 0 each); 'scope': over the positions inside the
 # influence scope only (training, which has no scope, is the same either way).
 VISUAL_POOLS = ('paper', 'scope')
+# How the fused scores become S (Eqs. 8-9). 'softmax': the paper's, over the image
+# tokens (S sums to 1: one token can take it all, and the others' gradient S (1 - S)
+# vanishes); 'sigmoid': each token's own S in (0, 1), so every token's Eq. 9 gain keeps
+# a gradient. Eq. 10's top-k is the same order either way.
+SCORE_NORMALIZATIONS = ('softmax', 'sigmoid')
 
 
 def context_pooling(features: Array, logits: Array, where: Optional[Array] = None) -> Array:
@@ -90,7 +95,7 @@ class ScoreNet(nn.Module):
 class ScoringOutput(NamedTuple):
   features: Array  # (B, n_i, c) the modulated tokens (Eq. 9)
   selected: Array  # (B, n_i) bool, the top gamma_num fraction (Eq. 10)
-  scores: Array  # (B, n_i) softmax-normalised fused scores S
+  scores: Array  # (B, n_i) normalised fused scores S (softmax: the paper's)
 
 
 class AdaptiveScoring(nn.Module):
@@ -102,11 +107,13 @@ class AdaptiveScoring(nn.Module):
     visual_pool: Eq. 6's positions at inference (see VISUAL_POOLS).
     gain: Eq. 9's (1 + S) scaling; False is an inference-time ablation (the tokens
       enter unscaled, the selection is unchanged).
+    normalization: how the fused scores become S (see SCORE_NORMALIZATIONS).
   """
   hidden: int = 0
   fusion: str = 'timestep'
   visual_pool: str = 'paper'
   gain: bool = True
+  normalization: str = 'softmax'
 
   @nn.compact
   def __call__(self, text_features: Array, latents: Array, sqrt_alpha_bar: Array,
@@ -136,6 +143,9 @@ class AdaptiveScoring(nn.Module):
       raise ValueError(f'fusion must be one of {FUSIONS}, got {self.fusion!r}')
     if self.visual_pool not in VISUAL_POOLS:
       raise ValueError(f'visual_pool must be one of {VISUAL_POOLS}, got {self.visual_pool!r}')
+    if self.normalization not in SCORE_NORMALIZATIONS:
+      raise ValueError(f'normalization must be one of {SCORE_NORMALIZATIONS}, got '
+                       f'{self.normalization!r}')
     b, c = latents.shape[:2]
     z = latents.reshape(b, c, -1).transpose(0, 2, 1)  # (B, n_z, c)
     pool = lambda name, f: nn.Dense(1, use_bias=False, name=name)(f.astype(jnp.float32))[..., 0]
@@ -148,7 +158,10 @@ class AdaptiveScoring(nn.Module):
     text_scores = ScoreNet(hidden, name='text_score_net')(image_features, text_context)
     visual_scores = ScoreNet(hidden, name='visual_score_net')(image_features, visual_context)
     fused = fuse_scores(text_scores, visual_scores, sqrt_alpha_bar, self.fusion)
-    scores = jax.nn.softmax(fused, axis=-1)
+    if self.normalization == 'sigmoid':
+      scores = jax.nn.sigmoid(fused)
+    else:
+      scores = jax.nn.softmax(fused, axis=-1)
     tokens = image_features if tokens is None else tokens
     selected = top_fraction_mask(scores if priority is None else priority, gamma_num)
     # Read by diagnostics that apply the model with mutable=['intermediates'] (the

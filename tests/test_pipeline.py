@@ -224,3 +224,26 @@ def test_adapter_trained_with_another_fusion_is_refused(pipe, config, tmp_path):
   adapter_lib.save_adapter(path, pipe.adapter_params, {'model_config': model_config})
   with pytest.raises(ValueError, match="model.fusion='text'"):
     pipeline_lib.RealCustomPipeline.from_config(_with_adapter(config, path))
+
+
+def test_adapter_trained_with_sigmoid_scores_needs_the_same_setting(pipe, config, tmp_path):
+  path = str(tmp_path / 'sigmoid.safetensors')
+  trained = dict(config.model.to_dict(), score_normalization='sigmoid')
+  adapter_lib.save_adapter(path, pipe.adapter_params,
+                           {'model_config': json.dumps(trained)})
+  with pytest.raises(ValueError, match="model.score_normalization='sigmoid'"):
+    pipeline_lib.RealCustomPipeline.from_config(_with_adapter(config, path))
+  loaded = pipeline_lib.RealCustomPipeline.from_config(_sigmoid_with(config, path))
+  assert loaded.model.score_normalization == 'sigmoid'
+  # A file from before the key existed was trained with the paper's softmax.
+  old = str(tmp_path / 'old.safetensors')
+  adapter_lib.save_adapter(old, pipe.adapter_params, {'model_config': json.dumps(
+      {k: v for k, v in config.model.to_dict().items() if k != 'score_normalization'})})
+  with pytest.raises(ValueError, match="score_normalization='softmax'"):
+    pipeline_lib.RealCustomPipeline.from_config(_sigmoid_with(config, old))
+
+
+def _sigmoid_with(config, path):
+  c = _with_adapter(config, path)
+  c.model.score_normalization = 'sigmoid'
+  return c

@@ -175,3 +175,30 @@ def test_scope_pooling_ignores_the_positions_outside_the_scope(module_and_params
   with pytest.raises(ValueError, match='visual_pool'):
     module.clone(visual_pool='nope').apply({'params': params}, text, latents,
                                            jnp.ones((B,)), image, 0.8)
+
+
+def test_sigmoid_scores_are_per_token_and_keep_every_gradient(module_and_params):
+  module, params = module_and_params
+  text, latents, image = _inputs()
+  sig = module.clone(normalization='sigmoid')
+  soft = module.apply({'params': params}, text, latents, jnp.full((B,), 0.5), image, 0.8)
+  out = sig.apply({'params': params}, text, latents, jnp.full((B,), 0.5), image, 0.8)
+  # Same order, so Eq. 10 keeps the same tokens; S is each token's own sigmoid.
+  assert np.array_equal(np.asarray(out.selected), np.asarray(soft.selected))
+  assert np.all((np.asarray(out.scores) > 0) & (np.asarray(out.scores) < 1))
+  assert not np.allclose(np.asarray(out.scores.sum(-1)), 1.0)
+  np.testing.assert_allclose(np.asarray(out.features),
+                             np.asarray(image * (1 + out.scores[..., None])), rtol=1e-6)
+
+  def loss(p, normalization):
+    o = module.clone(normalization=normalization).apply(
+        {'params': p}, text, latents, jnp.full((B,), 0.5), image, 0.8)
+    # A loss that one token's S can satisfy: the softmax piles S on it.
+    return -jnp.sum(o.features[:, 0])
+  for normalization in ('softmax', 'sigmoid'):
+    grads = jax.grad(loss)(params, normalization)
+    for net in ('text_score_net', 'visual_score_net'):
+      assert float(jnp.abs(grads[net]['dense_0']['kernel']).max()) > 0, (normalization, net)
+  with pytest.raises(ValueError, match='normalization'):
+    module.clone(normalization='nope').apply({'params': params}, text, latents,
+                                             jnp.ones((B,)), image, 0.8)

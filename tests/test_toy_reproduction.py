@@ -29,6 +29,7 @@ def test_smoke_run_reports_every_variant_and_a_rerun_skips_training(tmp_path):
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   variants = result['variants']
   assert set(variants) == {'plain_t2i', 'named_prompt', 'no_mask', 'realcustom',
+                           'gamma_num_1', 'oracle_k8', 'gain_off', 'scope_pool',
                            'no_mask_wi_5', 'gamma_1', 'binary_0.25', 'g1_eq4_sum',
                            'g1_visual_only', 'g1_doubled', 'textual_inversion_2',
                            'dreambooth_2'}
@@ -36,7 +37,16 @@ def test_smoke_run_reports_every_variant_and_a_rerun_skips_training(tmp_path):
   assert all(v['n'] == n for v in variants.values())
   for v in variants.values():  # the names for the three axes
     assert {'text_control', 'subject_sim', 'identity_acc'} <= set(v)
-  assert set(result['gates']) == {'G0', 'G1', 'G2', 'G3'}
+  realcustom = variants['realcustom']
+  assert realcustom['training_seeds'] == [0] and len(realcustom['identity_acc_per_seed']) == 1
+  assert variants['plain_t2i']['training_seeds'] == []
+  # Gate A: the oracle row keeps exactly the oracle's tokens at every step, and its
+  # precision is above the random choice's (a reference always has background tokens).
+  oracle = variants['oracle_k8']
+  assert abs(oracle['selection_precision'] - oracle['selection_oracle_precision']) < 1e-6
+  assert oracle['selection_precision'] > oracle['selection_random_precision']
+  assert 0.0 <= realcustom['selection_precision'] <= 1.0
+  assert set(result['gates']) == {'G0', 'G1', 'G2', 'GA', 'G3'}
   assert result['baseline_curves'] == {'textual_inversion': ['textual_inversion_2'],
                                        'dreambooth': ['dreambooth_2']}
   # G1 feeds the naming caption through the visual branch alone: it must equal the
@@ -45,10 +55,10 @@ def test_smoke_run_reports_every_variant_and_a_rerun_skips_training(tmp_path):
   # Binary top-k at gamma_scope 1 keeps every position: no mask guidance at all.
   assert variants['no_mask']['scope'] == 'all ones'
   assert variants['no_mask']['scope_in_object'] < 1.0
-  assert '| realcustom | adaptive | plain | soft | 0.25 |' in proc.stdout
+  assert '| realcustom | adaptive | learned @ gamma_num config | soft | 0.25 | 1 |' in proc.stdout
   for name in ('tradeoff.png', 'samples.png', 'results.json'):
     assert os.path.getsize(tmp_path / 'eval' / name) > 0
-  assert os.path.isfile(tmp_path / 'adapter_adaptive' / 'adapter.safetensors')
+  assert os.path.isfile(tmp_path / 'adapter_adaptive' / 'seed0' / 'adapter.safetensors')
   assert not os.path.exists(tmp_path / 'adapter_none')  # the smoke run trains one
   assert os.path.isfile(tmp_path / 'base' / 'sd' / 'model_index.json')
 
@@ -72,3 +82,10 @@ def test_bad_flags_are_one_line_errors(tmp_path):
               '--config.toy.gamma_scopes=(0.25,1.5)')
   assert proc.returncode == 2 and 'gamma_scopes' in proc.stderr
   assert 'Traceback' not in proc.stderr and not os.path.exists(tmp_path / 'w')
+  for bad, key in (("--config.toy.adapters=('adaptive','nope')", 'adapters'),
+                   ('--config.toy.adapter_seeds=(0,0)', 'adapter_seeds'),
+                   ("--config.toy.fixed_selections=('best:0.5',)", 'fixed_selections'),
+                   ('--config.toy.main_adapter=none', 'main_adapter')):
+    proc = _run(f'--workdir={tmp_path}/w', '--config=configs/toy_world.py:smoke', bad)
+    assert proc.returncode == 2 and key in proc.stderr, (bad, proc.stderr[-500:])
+    assert 'Traceback' not in proc.stderr

@@ -17,6 +17,11 @@ ADAPTER_RUNS = {
     # (config.data.subject_reference='stored'): with and without scoring.
     'adaptive_ref': {'data.subject_reference': 'stored'},
     'none_ref': {'model.scoring': 'none', 'data.subject_reference': 'stored'},
+    # S per token (sigmoid) instead of Eq. 8's softmax over the tokens: every token's
+    # Eq. 9 gain keeps a gradient. With the paper's and with the re-rendered reference.
+    'adaptive_sigmoid': {'model.score_normalization': 'sigmoid'},
+    'adaptive_sigmoid_ref': {'model.score_normalization': 'sigmoid',
+                             'data.subject_reference': 'stored'},
 }
 
 # How each adapter's rows are named: 'realcustom' + suffix, 'no_scoring' + suffix, ...
