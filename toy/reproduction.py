@@ -170,6 +170,33 @@ def model_fingerprint() -> str:
   return h.hexdigest()[:16]
 
 
+# The data keys that name places, not what is trained on.
+_DATA_PATH_KEYS = ('shards_dir', 'tfds_data_dir')
+
+
+def effective_config(config, overrides: dict[str, str], seed: int):
+  """The config one adapter run trains with: `overrides` applied, the seed set."""
+  c = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    c[section][name] = value
+  c.seed = seed
+  c.data.shuffle_seed = seed
+  return c
+
+
+def adapter_stamp(config, overrides: dict[str, str], seed: int) -> dict:
+  """What a trained adapter depends on: the model code and the effective training
+  config (so a recipe keeps its adapters when the defaults it overrides change)."""
+  c = effective_config(config, overrides, seed)
+  data = {k: v for k, v in c.data.to_dict().items() if k not in _DATA_PATH_KEYS}
+  train = hashlib.sha256(json.dumps(
+      {'train': c.train.to_dict(), 'model': c.model.to_dict(), 'data': data,
+       'seed': seed}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  return {'model_code': model_fingerprint(), 'num_steps': int(c.train.num_steps),
+          'train_config': train}
+
+
 def _override_flags(config) -> list[str]:
   """The scalar keys of the sections train.main reads, as --config.* flags.
 
@@ -194,12 +221,7 @@ def stage_adapter(config, workdir: str, name: str, seed: int, overrides: dict[st
   adir = os.path.join(workdir, f'adapter_{name}', f'seed{seed}')
   out = os.path.join(adir, 'adapter.safetensors')
   stamp_path = os.path.join(adir, 'fingerprint.json')
-  train = hashlib.sha256(json.dumps(
-      {'train': config.train.to_dict(), 'model': config.model.to_dict(),
-       'overrides': overrides, 'seed': seed}, sort_keys=True,
-      default=str).encode()).hexdigest()[:16]
-  stamp = {'model_code': model_fingerprint(), 'num_steps': int(config.train.num_steps),
-           'train_config': train}
+  stamp = adapter_stamp(config, overrides, seed)
   if os.path.isdir(adir):
     old = json.load(open(stamp_path)) if os.path.isfile(stamp_path) else None
     if old != stamp:

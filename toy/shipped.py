@@ -121,21 +121,26 @@ def main(argv):
   if len(argv) > 1:
     print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
     sys.exit(2)
-  workdir = flags.FLAGS.workdir
-  base = os.path.join(workdir or '', 'base')
-  adapter = os.path.join(workdir or '', 'adapter_adaptive', 'adapter.safetensors')
-  if not workdir or not os.path.isfile(os.path.join(base, 'sd', 'model_index.json')) \
-      or not os.path.isfile(adapter):
-    print(f'error: --workdir={workdir} holds no finished toy reproduction (base/sd and '
-          'adapter_adaptive/adapter.safetensors)', file=sys.stderr)
+  workdir = flags.FLAGS.workdir or ''
+  # base/ from a run from scratch, shipped_base/ from a run with --base=shipped.
+  base = next((os.path.join(workdir, b) for b in ('base', 'shipped_base')
+               if os.path.isfile(os.path.join(workdir, b, 'sd', 'model_index.json'))), None)
+  adapter_dir = f'adapter_{flags.FLAGS.adapter}/seed{flags.FLAGS.seed}'
+  adapter = os.path.join(workdir, adapter_dir, 'adapter.safetensors')
+  if not workdir or base is None or not os.path.isfile(adapter):
+    print(f'error: --workdir={workdir} holds no finished toy reproduction (base/sd or '
+          f'shipped_base/sd, and {adapter_dir}/adapter.safetensors)', file=sys.stderr)
     sys.exit(2)
   results = os.path.join(workdir, 'eval', 'results.json')
   provenance = {'command': 'python -m toy.reproduction --workdir=DIR && '
-                           'python -m toy.shipped --workdir=DIR'}
+                           'python -m toy.shipped --workdir=DIR '
+                           f'--adapter={flags.FLAGS.adapter} --seed={flags.FLAGS.seed}',
+                'adapter': flags.FLAGS.adapter, 'training_seed': flags.FLAGS.seed}
   if os.path.isfile(results):
     with open(results) as f:
       r = json.load(f)
     provenance['gates'] = r.get('gates')
+    provenance['target'] = r.get('target')
     provenance['wall_s'] = r.get('wall_s')
   for name, digest in export(base, adapter, provenance=provenance).items():
     print(f'{digest}  toy/shipped/{name}')
@@ -144,4 +149,7 @@ def main(argv):
 if __name__ == '__main__':
   # Defined only when run: the tests import this module beside other entry points.
   flags.DEFINE_string('workdir', None, 'A finished `python -m toy.reproduction` workdir.')
+  flags.DEFINE_string('adapter', 'adaptive', 'Which trained adapter to ship '
+                      '(config.toy.main_adapter of the run).')
+  flags.DEFINE_integer('seed', 0, 'Its training seed.')
   app.run(main)

@@ -6,20 +6,26 @@ import dataclasses
 # The adapters the reproduction can train: name -> config overrides (config.toy.adapters
 # picks which, config.toy.adapter_seeds with how many training seeds each).
 ADAPTER_RUNS = {
-    'adaptive': {},  # the paper's recipe: Eqs. 5-10, the training image as its own subject
-    'none': {'model.scoring': 'none'},  # Table 3 ID-2
-    'copy_text': {'train.visual_kv_init': 'copy_text'},  # G2: visual K/V from the text K/V
+    # The paper's recipe: Eqs. 5-10 (softmax scores), the training image as its own
+    # subject. Every run states the settings it is about, so that a recipe stays the
+    # same recipe (and keeps its trained adapters) whatever the config's defaults are.
+    'adaptive': {'model.score_normalization': 'softmax', 'data.subject_reference': 'self'},
+    'none': {'model.scoring': 'none', 'data.subject_reference': 'self'},  # Table 3 ID-2
+    # G2: visual K/V started as copies of the text K/V.
+    'copy_text': {'train.visual_kv_init': 'copy_text', 'model.score_normalization': 'softmax',
+                  'data.subject_reference': 'self'},
     # Table 3 IDs 3-5 trained with their own fusion (not swapped in at inference).
-    'text_fusion': {'model.fusion': 'text'},
-    'visual_fusion': {'model.fusion': 'visual'},
-    'mean_fusion': {'model.fusion': 'mean'},
+    **{f'{f}_fusion': {'model.fusion': f, 'model.score_normalization': 'softmax',
+                       'data.subject_reference': 'self'} for f in ('text', 'visual', 'mean')},
     # The subject re-rendered in another scene as the training reference
     # (config.data.subject_reference='stored'): with and without scoring.
-    'adaptive_ref': {'data.subject_reference': 'stored'},
+    'adaptive_ref': {'model.score_normalization': 'softmax',
+                     'data.subject_reference': 'stored'},
     'none_ref': {'model.scoring': 'none', 'data.subject_reference': 'stored'},
     # S per token (sigmoid) instead of Eq. 8's softmax over the tokens: every token's
     # Eq. 9 gain keeps a gradient. With the paper's and with the re-rendered reference.
-    'adaptive_sigmoid': {'model.score_normalization': 'sigmoid'},
+    'adaptive_sigmoid': {'model.score_normalization': 'sigmoid',
+                         'data.subject_reference': 'self'},
     'adaptive_sigmoid_ref': {'model.score_normalization': 'sigmoid',
                              'data.subject_reference': 'stored'},
 }
