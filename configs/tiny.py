@@ -112,6 +112,10 @@ def get_config():
   config.train.grad_clip_norm = 0.0  # 0 = no clipping
   config.train.gamma_num_range = (0.3, 1.0)  # Eq. 10, drawn per sample
   config.train.image_dropout = 0.1  # rows trained without the subject (for Eq. 13's branches)
+  # 'none': Eq. 10's top-k has no gradient (the paper: the score nets learn through Eq.
+  # 9's gain only); 'straight_through': the selection enters the visual attention as
+  # 0 / 1 weights whose gradient reaches the score nets (our option, the einsum path).
+  config.train.selection_gradient = 'none'
   # 'zero_v': to_v_visual starts at zero, so the visual branch starts silent; 'copy_text':
   # both visual K/V copied from the text K/V (IP-Adapter). realcustom_jax/adapter.py says
   # why zero is the default (measured on the toy base).

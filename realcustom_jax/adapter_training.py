@@ -76,6 +76,11 @@ class StepConfig:
   prediction_type: str = 'epsilon'
   gamma_num_range: tuple[float, float] = (0.3, 1.0)
   image_dropout: float = 0.1
+  # 'none' (the paper: Eq. 10's top-k has no gradient) or 'straight_through'.
+  selection_gradient: str = 'none'
+
+
+SELECTION_GRADIENTS = ('none', 'straight_through')
 
 
 def build_step_config(config, scheduler_config: Mapping[str, Any]) -> StepConfig:
@@ -93,7 +98,8 @@ def build_step_config(config, scheduler_config: Mapping[str, Any]) -> StepConfig
       alphas_cumprod=tuple(float(a) for a in abar),
       prediction_type=scheduler_config.get('prediction_type', 'epsilon'),
       gamma_num_range=tuple(float(x) for x in config.train.gamma_num_range),
-      image_dropout=float(config.train.image_dropout))
+      image_dropout=float(config.train.image_dropout),
+      selection_gradient=str(config.train.get('selection_gradient', 'none')))
 
 
 def build_models(config, sd: weights.StableDiffusionComponents,
@@ -273,12 +279,15 @@ def adapter_step(state: State, unet_params: Mapping, latents: Array, text: Array
   gamma_num = jax.random.uniform(g_rng, (b,), minval=low, maxval=high)  # Eq. 10
   image_keep = jax.random.uniform(d_rng, (b,)) >= step_config.image_dropout
   base = {'unet': unet_params}
+  straight_through = {}
+  if step_config.selection_gradient == 'straight_through':
+    straight_through = {'straight_through_selection': True}
 
   def loss_fn(adapter):
     pred = models.model.apply(
         {'params': adapter_lib.merge_params(base, adapter)}, z_t, t, text, image,
         sqrt_alpha_bar=jnp.sqrt(abar), gamma_num=gamma_num, image_keep=image_keep,
-        added_cond=added_cond)
+        added_cond=added_cond, **straight_through)
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))  # Eq. 1
 
   loss, grads = jax.value_and_grad(loss_fn)(state['params'])

@@ -75,16 +75,29 @@ def visual_cross_attention(q: Array, k_visual: Array, v_visual: Array,
   them as a key length, see `fused_attention`). A row with no selected token
   (gamma_num * n_i < 1, or image dropout in training) contributes zero.
 
+  A float `token_mask` is a training-time straight-through selection (see
+  `scoring.straight_through_keep`): 1 / 0 in value, with a gradient. The softmax then
+  runs over every token and is renormalised over the kept ones, p_j m_j / sum(p m),
+  which equals the masked softmax where m is 0 / 1, while d/dm_j is non-zero for the
+  dropped tokens too (what keeping token j would change). It takes the einsum path.
+
   Args:
     q: (B, H, Nq, D) the same queries as the text attention.
     k_visual: (B, H, Ni, D) visual keys W_Ki f_ci.
     v_visual: (B, H, Ni, D) visual values W_Vi f_ci.
-    token_mask: optional (B, Ni) bool, True for selected tokens.
+    token_mask: optional (B, Ni) bool, True for selected tokens, or float keep weights.
     impl: 'xla' (einsum) or a fused kernel ('cudnn', 'pallas').
 
   Returns:
     (B, H, Nq, D) visual attention output.
   """
+  if token_mask is not None and jnp.issubdtype(token_mask.dtype, jnp.floating):
+    probs = attention_probs(q, k_visual)
+    kept = probs * token_mask[:, None, None, :].astype(jnp.float32)
+    total = jnp.sum(kept, axis=-1, keepdims=True)
+    # A row that keeps nothing (image dropout) contributes zero, as with a bool mask.
+    probs = kept / jnp.where(total > 0, total, 1.0)
+    return jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v_visual.dtype), v_visual)
   if impl != 'xla':
     heads_second = lambda x: x.transpose(0, 2, 1, 3)
     return heads_second(kernels.fused_attention(heads_second(q), heads_second(k_visual),

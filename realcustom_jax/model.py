@@ -97,7 +97,8 @@ class RealCustom(nn.Module):
                image_keep: Optional[Array] = None,
                word_weights: Optional[Array] = None,
                added_cond: Optional[Mapping[str, Array]] = None,
-               token_priority: Optional[Array] = None) -> Array:
+               token_priority: Optional[Array] = None,
+               straight_through_selection: bool = False) -> Array:
     """Predicts the noise, with or without the subject.
 
     Args:
@@ -123,6 +124,9 @@ class RealCustom(nn.Module):
         SD 1.x / 2.x.
       token_priority: (B, n_i) an order for Eq. 10's top-k instead of the learned
         scores (diagnostics; see `AdaptiveScoring`); None: the learned scores.
+      straight_through_selection: training only (static): Eq. 10's selection enters the
+        visual attention as 0 / 1 weights with a straight-through gradient to the
+        score nets (config.train.selection_gradient='straight_through').
 
     Returns:
       (B, 4, h, w) predicted noise.
@@ -151,12 +155,18 @@ class RealCustom(nn.Module):
       # scale reaches the bias-free visual K/V (and so the loss) intact.
       scored = self.scoring(text_features, scored_latents, sqrt_alpha_bar, image_features,
                             gamma_num, tokens=tokens, latent_scope=latent_scope,
-                            priority=token_priority)
+                            priority=token_priority,
+                            straight_through=straight_through_selection)
       tokens, selected = scored.features, scored.selected
+      if scored.keep is not None:
+        selected = scored.keep  # float 0 / 1 with a gradient
     else:
       selected = jnp.ones(tokens.shape[:2], bool)
     if image_keep is not None:
-      selected = selected & image_keep[:, None]
+      if jnp.issubdtype(selected.dtype, jnp.floating):
+        selected = selected * image_keep[:, None].astype(selected.dtype)
+      else:
+        selected = selected & image_keep[:, None]
     return self.unet(latents, timesteps, text_features, visual_tokens=tokens,
                      visual_token_mask=selected, scope_mask=scope_mask, word_weights=word_weights,
                      added_cond=added_cond)

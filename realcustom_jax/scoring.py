@@ -79,6 +79,32 @@ def modulate_features(image_features: Array, scores: Array) -> Array:
   return image_features * (1.0 + scores[..., None]).astype(image_features.dtype)
 
 
+def straight_through_keep(scores: Array, selected: Array) -> Array:
+  """Eq. 10's 0 / 1 selection with a gradient: a straight-through estimator.
+
+  The value is exactly `selected` (as float32); the gradient is that of a sigmoid of
+  each score's distance to the selection threshold (midway between the last kept and
+  the first dropped score), in units of the scores' spread, so the score nets learn
+  from what keeping or dropping each token would change (`attention.visual_cross_
+  attention` with a float mask). Our option, not the paper's (config.train.
+  selection_gradient).
+
+  Args:
+    scores: (B, n) the scores Eq. 10 ranks.
+    selected: (B, n) bool, Eq. 10's top-k of them.
+  """
+  scores = scores.astype(jnp.float32)
+  low = jnp.min(jnp.where(selected, scores, jnp.inf), axis=-1, keepdims=True)
+  high = jnp.max(jnp.where(selected, -jnp.inf, scores), axis=-1, keepdims=True)
+  # All kept (or none): the threshold sits below (above) every score.
+  low = jnp.where(jnp.isfinite(low), low, jnp.max(scores, axis=-1, keepdims=True) + 1.0)
+  high = jnp.where(jnp.isfinite(high), high, jnp.min(scores, axis=-1, keepdims=True) - 1.0)
+  threshold = jax.lax.stop_gradient(0.5 * (low + high))
+  spread = jax.lax.stop_gradient(jnp.std(scores, axis=-1, keepdims=True)) + 1e-6
+  soft = jax.nn.sigmoid((scores - threshold) / spread)
+  return selected.astype(jnp.float32) + (soft - jax.lax.stop_gradient(soft))
+
+
 class ScoreNet(nn.Module):
   """A lightweight two-layer MLP scoring each image token against a context."""
   hidden: int
@@ -96,6 +122,7 @@ class ScoringOutput(NamedTuple):
   features: Array  # (B, n_i, c) the modulated tokens (Eq. 9)
   selected: Array  # (B, n_i) bool, the top gamma_num fraction (Eq. 10)
   scores: Array  # (B, n_i) normalised fused scores S (softmax: the paper's)
+  keep: Optional[Array] = None  # (B, n_i) float32 straight-through `selected`, if asked
 
 
 class AdaptiveScoring(nn.Module):
@@ -118,8 +145,8 @@ class AdaptiveScoring(nn.Module):
   @nn.compact
   def __call__(self, text_features: Array, latents: Array, sqrt_alpha_bar: Array,
                image_features: Array, gamma_num, tokens: Optional[Array] = None,
-               latent_scope: Optional[Array] = None, priority: Optional[Array] = None
-               ) -> ScoringOutput:
+               latent_scope: Optional[Array] = None, priority: Optional[Array] = None,
+               straight_through: bool = False) -> ScoringOutput:
     """Runs Eqs. 5-10.
 
     Args:
@@ -135,6 +162,8 @@ class AdaptiveScoring(nn.Module):
       priority: (B, n_i) an order of the tokens that Eq. 10's top-k follows instead of
         the learned scores (a diagnostic: an oracle, anti-oracle or random choice); S
         still scales the tokens (Eq. 9). None: the learned scores (the paper).
+      straight_through: also return `keep`, the selection with a straight-through
+        gradient to the fused scores (training with config.train.selection_gradient).
 
     Returns:
       ScoringOutput.
@@ -167,5 +196,6 @@ class AdaptiveScoring(nn.Module):
     # Read by diagnostics that apply the model with mutable=['intermediates'] (the
     # toy reproduction's selection precision); a no-op otherwise.
     self.sow('intermediates', 'selected_tokens', selected)
+    keep = straight_through_keep(fused, selected) if straight_through else None
     return ScoringOutput(modulate_features(tokens, scores) if self.gain else tokens,
-                         selected, scores)
+                         selected, scores, keep)

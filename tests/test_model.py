@@ -215,3 +215,27 @@ def test_sdxl_added_conditioning_reaches_the_unet_in_every_branch():
     assert jax.eval_shape(call, params, cond).shape == x.shape
     with pytest.raises(ValueError, match='added_cond'):
       jax.eval_shape(call, params, None)
+
+
+def test_straight_through_selection_gives_the_score_nets_more_gradient(components, adaptive):
+  """With Eq. 9's gain off, the paper's score nets get no gradient at all (the top-k has
+  none); the straight-through selection gives them one, through the visual attention,
+  and changes nothing in the forward pass."""
+  _, models, _, adapter, x = adaptive
+  unet_params = components[0].unet_params
+  no_gain = models.model.clone(scoring_gain=False)
+
+  def grads(straight_through):
+    def loss(a):
+      pred = no_gain.apply({'params': adapter_lib.merge_params({'unet': unet_params}, a)},
+                           x['latents'], x['t'], x['text'], x['image'],
+                           sqrt_alpha_bar=x['sqrt_ab'], gamma_num=0.5,
+                           straight_through_selection=straight_through)
+      return jnp.mean((pred - x['noise']) ** 2), pred
+    return jax.jit(jax.grad(loss, has_aux=True))(adapter)
+
+  paper, paper_pred = grads(False)
+  st, st_pred = grads(True)
+  assert _norm(paper['scoring']) == 0.0
+  assert _norm(st['scoring']['text_score_net']) > 0 and _norm(st['scoring']['visual_score_net']) > 0
+  chex.assert_trees_all_close(st_pred, paper_pred, atol=1e-5)

@@ -202,3 +202,27 @@ def test_sigmoid_scores_are_per_token_and_keep_every_gradient(module_and_params)
   with pytest.raises(ValueError, match='normalization'):
     module.clone(normalization='nope').apply({'params': params}, text, latents,
                                              jnp.ones((B,)), image, 0.8)
+
+
+def test_straight_through_selection_is_the_mask_in_value_with_a_gradient_for_every_token():
+  from realcustom_jax import attention  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.scoring import straight_through_keep, top_fraction_mask
+  k = jax.random.split(jax.random.PRNGKey(3), 4)
+  scores = jax.random.normal(k[0], (B, NI))
+  selected = top_fraction_mask(scores, 0.5)
+  keep = straight_through_keep(scores, selected)
+  assert np.array_equal(np.asarray(keep), np.asarray(selected, np.float32))
+  q = jax.random.normal(k[1], (B, 2, 5, 4))
+  kv, vv = jax.random.normal(k[2], (B, 2, NI, 4)), jax.random.normal(k[3], (B, 2, NI, 4))
+  # The float keep weights give the masked attention's output...
+  chex.assert_trees_all_close(attention.visual_cross_attention(q, kv, vv, keep),
+                              attention.visual_cross_attention(q, kv, vv, selected),
+                              atol=1e-6)
+  # ...and a gradient for the dropped tokens too (the bool mask gives none).
+  loss = lambda s: jnp.sum(attention.visual_cross_attention(
+      q, kv, vv, straight_through_keep(s, selected)) ** 2)
+  grads = np.asarray(jax.grad(loss)(scores))
+  assert np.all(grads[~np.asarray(selected)] != 0) and np.all(grads[np.asarray(selected)] != 0)
+  # A row with nothing kept (image dropout) contributes zero, as with a bool mask.
+  none = jnp.zeros((B, NI))
+  assert float(jnp.abs(attention.visual_cross_attention(q, kv, vv, none)).max()) == 0.0

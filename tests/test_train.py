@@ -152,6 +152,20 @@ def test_bad_visual_kv_init_is_a_config_error(data_dir, tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.parametrize('changes, message', [
+    ({'selection_gradient': 'gumbel'}, 'config.train.selection_gradient must be one of'),
+    ({'selection_gradient': 'straight_through', 'scoring': 'none'},
+     'selection_gradient needs config.model.scoring'),
+])
+def test_bad_selection_gradient_is_a_config_error(data_dir, tmp_path, changes, message):
+  config = _config(data_dir)
+  config.train.selection_gradient = changes['selection_gradient']
+  if 'scoring' in changes:
+    config.model.scoring = changes['scoring']
+  with pytest.raises(train.ConfigError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
 def test_unusable_workdir_is_a_config_error(data_dir, tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')

@@ -28,6 +28,13 @@ ADAPTER_RUNS = {
                          'data.subject_reference': 'self'},
     'adaptive_sigmoid_ref': {'model.score_normalization': 'sigmoid',
                              'data.subject_reference': 'stored'},
+    # Eq. 10's selection with a straight-through gradient (config.train.
+    # selection_gradient): the score nets learn what keeping each token changes.
+    'adaptive_st': {'train.selection_gradient': 'straight_through',
+                    'model.score_normalization': 'softmax', 'data.subject_reference': 'self'},
+    'adaptive_st_ref': {'train.selection_gradient': 'straight_through',
+                        'model.score_normalization': 'softmax',
+                        'data.subject_reference': 'stored'},
 }
 
 # How each adapter's rows are named: 'realcustom' + suffix, 'no_scoring' + suffix, ...

@@ -38,6 +38,7 @@ from realcustom_jax.loading import components
 from realcustom_jax.runtime import sharding
 from realcustom_jax.loading import weights
 from realcustom_jax.adapter_training import ConfigError
+from realcustom_jax.adapter_training import SELECTION_GRADIENTS
 from realcustom_jax.model import DTYPES
 from realcustom_jax.model import check_model_config
 from realcustom_jax.adapter_training import setup_training
@@ -82,6 +83,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= low <= high <= 1.0:
       raise ConfigError(f'config.train.gamma_num_range must satisfy 0 <= low <= high <= 1, '
                         f'got {tuple(t.gamma_num_range)}')
+    gradient = t.get('selection_gradient', 'none')
+    if gradient not in SELECTION_GRADIENTS:
+      raise ConfigError(f'config.train.selection_gradient must be one of '
+                        f'{SELECTION_GRADIENTS}, got {gradient!r}')
+    if gradient != 'none' and config.model.get('scoring', 'adaptive') != 'adaptive':
+      raise ConfigError("config.train.selection_gradient needs config.model.scoring="
+                        "'adaptive' (there is no selection to learn without it)")
     if t.get('visual_kv_init', 'zero_v') not in adapter_lib.VISUAL_KV_INITS:
       raise ConfigError(f'config.train.visual_kv_init must be one of '
                         f'{adapter_lib.VISUAL_KV_INITS}, got {t.visual_kv_init!r}')
