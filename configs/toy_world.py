@@ -84,11 +84,12 @@ def get_config(arg: str = ''):
       baseline_batch=2 if smoke else 8,
       # G2: training images on which the copy errors are measured.
       copy_gate_images=8 if smoke else 64,
-      # The adapters trained (toy.reproduction.ADAPTER_RUNS), each with every seed of
-      # `adapter_seeds`: the paper's recipe, Table 3 ID-2, and both with the subject
-      # re-rendered as the training reference. The smoke run trains one (a second
-      # train.main costs the test suite ~30 s of compiles).
-      adapters=('adaptive',) if smoke else ('adaptive_ref', 'none_ref', 'adaptive', 'none'),
+      # The adapters trained (toy.variants.ADAPTER_RUNS), each with every seed of
+      # `adapter_seeds`: the paper's recipe and Table 3 ID-2. The options tried for
+      # issue 27 ('adaptive_ref', 'adaptive_sigmoid_ref', 'adaptive_st_ref', ...) are
+      # added here or with --config.toy.adapters (docs/toy_reproduction.md). The smoke
+      # run trains one (a second train.main costs the test suite ~30 s of compiles).
+      adapters=('adaptive',) if smoke else ('adaptive', 'none'),
       adapter_seeds=(0,) if smoke else (0, 1, 2),
       # The adapter of the main rows (G3, the target, no mask, the gamma_scope sweep).
       main_adapter='adaptive',
@@ -98,7 +99,9 @@ def get_config(arg: str = ''):
       # Gate A (toy/selection_gate.py) on these adapters: Eq. 10 following a fixed token
       # order ('kind:gamma_num'; oracle = most object area first), Eq. 9's gain off,
       # Eq. 6 pooled inside the scope.
-      gate_a_adapters=('adaptive',) if smoke else ('adaptive', 'adaptive_ref'),
+      gate_a_adapters=('adaptive',),
+      # Gate A's encoder probe: training-world scenes whose subject tokens are probed.
+      probe_images=64 if smoke else 1200,
       fixed_selections=('oracle:0.5',) if smoke else (
           'oracle:0.8', 'anti_oracle:0.8', 'random:0.8', 'oracle:0.5', 'random:0.5'),
   )

@@ -52,3 +52,17 @@ def test_selection_stats_against_random_and_oracle():
   assert np.isclose(stats['oracle_precision'], (1.0 + 0.5) / 2)  # top 2 of each row
   # Object area not kept: sample 0 loses 0.5/2.5 then 2/2.5; sample 1 none then all.
   np.testing.assert_allclose(stats['dropped_object_area'], [(0.2 + 0.8) / 2, 0.5])
+
+
+def test_object_token_probe_reads_what_the_features_carry():
+  rng = np.random.default_rng(0)
+  areas = rng.uniform(size=(200, 16))
+  noise = rng.normal(size=(200, 16, 6))
+  informative = noise.copy()
+  informative[..., 0] += 4.0 * (areas > 0.5)  # one feature says "object"
+  good = selection_gate.object_token_probe(informative, areas)
+  blind = selection_gate.object_token_probe(noise, areas)
+  assert good['accuracy'] > 0.9 and abs(good['majority'] - 0.5) < 0.1
+  assert blind['accuracy'] < 0.6
+  with pytest.raises(ValueError, match='too few'):
+    selection_gate.object_token_probe(noise[:1, :1], areas[:1, :1])

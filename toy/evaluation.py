@@ -209,6 +209,11 @@ def stage_eval(config, workdir: str, sd_dir: str, vision_dir: str,
                                    record)
   _progress(f'eval baselines: {time.perf_counter() - t0:.1f}s')
 
+  # Gate A's encoder check: do the subject tokens tell object from background?
+  t0 = time.perf_counter()
+  encoder_probe = _encoder_probe(config, main)
+  _progress(f'eval encoder probe: {time.perf_counter() - t0:.1f}s')
+
   # G2: can the trained adapters copy? (subject = the training image itself)
   t0 = time.perf_counter()
   copy = _copy_gate(config, pipes, first_training_seed)
@@ -223,6 +228,7 @@ def stage_eval(config, workdir: str, sd_dir: str, vision_dir: str,
       r.update(_selection_summary(selection[name]))
     summary[name] = _with_aliases(r)
   gate_report = _gates(config, summary, copy, g1_max_abs)
+  gate_report['GA']['encoder_probe'] = encoder_probe
   result = {'eval_key': key, 'variants': summary, 'gates': gate_report,
             'baseline_curves': baseline_curves, 'target': _target(config, summary),
             'seeds': list(seeds), 'training_seeds': list(training_seeds),
@@ -245,6 +251,23 @@ def stage_eval(config, workdir: str, sd_dir: str, vision_dir: str,
                     for k in columns}, scopes[main_name][first],
       os.path.join(out_dir, 'samples.png'))
   return result
+
+
+def _encoder_probe(config, pipe) -> dict:
+  """`selection_gate.object_token_probe` on the subject tokens of training-world scenes
+  (seed config.seed + 1: not the evaluation's subjects)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from realcustom_jax import encoders  # pylint: disable=g-import-not-at-top
+  from toy import selection_gate  # pylint: disable=g-import-not-at-top
+  from toy import world as toy_world  # pylint: disable=g-import-not-at-top
+  res = int(config.resolution)
+  scenes = list(toy_world.iter_scenes(int(config.toy.probe_images), res, config.seed + 1))
+  images, masks = zip(*[toy_world.render(sc, res) for sc in scenes])
+  pixels = encoders.preprocess_subject([Image.fromarray(i) for i in images], pipe.vision)
+  tokens = np.asarray(encoders.image_features(pipe.vision.model, pipe.vision.params, pixels))
+  areas = selection_gate.token_object_area(np.stack(masks), tokens.shape[1])
+  return selection_gate.object_token_probe(tokens, areas)
 
 
 def _selection_summary(runs) -> dict:
@@ -461,6 +484,11 @@ def format_table(result: dict) -> str:
                          if isinstance(v, float) and k != 'passes')
       lines.append(f'{name} {"passes" if gate["passes"] else "FAILS"}: {values}')
   for adapter, gate in gates.get('GA', {}).items():
+    if adapter == 'encoder_probe':
+      lines.append(f'GA encoder: a linear probe of one subject token tells object from '
+                   f'background at {gate["accuracy"]:.3f} held-out accuracy (a constant '
+                   f'guess {gate["majority"]:.3f})')
+      continue
     lines.append(f'GA {adapter} {"passes" if gate["passes"] else "FAILS"}: selection '
                  f'precision {gate["learned_precision"]:.3f}, random '
                  f'{gate["random_precision"]:.3f}, oracle {gate["oracle_precision"]:.3f}')

@@ -274,7 +274,8 @@ def check_config(config) -> None:
   """ValueError (one line) for `config.toy` values no stage could run with."""
   toy = config.toy
   for key in ('num_train_images', 'vae_steps', 'vae_batch', 'unet_steps', 'unet_batch',
-              'checkpoint_every', 'baseline_batch', 'copy_gate_images', 'text_length'):
+              'checkpoint_every', 'baseline_batch', 'copy_gate_images', 'text_length',
+              'probe_images'):
     if int(toy[key]) <= 0:
       raise ValueError(f'config.toy.{key} must be positive, got {toy[key]}')
   if not toy.seeds:

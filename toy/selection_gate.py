@@ -88,3 +88,37 @@ def selection_stats(selections: np.ndarray, areas: np.ndarray) -> dict:
           'random_precision': float(areas.mean()),
           'oracle_precision': float(oracle.mean()),
           'dropped_object_area': dropped.mean(axis=0)}
+
+
+def object_token_probe(features: np.ndarray, areas: np.ndarray, steps: int = 300,
+                       threshold: float = 0.5) -> dict:
+  """Can a linear read-out of one token's features tell object from background?
+
+  What the score nets would need from the subject encoder: a logistic regression
+  (standardised features, full-batch gradient descent) trained on the first three
+  quarters of the tokens to predict "more than `threshold` of this token is object",
+  scored on the last quarter.
+
+  Args:
+    features: (B, n, c) the subject tokens as the adapter reads them.
+    areas: (B, n) their object shares (`token_object_area`).
+
+  Returns:
+    {'accuracy': held-out accuracy, 'majority': the held-out share of the larger class
+     (what a constant guess gets), 'object_share': the share of object tokens}.
+  """
+  x = np.asarray(features, np.float64).reshape(-1, features.shape[-1])
+  y = (np.asarray(areas) > threshold).reshape(-1).astype(np.float64)
+  x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+  x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+  n = len(x) * 3 // 4
+  if n == 0 or n == len(x):
+    raise ValueError(f'{len(x)} tokens are too few to probe')
+  w = np.zeros(x.shape[1])
+  for _ in range(steps):
+    p = 1.0 / (1.0 + np.exp(-x[:n] @ w))
+    w -= 0.5 * x[:n].T @ (p - y[:n]) / n
+  held_out = y[n:]
+  return {'accuracy': float(np.mean(((x[n:] @ w) > 0) == held_out)),
+          'majority': float(max(held_out.mean(), 1.0 - held_out.mean())),
+          'object_share': float(y.mean())}
