@@ -142,3 +142,23 @@ def test_a_missing_or_changed_shipped_file_is_one_line(tmp_path):
   os.remove(copy / 'base.safetensors')
   with pytest.raises(ValueError, match='is missing'):
     shipped.check(str(copy))
+
+
+def test_the_readme_python_quickstart_customizes_with_the_shipped_model(tmp_path,
+                                                                         monkeypatch):
+  """The README's first Python block, as a user pastes it: the shipped toy model draws
+  the held-out red and white circle on the yellow background the prompt asks for."""
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    readme = f.read()
+  code = readme.split('```python\n', 1)[1].split('```', 1)[0]
+  assert 'shipped.materialise' in code and 'load_pipeline' in code
+  code = code.replace("'/tmp/toy_shipped'", repr(str(tmp_path / 'model')))
+  monkeypatch.chdir(tmp_path)
+  scope = {}
+  exec(compile(code, 'README.md', 'exec'), scope)  # pylint: disable=exec-used
+  image = np.asarray(Image.open(tmp_path / 'out.png').convert('RGB'))
+  case = scope['case']
+  score = toy_metrics.score_image(image, 'yellow', toy_world.render(case.subject, 16)[0],
+                                  case.subject.identity)
+  assert score['text'] == 1.0 and score['id'] == 1.0, score
+  assert scope['out'].masks.shape == (25, 1, 8, 8)
