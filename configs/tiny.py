@@ -116,6 +116,10 @@ def get_config():
   # 9's gain only); 'straight_through': the selection enters the visual attention as
   # 0 / 1 weights whose gradient reaches the score nets (our option, the einsum path).
   config.train.selection_gradient = 'none'
+  # A checkpoint that does not restore (truncated file, corrupt metadata): 'fall_back'
+  # sets it aside as STEP.damaged and resumes from the newest one that restores;
+  # 'stop' ends the run with one line instead.
+  config.train.on_damaged_checkpoint = 'fall_back'
   # 'zero_v': to_v_visual starts at zero, so the visual branch starts silent; 'copy_text':
   # both visual K/V copied from the text K/V (IP-Adapter). realcustom_jax/adapter.py says
   # why zero is the default (measured on the toy base).

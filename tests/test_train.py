@@ -272,3 +272,51 @@ def test_tensorboard_is_an_install_extra_and_the_readme_says_so():
     readme = f.read()
   assert readme.startswith('# ')  # the title comes first, before any code block
   assert ".[tensorboard]" in readme
+
+
+def _truncate_largest_file(step_dir):
+  """Cuts the step's array data files to 100 bytes (what a crash during a copy leaves).
+
+  Every data file: OCDBT keeps more than one, and which one holds a given array is up
+  to its hashing, so cutting only the largest does not always hit one that is read.
+  """
+  files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names
+           if os.path.basename(d) == 'd']
+  assert files, f'no OCDBT data files under {step_dir}'
+  for path in files:
+    with open(path, 'r+b') as f:
+      f.truncate(100)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_last_good_one(data_dir, tmp_path,
+                                                                   caplog):
+  straight = jax.device_get(train.train_and_evaluate(
+      _config(data_dir, num_steps=6), str(tmp_path / 'straight'))['params'])
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(data_dir, num_steps=4), workdir)
+  ckpt = os.path.join(workdir, train.CHECKPOINT_DIR)
+  _truncate_largest_file(os.path.join(ckpt, '4'))  # what a crash during a copy leaves
+  # 'stop' refuses with one line naming the step, and loses nothing.
+  with pytest.raises(train.ConfigError, match=r'checkpoint 4 in .* does not restore'):
+    train.train_and_evaluate(_config(data_dir, num_steps=6, on_damaged_checkpoint='stop'),
+                             workdir)
+  assert _ckpt_steps(workdir) == [2, 4]
+  with caplog.at_level('WARNING'):
+    resumed = jax.device_get(train.train_and_evaluate(
+        _config(data_dir, num_steps=6), workdir)['params'])
+  assert any('checkpoint 4 does not restore' in r.getMessage() and '4.damaged' in r.getMessage()
+             for r in caplog.records)
+  assert os.path.isdir(os.path.join(ckpt, '4' + train.DAMAGED_SUFFIX))  # kept, not deleted
+  assert _ckpt_steps(workdir) == [2, 4, 6]  # steps 3-6 trained again from step 2
+  same = jax.tree.map(lambda a, b: np.array_equal(a, b), straight, resumed)
+  assert all(jax.tree.leaves(same)), 'the fallback run differs from the straight run'
+
+
+def test_no_checkpoint_that_restores_is_one_config_error(data_dir, tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(_config(data_dir, num_steps=2), workdir)
+  _truncate_largest_file(os.path.join(workdir, train.CHECKPOINT_DIR, '2'))
+  with pytest.raises(train.ConfigError, match='no checkpoint in .* restores'):
+    train.train_and_evaluate(_config(data_dir, num_steps=4), workdir)
+  with pytest.raises(train.ConfigError, match='on_damaged_checkpoint must be one of'):
+    train.train_and_evaluate(_config(data_dir, on_damaged_checkpoint='ignore'), workdir)

@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax.runtime import cli
+from realcustom_jax.runtime import distributed
 from realcustom_jax.loading import components
 from realcustom_jax.runtime import sharding
 from realcustom_jax.loading import weights
@@ -93,6 +94,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if t.get('visual_kv_init', 'zero_v') not in adapter_lib.VISUAL_KV_INITS:
       raise ConfigError(f'config.train.visual_kv_init must be one of '
                         f'{adapter_lib.VISUAL_KV_INITS}, got {t.visual_kv_init!r}')
+  if t.get('on_damaged_checkpoint', 'fall_back') not in DAMAGED_CHECKPOINTS:
+    raise ConfigError(f'config.train.on_damaged_checkpoint must be one of '
+                      f'{DAMAGED_CHECKPOINTS}, got {t.on_damaged_checkpoint!r}')
   if not float(t.learning_rate) > 0:
     raise ConfigError(f'config.train.learning_rate must be positive, got {t.learning_rate}')
   if t.frozen_dtype not in DTYPES:
@@ -245,6 +249,69 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
                                item_names=('state', 'data', 'config'), options=options)
 
 
+DAMAGED_CHECKPOINTS = ('fall_back', 'stop')
+DAMAGED_SUFFIX = '.damaged'
+_SET_ASIDE_TIMEOUT_S = 600
+
+
+def _one_line(error: Exception, limit: int = 200) -> str:
+  """The first line of an error, cut to `limit` characters (TensorStore's run long)."""
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  text = text.split(' See full TensorStore details')[0]
+  return f'{type(error).__name__}: {text[:limit]}'
+
+
+def restore_newest_good(mngr: ocp.CheckpointManager, workdir: str, config, abstract_state,
+                        data_iter) -> tuple[State, int]:
+  """Restores the newest checkpoint that restores completely: state and data position.
+
+  A checkpoint that fails to restore (a missing or truncated file, corrupt metadata)
+  is set aside as `STEP.damaged` (renamed by process 0, never deleted) with one line
+  naming the step and the reason, and the next newest is tried; with
+  `config.train.on_damaged_checkpoint='stop'` the first failure ends the run instead.
+  Every process tries the same steps in the same order, so all resume from one step.
+
+  Raises:
+    ConfigError: a checkpoint of another adapter layout, a damaged checkpoint with
+      'stop', or no checkpoint that restores.
+  """
+  policy = config.train.get('on_damaged_checkpoint', 'fall_back')
+  ckpt_dir = cli.absolute_path(workdir) / CHECKPOINT_DIR
+  damaged = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      stored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      reason = _one_line(e)
+    else:
+      try:
+        adapter_lib.check_layout(stored['config'].get('adapter_layout'),
+                                 f'checkpoint {step} in {workdir}')
+      except ValueError as e:
+        raise ConfigError(f'{e}, or use a new --workdir') from None
+      try:
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
+        return restored['state'], step
+      except Exception as e:  # pylint: disable=broad-except
+        reason = _one_line(e)
+    if policy == 'stop':
+      raise ConfigError(f'checkpoint {step} in {ckpt_dir} does not restore ({reason}); '
+                        "--config.train.on_damaged_checkpoint=fall_back resumes from the "
+                        'newest one that does')
+    logging.warning('checkpoint %d does not restore (%s): set aside as %d%s, trying the '
+                    'one before', step, reason, step, DAMAGED_SUFFIX)
+    damaged.append(step)
+    if jax.process_index() == 0:
+      (ckpt_dir / str(step)).rename(ckpt_dir / f'{step}{DAMAGED_SUFFIX}')
+    distributed.barrier(f'realcustom_damaged_checkpoint_{step}', _SET_ASIDE_TIMEOUT_S)
+    mngr.reload()
+  raise ConfigError(f'no checkpoint in {ckpt_dir} restores (set aside: '
+                    f'{", ".join(f"{s}{DAMAGED_SUFFIX}" for s in damaged)}); start a new '
+                    '--workdir, or move a .damaged directory back after repairing it')
+
+
 def latest_checkpoint_step(workdir: str) -> Optional[int]:
   """The latest checkpoint's step in `workdir`, or None; reads only directory names."""
   ckpt_dir = cli.absolute_path(workdir) / CHECKPOINT_DIR
@@ -379,21 +446,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
 
   # ---- Restore ----
   mngr = checkpoint_manager(workdir, config)
-  latest = mngr.latest_step()
-  if latest is not None:
+  if mngr.latest_step() is not None:
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
         setup.state_sharding)
-    stored = mngr.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    try:
-      adapter_lib.check_layout(stored['config'].get('adapter_layout'),
-                               f'checkpoint {latest} in {workdir}')
-    except ValueError as e:
-      raise ConfigError(f'{e}, or use a new --workdir') from None
-    restored = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
-    state = restored['state']
+    state, latest = restore_newest_good(mngr, workdir, config, abstract_state, data_iter)
     logging.info('resumed from step %d', latest)
   start_step = int(jax.device_get(state['step']))
 
