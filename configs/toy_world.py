@@ -1,6 +1,6 @@
 """The toy-world reproduction: base model, adapter and evaluation sizes (CPU, minutes).
 
-  python -m toy.reproduction --workdir=/tmp/toy_repro            # ~35 min, 2 cores
+  python -m toy.reproduction --workdir=/tmp/toy_repro            # ~75 min, 2 cores
   python -m toy.reproduction --workdir=/tmp/toy_smoke --smoke    # wiring only
 
 The adapter stage runs `python -m train.main --config=configs/toy_world.py` with
@@ -85,12 +85,11 @@ def get_config(arg: str = ''):
       # G2: training images on which the copy errors are measured.
       copy_gate_images=8 if smoke else 64,
       # The adapters trained (toy.variants.ADAPTER_RUNS), each with every seed of
-      # `adapter_seeds`: the paper's recipe, Table 3 ID-2 and the paper's recipe on the
-      # subject re-rendered in another scene ('adaptive_ref'). The other options tried
-      # for issue 27 ('adaptive_sigmoid_ref', 'adaptive_st_ref', ...) are added here or
-      # with --config.toy.adapters (docs/toy_reproduction.md). The smoke run trains one
-      # (a second train.main costs the test suite ~30 s of compiles).
-      adapters=('adaptive',) if smoke else ('adaptive', 'none', 'adaptive_ref'),
+      # `adapter_seeds`: the paper's recipe and Table 3 ID-2. The options tried for
+      # issue 27 ('adaptive_ref', 'adaptive_sigmoid_ref', 'adaptive_st_ref', ...) are
+      # added here or with --config.toy.adapters (docs/toy_reproduction.md). The smoke
+      # run trains one (a second train.main costs the test suite ~30 s of compiles).
+      adapters=('adaptive',) if smoke else ('adaptive', 'none'),
       adapter_seeds=(0,) if smoke else (0, 1, 2),
       # The adapter of the main rows (G3, the target, no mask, the gamma_scope sweep).
       main_adapter='adaptive',
@@ -100,7 +99,7 @@ def get_config(arg: str = ''):
       # Gate A (toy/selection_gate.py) on these adapters: Eq. 10 following a fixed token
       # order ('kind:gamma_num'; oracle = most object area first), Eq. 9's gain off,
       # Eq. 6 pooled inside the scope.
-      gate_a_adapters=('adaptive',) if smoke else ('adaptive', 'adaptive_ref'),
+      gate_a_adapters=('adaptive',),
       # Gate A's encoder probe: training-world scenes whose subject tokens are probed.
       probe_images=64 if smoke else 1200,
       fixed_selections=('oracle:0.5',) if smoke else (

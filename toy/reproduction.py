@@ -170,8 +170,11 @@ def model_fingerprint() -> str:
   return h.hexdigest()[:16]
 
 
-# The data keys that name places, not what is trained on.
+# Keys that do not change the trained adapter: where the data lives, how often the run
+# logs and checkpoints, what it does with a damaged checkpoint.
 _DATA_PATH_KEYS = ('shards_dir', 'tfds_data_dir')
+_BOOKKEEPING_TRAIN_KEYS = ('checkpoint_every', 'log_every', 'max_to_keep',
+                           'on_damaged_checkpoint', 'debug_nan_step')
 
 
 def effective_config(config, overrides: dict[str, str], seed: int):
@@ -190,8 +193,10 @@ def adapter_stamp(config, overrides: dict[str, str], seed: int) -> dict:
   config (so a recipe keeps its adapters when the defaults it overrides change)."""
   c = effective_config(config, overrides, seed)
   data = {k: v for k, v in c.data.to_dict().items() if k not in _DATA_PATH_KEYS}
+  train_keys = {k: v for k, v in c.train.to_dict().items()
+                if k not in _BOOKKEEPING_TRAIN_KEYS}
   train = hashlib.sha256(json.dumps(
-      {'train': c.train.to_dict(), 'model': c.model.to_dict(), 'data': data,
+      {'train': train_keys, 'model': c.model.to_dict(), 'data': data,
        'seed': seed}, sort_keys=True, default=str).encode()).hexdigest()[:16]
   return {'model_code': model_fingerprint(), 'num_steps': int(c.train.num_steps),
           'train_config': train}
