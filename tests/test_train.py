@@ -320,3 +320,38 @@ def test_no_checkpoint_that_restores_is_one_config_error(data_dir, tmp_path):
     train.train_and_evaluate(_config(data_dir, num_steps=4), workdir)
   with pytest.raises(train.ConfigError, match='on_damaged_checkpoint must be one of'):
     train.train_and_evaluate(_config(data_dir, on_damaged_checkpoint='ignore'), workdir)
+
+
+def test_sigterm_saves_at_the_current_step_and_the_restart_loses_nothing(data_dir, tmp_path,
+                                                                          caplog):
+  import signal  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  metrics = os.path.join(workdir, train.METRICS_FILE)
+
+  def notice():  # the preemption notice, once a few steps have run
+    deadline = time.time() + 120
+    while time.time() < deadline:
+      if os.path.isfile(metrics) and len(open(metrics).read().splitlines()) >= 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.05)
+
+  threading.Thread(target=notice, daemon=True).start()
+  with caplog.at_level('WARNING'):
+    state = train.train_and_evaluate(
+        _config(data_dir, num_steps=100000, checkpoint_every=100000), workdir)
+  stopped = int(jax.device_get(state['step']))
+  assert 3 <= stopped < 100000
+  assert _ckpt_steps(workdir) == [stopped]  # saved at the step it stopped, not before
+  assert any(f'preempted (SIGTERM): saved a checkpoint at step {stopped}' in r.getMessage()
+             for r in caplog.records)
+  assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+  resumed = jax.device_get(train.train_and_evaluate(
+      _config(data_dir, num_steps=stopped + 2), workdir)['params'])
+  straight = jax.device_get(train.train_and_evaluate(
+      _config(data_dir, num_steps=stopped + 2), str(tmp_path / 'straight'))['params'])
+  same = jax.tree.map(lambda a, b: np.array_equal(a, b), straight, resumed)
+  assert all(jax.tree.leaves(same)), 'the resumed run differs from the straight run'
+  assert [m['step'] for m in _read_metrics(workdir)] == list(range(1, stopped + 3))

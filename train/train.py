@@ -20,7 +20,9 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import socket
+import threading
 import time
 from typing import Mapping, Optional
 
@@ -261,6 +263,33 @@ def _one_line(error: Exception, limit: int = 200) -> str:
   return f'{type(error).__name__}: {text[:limit]}'
 
 
+class PreemptionNotice:
+  """SIGTERM (the notice a TPU spot VM, SLURM or Kubernetes gives before it kills the
+  job), turned into "save at the next step and stop".
+
+  On one process a SIGTERM handler sets the flag. On several, orbax's
+  `CheckpointManager.reached_preemption(step)` (JAX's preemption sync point, which
+  listens for the signal itself) makes every process agree on the same step.
+  Installed only from the main thread; the previous handler comes back on `close`.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+
+  def reached(self, mngr: ocp.CheckpointManager, step: int) -> bool:
+    if jax.process_count() > 1:
+      return bool(mngr.reached_preemption(step))
+    return self._event.is_set()
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
 def restore_newest_good(mngr: ocp.CheckpointManager, workdir: str, config, abstract_state,
                         data_iter) -> tuple[State, int]:
   """Restores the newest checkpoint that restores completely: state and data position.
@@ -465,6 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
         loaded.sdxl.unet_config)
   pending: list[tuple[int, dict]] = []
   t_last, steps_since = time.perf_counter(), 0
+  preemption = PreemptionNotice()
   try:
     for step in range(start_step + 1, int(t.num_steps) + 1):
       local = next(data_iter)
@@ -476,7 +506,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
       state, metrics = compiled_step(state, frozen, batch)
       pending.append((step, metrics))
       steps_since += 1
-      is_ckpt = step % int(t.checkpoint_every) == 0 or step == int(t.num_steps)
+      preempted = preemption.reached(mngr, step)
+      is_ckpt = (step % int(t.checkpoint_every) == 0 or step == int(t.num_steps)
+                 or preempted)
       if step % int(t.log_every) == 0 or is_ckpt:
         # One host sync per log/checkpoint interval, and never a checkpoint after a NaN.
         fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
@@ -491,8 +523,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
         mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iter),
-            config=ocp.args.JsonSave(config_json)))
+            config=ocp.args.JsonSave(config_json)), force=preempted)
+      if preempted:
+        mngr.wait_until_finished()
+        logging.warning('preempted (SIGTERM): saved a checkpoint at step %d; rerun the same '
+                        'command to resume from it', step)
+        break
   finally:
+    preemption.close()
     # Also on a NaN: an in-flight async save of the last good step completes.
     mngr.wait_until_finished()
     mngr.close()
