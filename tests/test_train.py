@@ -355,3 +355,28 @@ def test_sigterm_saves_at_the_current_step_and_the_restart_loses_nothing(data_di
   same = jax.tree.map(lambda a, b: np.array_equal(a, b), straight, resumed)
   assert all(jax.tree.leaves(same)), 'the resumed run differs from the straight run'
   assert [m['step'] for m in _read_metrics(workdir)] == list(range(1, stopped + 3))
+
+
+def test_a_failed_save_stops_with_one_line_and_keeps_the_previous_checkpoint(
+    straight_run, data_dir, tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  _, straight = straight_run
+  workdir = str(tmp_path)
+  real_save = ocp.CheckpointManager.save
+
+  def disk_full_at_step_4(self, step, *args, **kwargs):
+    if step == 4:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', disk_full_at_step_4)
+  with pytest.raises(train.CheckpointSaveError,
+                     match=r'saving step 4 failed \(OSError: .*No space left.*Latest '
+                           r'complete checkpoint: step 2'):
+    train.train_and_evaluate(_config(data_dir), workdir)
+  assert _ckpt_steps(workdir) == [2]
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', real_save)  # space freed
+  resumed = jax.device_get(train.train_and_evaluate(_config(data_dir), workdir)['params'])
+  same = jax.tree.map(lambda a, b: np.array_equal(a, b), straight, resumed)
+  assert all(jax.tree.leaves(same)), 'the resumed run differs from the straight run'

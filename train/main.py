@@ -72,7 +72,7 @@ def main(argv):
   except train.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     _exit(2, multi_process)
-  except train.NonFiniteLossError as e:
+  except (train.NonFiniteLossError, train.CheckpointSaveError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     _exit(1, multi_process)

@@ -60,6 +60,11 @@ class NonFiniteLossError(FloatingPointError):
   """The loss (or gradient norm) became NaN/inf; the run stops, checkpoints stay."""
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (disk full, a lost mount, no permission); the run
+  stops, the checkpoints written before stay complete."""
+
+
 # ---------------------------------------------------------------------------------
 # Config and frozen components
 # ---------------------------------------------------------------------------------
@@ -261,6 +266,28 @@ def _one_line(error: Exception, limit: int = 200) -> str:
   text = (str(error).strip().splitlines() or [type(error).__name__])[0]
   text = text.split(' See full TensorStore details')[0]
   return f'{type(error).__name__}: {text[:limit]}'
+
+
+def _save_error(mngr: ocp.CheckpointManager, step: Optional[int],
+                error: OSError) -> CheckpointSaveError:
+  good = [s for s in mngr.all_steps() if s != step]
+  what = f'step {step}' if step is not None else 'the last checkpoint'
+  return CheckpointSaveError(
+      f'saving {what} failed ({_one_line(error)}); the run stops. Latest complete '
+      f'checkpoint: step {max(good) if good else None}: free space (or fix the '
+      'directory) and rerun to resume from it')
+
+
+def _save(mngr: ocp.CheckpointManager, step: int, args, force: bool = False) -> None:
+  """`mngr.save`, a write failure turned into one CheckpointSaveError line.
+
+  Orbax writes into a temporary directory and renames it when complete, so a failed
+  save leaves the earlier checkpoints as they were.
+  """
+  try:
+    mngr.save(step, args=args, force=force)
+  except OSError as e:
+    raise _save_error(mngr, step, e) from None
 
 
 class PreemptionNotice:
@@ -520,7 +547,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
         logging.info('step %d  loss %.5f  grad_norm %.4f  %.2f steps/s', step,
                      fetched[-1][1]['loss'], fetched[-1][1]['grad_norm'], rate)
       if is_ckpt:
-        mngr.save(step, args=ocp.args.Composite(
+        _save(mngr, step, ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config_json)), force=preempted)
@@ -532,7 +559,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   finally:
     preemption.close()
     # Also on a NaN: an in-flight async save of the last good step completes.
-    mngr.wait_until_finished()
-    mngr.close()
+    try:
+      mngr.wait_until_finished()
+    except OSError as e:
+      raise _save_error(mngr, None, e) from None
+    finally:
+      mngr.close()
     writer.close()
   return state
