@@ -496,7 +496,9 @@ class RealCustomUNet(nn.Module):
       encoder_hidden_states: (B, Nt, c_t) text features f_ct.
       visual_tokens: (B, Ni, c_t) projected visual condition; None turns the visual
         branch off (the T2I and unconditional branches).
-      visual_token_mask: (B, Ni) bool, the tokens kept by Eq. 10's top-k.
+      visual_token_mask: (B, Ni) bool, the tokens kept by Eq. 10's top-k; or float 0 / 1
+        weights with a straight-through gradient (training with
+        config.train.selection_gradient, see `attention.visual_cross_attention`).
       scope_mask: (B, H0, W0) influence scope (Eq. 11) gating the visual output (Eq. 12).
       word_weights: (B, Nt) token weights of the target word, or (B_w, Nt) for the last
         B_w rows only; when given, every attn2 sows its word map into the
