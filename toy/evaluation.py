@@ -238,8 +238,9 @@ def stage_eval(config, workdir: str, sd_dir: str, vision_dir: str,
             'main_adapter': config.toy.main_adapter}
   with open(os.path.join(out_dir, 'results.json'), 'w') as f:
     json.dump(result, f, indent=2)
-  toy_plots.tradeoff_plot(summary, os.path.join(out_dir, 'tradeoff.png'), baseline_curves)
-  toy_plots.tradeoff_plot(summary, os.path.join(out_dir, 'tradeoff_sim.png'), baseline_curves,
+  plotted = plotted_rows(config, summary)
+  toy_plots.tradeoff_plot(plotted, os.path.join(out_dir, 'tradeoff.png'), baseline_curves)
+  toy_plots.tradeoff_plot(plotted, os.path.join(out_dir, 'tradeoff_sim.png'), baseline_curves,
                           x_key='sim')
   first = seeds[0]
   main_name = main_row(config)
@@ -268,6 +269,14 @@ def _encoder_probe(config, pipe) -> dict:
   tokens = np.asarray(encoders.image_features(pipe.vision.model, pipe.vision.params, pixels))
   areas = selection_gate.token_object_area(np.stack(masks), tokens.shape[1])
   return selection_gate.object_token_probe(tokens, areas)
+
+
+def plotted_rows(config, summary: dict) -> dict:
+  """The rows of the trade-off plots: all but Gate A's diagnostics (fixed selections,
+  the gamma_num sweep, gain off, scope pooling), which sit on top of each other."""
+  diagnostic = {v.name for v in variants(config)
+                if v.priority or v.gamma_num is not None or not v.gain or v.visual_pool}
+  return {k: r for k, r in summary.items() if k not in diagnostic}
 
 
 def _selection_summary(runs) -> dict:
