@@ -8,7 +8,6 @@ Writes results.json, tradeoff.png (text control vs identity accuracy), tradeoff_
 (vs subject similarity) and samples.png; `format_table` prints the table and the gates.
 """
 import copy as copy_lib
-import dataclasses
 import hashlib
 import json
 import os
