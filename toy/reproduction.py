@@ -10,21 +10,23 @@ Stages, each skipped or resumed when its output is already in --workdir:
 2. base/       autoencoder, UNet and text encoder trained from scratch, saved as a
                diffusers SD directory base/sd plus a CLIP vision directory base/vision
                (toy/base.py); with --base=shipped, toy/shipped/'s base written out instead.
-3. adapter_*/  the RealCustom adapter, trained by `python -m train.main` on the frozen
-               base (subject = the training image, gamma_num ~ U[0.3, 1], image dropout):
-               'adaptive' (the paper), 'none' (model.scoring='none', Table 3 ID-2) and
-               'copy_text' (visual K/V started as copies of the text K/V, G2); exported
-               to adapter_*/adapter.safetensors. A change of the model code (its
-               fingerprint is stored) retrains.
-4. eval/       every variant on the same held-out subjects, prompts and seeds: plain T2I
+3. adapter_NAME/seedS/  the RealCustom adapters, trained by `python -m train.main` on
+               the frozen base: every recipe of config.toy.adapters (toy/variants.py:
+               'adaptive' the paper, 'none' Table 3 ID-2, and the options of issue 27)
+               at every training seed of config.toy.adapter_seeds; exported to
+               adapter.safetensors. A change of the model code or of the effective
+               training config (a stamp is stored) retrains. `--train_only` stops here.
+4. eval/       every row on the same held-out subjects, prompts and noise seeds, each
+               trained adapter at each training seed (toy/evaluation.py): plain T2I
                with the real word and with the naming caption (G0), RealCustom without
-               mask at several w_i, with adaptive mask guidance (Sec. 4.1 settings), the
-               gamma_scope sweep, binary scope, the fusion ablations, no scoring; G1's
+               mask at several w_i, at the paper's settings, the gamma_scope and
+               gamma_num sweeps, binary scope, the fusion swaps, no scoring, Gate A's
+               fixed selections and selection precision (toy/selection_gate.py); G1's
                visual-path checks; Textual Inversion and DreamBooth per subject at
                several step counts (toy/baselines.py); G2's copy errors. Writes
                results.json, tradeoff.png (text control vs identity accuracy),
                tradeoff_sim.png (vs subject similarity) and samples.png, prints the
-               table and the gates G0-G3 (toy/gates.py).
+               table and the gates G0-G3 and GA (toy/gates.py).
 
 The last line printed is a JSON summary. Config: configs/toy_world.py (`--config.*`
 overrides work; `--smoke` uses its 'smoke' sizes).
