@@ -75,7 +75,7 @@ def _check_adapter_config(trained: dict, config) -> None:
   if not trained:  # no stored training config (a random adapter, an old file)
     return
   # Files from before a key existed were trained with its default.
-  defaults = {'scoring': 'adaptive', 'score_normalization': 'softmax'}
+  defaults = {k: model_lib.DEFAULT_MODEL_CONFIG[k] for k in ('scoring', 'score_normalization')}
   for key in ('fusion', 'scoring_hidden', 'scoring', 'score_normalization'):
     if key not in trained and key not in defaults:
       continue

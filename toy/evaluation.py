@@ -29,9 +29,7 @@ def _progress(message: str) -> None:
 def _pipeline(config, sd_dir, vision_dir, adapter, overrides: dict[str, str]):
   from realcustom_jax.pipeline import RealCustomPipeline  # pylint: disable=g-import-not-at-top
   c = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    section, name = key.split('.')
-    c[section][name] = value
+  c.update_from_flattened_dict(dict(overrides))
   return RealCustomPipeline.from_pretrained(sd_dir, vision_dir, adapter, c)
 
 

@@ -182,9 +182,7 @@ _BOOKKEEPING_TRAIN_KEYS = ('checkpoint_every', 'log_every', 'max_to_keep',
 def effective_config(config, overrides: dict[str, str], seed: int):
   """The config one adapter run trains with: `overrides` applied, the seed set."""
   c = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    section, name = key.split('.')
-    c[section][name] = value
+  c.update_from_flattened_dict(dict(overrides))
   c.seed = seed
   c.data.shuffle_seed = seed
   return c

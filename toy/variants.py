@@ -3,6 +3,8 @@
 """
 import dataclasses
 
+from toy import selection_gate
+
 # The adapters the reproduction can train: name -> config overrides (config.toy.adapters
 # picks which, config.toy.adapter_seeds with how many training seeds each).
 ADAPTER_RUNS = {
@@ -150,7 +152,7 @@ def variants(config) -> list[Variant]:
     if adapter in toy.gate_a_adapters:
       for spec in toy.fixed_selections:
         kind, ratio = spec.split(':')
-        k = int(float(ratio) * n + 1e-3)
+        k = selection_gate.kept_count(float(ratio), n)
         out.append(Variant(f'{kind}_k{k}{sfx}', adapter=adapter, gamma_num=float(ratio),
                            priority=kind))
       out += [Variant(f'gain_off{sfx}', adapter=adapter, gain=False),
