@@ -89,3 +89,25 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     proc = _run(f'--workdir={tmp_path}/w', '--config=configs/toy_world.py:smoke', bad)
     assert proc.returncode == 2 and key in proc.stderr, (bad, proc.stderr[-500:])
     assert 'Traceback' not in proc.stderr
+
+
+def test_adapter_stamp_ignores_docstrings_and_comments_not_code():
+  # A docstring edit must keep the trained adapters (retraining 30 of them costs hours);
+  # a code edit must not.
+  code = '''
+import textwrap
+import toy.reproduction as r
+base = textwrap.dedent("""
+    def f(x):
+      \\"\\"\\"Doubles.\\"\\"\\"
+      return 2 * x  # twice
+    """)
+doc = base.replace('Doubles.', 'Twice x.').replace('# twice', '# two times')
+code = base.replace('2 * x', '3 * x')
+print(r._code_without_docs(base) == r._code_without_docs(doc),
+      r._code_without_docs(base) == r._code_without_docs(code), len(r.model_fingerprint()))
+'''
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ['True', 'False', '16']
