@@ -213,6 +213,10 @@ class RealCustomPipeline:
         self.config.sampler, guidance_text=guidance_text, guidance_image=guidance_image,
         gamma_scope=gamma_scope, gamma_num=gamma_num)
 
+  def check_word(self, prompt: str, word: str) -> None:
+    """ValueError (one line) unless the tokenizer finds `word` as whole tokens of `prompt`."""
+    encoders.word_token_indices(self.components.tokenizer, prompt, word)
+
   def schedule(self, num_steps: Optional[int] = None) -> schedules.Schedule:
     """The DDIM schedule of `num_steps` steps (default `config.sampler.num_steps`)."""
     num_steps = self.config.sampler.num_steps if num_steps is None else num_steps

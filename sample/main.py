@@ -27,7 +27,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from realcustom_jax.release import paths as release_paths
+from realcustom_jax import pipelines
 from realcustom_jax.runtime import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/tiny.py).')
@@ -77,17 +77,6 @@ def _apply_flags(config) -> None:
                          _ALLOW_PICKLE.value)
 
 
-def _check_word(config, prompt: str, word: str) -> None:
-  """Fails fast on a word not in the prompt, before any model is loaded."""
-  if release_paths.is_release_config(config):  # the release finds its phrase with str.find
-    if not word.strip() or word not in prompt:
-      raise UsageError(f'target word {word!r} does not occur in prompt {prompt!r}')
-    return
-  from realcustom_jax.loading import components  # pylint: disable=g-import-not-at-top
-  from realcustom_jax import encoders  # pylint: disable=g-import-not-at-top
-  encoders.word_token_indices(components.load_tokenizer(config), prompt, word)
-
-
 def run(config) -> None:
   """Validates the inputs, then loads, samples, decodes and writes the image(s)."""
   for flag in (_SUBJECT, _PROMPT, _WORD, _OUT):
@@ -108,18 +97,16 @@ def run(config) -> None:
   from realcustom_jax.loading import images  # pylint: disable=g-import-not-at-top
   subject = images.load_subject_image(_SUBJECT.value)
   logging.info('subject %s: %dx%d', _SUBJECT.value, *subject.size)
-  from realcustom_jax import pipelines  # pylint: disable=g-import-not-at-top
-  missing_weights = pipelines.missing_weights_message(config)
+  family = pipelines.family_for(config)
+  missing_weights = family.missing_weights_message(config)
   if missing_weights:  # before the tiny models fail on the resolution
     raise UsageError(missing_weights)
-  _check_word(config, _PROMPT.value, _WORD.value)
+  family.check_word(config, _PROMPT.value, _WORD.value)  # before any model loads
 
   from realcustom_jax import pipeline_common  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  logging.info('loading models (%s)', config.pretrained or (
-      'tiny random release' if release_paths.is_release_config(config)
-      else 'tiny embedded default'))
-  pipe = pipelines.load_pipeline(config)
+  logging.info('loading models (%s)', config.pretrained or family.tiny_weights)
+  pipe = family.pipeline_from_config(config)
   logging.info('loaded in %.1f s', time.perf_counter() - start)
 
   start = time.perf_counter()
@@ -143,7 +130,7 @@ def main(argv) -> None:
     _fail('--config is required (e.g. --config=configs/tiny.py)')
   cli.enable_compile_cache()  # before the first compile
   if not (_ALLOW_PICKLE.value or _CONFIG.value.get('allow_pickle', False)
-          or (not _PRETRAINED.value and release_paths.tiny_release_pending(_CONFIG.value))):
+          or (not _PRETRAINED.value and pipelines.needs_torch(_CONFIG.value))):
     cli.skip_torch()
   warnings.showwarning = _show_warning
   cli.quiet_libraries()

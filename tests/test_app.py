@@ -25,7 +25,9 @@ os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # before gradio is i
 import gradio_client  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from realcustom_jax.runtime import cli  # noqa: E402  pylint: disable=g-import-not-at-top
-from sample import app  # noqa: E402  pylint: disable=g-import-not-at-top
+from sample import demo_inputs  # noqa: E402  pylint: disable=g-import-not-at-top
+from sample import demo_state  # noqa: E402  pylint: disable=g-import-not-at-top
+from sample import demo_ui  # noqa: E402  pylint: disable=g-import-not-at-top
 from tests import testing  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Gradio answers each gr.Error through a constant Starlette deprecates.
@@ -67,10 +69,10 @@ def served():
   config.sampler.num_steps = STEPS
   with pytest.warns(UserWarning, match='UNTRAINED'):
     pipe = pipelines.load_pipeline(config)
-  demo = app.Demo(pipe, max_images=2, max_steps=MAX_STEPS)
+  demo = demo_state.Demo(pipe, max_images=2, max_steps=MAX_STEPS)
   demo.warm_up()
-  blocks = app.build_ui(demo)
-  url = app.launch(blocks, '127.0.0.1', _free_port())
+  blocks = demo_ui.build_ui(demo)
+  url = demo_ui.launch(blocks, '127.0.0.1', _free_port())
   assert url.startswith('http://127.0.0.1:')
   yield demo, gradio_client.Client(url, verbose=False)
   start = time.perf_counter()
@@ -97,10 +99,10 @@ def test_generate_returns_images_scope_strip_and_plain_t2i(served, subject):
   assert Image.open(plain[0]['image']).size == (32, 32)
   assert images[0]['caption'] == 'seed 0, image 1'
   # 3 labelled steps (all of them), one image: a scope row above an x0 row.
-  columns = app.strip_steps(STEPS)
+  columns = demo_inputs.strip_steps(STEPS)
   assert columns == [0, 1, 2]
-  assert Image.open(strip).size == (app._STRIP_MARGIN + 3 * (app._STRIP_TILE + 4),  # pylint: disable=protected-access
-                                    app._STRIP_HEADER + 2 * app._STRIP_TILE + 4)  # pylint: disable=protected-access
+  assert Image.open(strip).size == (demo_inputs.STRIP_MARGIN + 3 * (demo_inputs.STRIP_TILE + 4),
+                                    demo_inputs.STRIP_HEADER + 2 * demo_inputs.STRIP_TILE + 4)
   assert status.startswith('generated 1 image in ')
   assert 'no recompile' in status  # the warm-up compiled exactly this
   assert demo.compile_seconds is not None
@@ -123,7 +125,7 @@ def test_traced_settings_never_recompile(served, subject):
 
 def test_a_new_step_count_says_it_compiles(served, subject):
   demo, client = served
-  key = app.StaticKey(STEPS + 1, 1, False, 'paper', False)
+  key = demo_state.StaticKey(STEPS + 1, 1, False, 'paper', False)
   assert 'compiles once on first use' in demo.compile_note(key)
   job = client.submit(gradio_client.handle_file(subject), *dict(
       GOOD, num_steps=STEPS + 1).values(), api_name='/generate')
@@ -176,15 +178,15 @@ def test_bad_images_are_a_message_and_the_worker_lives_on(served, subject, tmp_p
 
 
 def test_word_choices_follow_the_prompt():
-  assert app.word_choices('a teddy bear on the beach') == ['teddy', 'bear', 'beach',
+  assert demo_inputs.word_choices('a teddy bear on the beach') == ['teddy', 'bear', 'beach',
                                                           'teddy bear']
-  assert app.word_choices('A dog, wearing sunglasses!') == [
+  assert demo_inputs.word_choices('A dog, wearing sunglasses!') == [
       'dog', 'wearing', 'sunglasses', 'wearing sunglasses']
-  assert app.word_choices('on the') == ['on', 'the']  # function words only: all of them
-  assert app.word_choices('') == []
-  choices = app.word_choices('a cat on a sofa')
-  assert app.pick_word('a cat on a sofa', 'toy', choices) == 'cat'  # gone: the first
-  assert app.pick_word('a cat on a sofa', 'sofa', choices) == 'sofa'  # still there: kept
+  assert demo_inputs.word_choices('on the') == ['on', 'the']  # function words only: all of them
+  assert demo_inputs.word_choices('') == []
+  choices = demo_inputs.word_choices('a cat on a sofa')
+  assert demo_inputs.pick_word('a cat on a sofa', 'toy', choices) == 'cat'  # gone: the first
+  assert demo_inputs.pick_word('a cat on a sofa', 'sofa', choices) == 'sofa'  # still there: kept
 
 
 def _cli(*args, **kwargs):
@@ -252,12 +254,12 @@ def test_release_pipeline_page(subject):
   """configs/release_tiny.py: the release's controls, and traced values never recompile."""
   from configs import release_tiny  # pylint: disable=g-import-not-at-top
   from realcustom_jax import pipelines  # pylint: disable=g-import-not-at-top
-  demo = app.Demo(pipelines.load_pipeline(release_tiny.get_config()), max_images=1)
-  assert demo.release and demo.defaults() == dict(
+  demo = demo_state.Demo(pipelines.load_pipeline(release_tiny.get_config()), max_images=1)
+  assert demo.family.name == 'release' and demo.defaults() == dict(
       guidance_scale=3.5, mask_scope=0.25, mask_strategy=['max_norm'], mask_reused_step=2)
   demo.warm_up()
-  blocks = app.build_ui(demo)
-  client = gradio_client.Client(app.launch(blocks, '127.0.0.1', _free_port()), verbose=False)
+  blocks = demo_ui.build_ui(demo)
+  client = gradio_client.Client(demo_ui.launch(blocks, '127.0.0.1', _free_port()), verbose=False)
   try:
     def generate(**changes):
       values = dict(prompt='a toy on the beach', word='toy', seed=0, num_images=1,
@@ -273,7 +275,7 @@ def test_release_pipeline_page(subject):
     assert 'no recompile' in first[3] and 'no recompile' in second[3]
     assert Image.open(first[0][0]['image']).size == (48, 64)  # release_tiny: 48 x 64 px
     assert Image.open(first[2]).size[0] > Image.open(first[2]).size[1]
-    reuse_off = app.StaticKey(4, 1, False, ('max_norm',), False)  # on at start-up
+    reuse_off = demo_state.StaticKey(4, 1, False, ('max_norm',), False)  # on at start-up
     assert 'reuse off: compiles once on first use' in demo.compile_note(reuse_off)
     for changes, message in [
         (dict(mask_strategy=[]), 'pick at least one mask strategy mode'),

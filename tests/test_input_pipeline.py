@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from realcustom_jax.release import training as release_training
 from train import input_pipeline
 from train import laion_builder
 from train import synthetic_data as toy_data
@@ -445,7 +446,7 @@ def test_sdxl_micro_conditions_are_the_crop_taken(tmp_path):
   np.testing.assert_array_equal(rows[b'wide']['crop_top_left'], [0, 8])
   np.testing.assert_array_equal(rows[b'tall']['original_size'], [62, 30])
   np.testing.assert_array_equal(rows[b'tall']['crop_top_left'], [8, 0])
-  out = input_pipeline.SDXLTrainPreprocess(_tokenize, lambda c: _tokenize(c)[::-1], RES).map(
+  out = release_training.SDXLTrainPreprocess(_tokenize, lambda c: _tokenize(c)[::-1], RES).map(
       rows[b'wide'])
   np.testing.assert_array_equal(out['time_ids'], [600, 1200, 0, 8, RES, RES])
   assert out['time_ids'].dtype == np.float32

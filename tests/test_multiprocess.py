@@ -22,6 +22,7 @@ import portpicker
 import pytest
 
 from realcustom_jax.runtime import distributed
+from realcustom_jax import training_inputs
 from train import export
 from train import input_pipeline
 from train import train
@@ -388,7 +389,7 @@ def test_one_process_data_checkpoints_from_before_still_resume():
       data_source=Source(), shard_options=shard, worker_count=0,
       sampler=grain.samplers.IndexSampler(num_records=20, shard_options=shard, shuffle=True,
                                           num_epochs=None, seed=config.data.shuffle_seed),
-      operations=[input_pipeline.TrainPreprocess(tokenize),
+      operations=[training_inputs.TrainPreprocess(tokenize),
                   grain.transforms.Batch(batch_size=4, drop_remainder=True)]))
   next(before), next(before)
   state, expected = before.get_state(), next(before)['image']

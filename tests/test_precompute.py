@@ -19,6 +19,7 @@ import pytest
 from benchmarks import precompute_speed as precompute_benchmark
 from configs import tiny as tiny_config
 from realcustom_jax.runtime import sharding
+from realcustom_jax import training_inputs
 from realcustom_jax.loading import tiny
 from realcustom_jax import adapter_training as training
 from train import input_pipeline
@@ -53,8 +54,8 @@ def prepared(tmp_path_factory, components):
 def _images(builder, sd, rows) -> dict:
   """The loader's own preprocessing of records `rows`, stacked."""
   source = builder.as_data_source(split='train')
-  pre = input_pipeline.TrainPreprocess(
-      functools.partial(input_pipeline.tokenize_caption, sd.tokenizer))
+  pre = training_inputs.TrainPreprocess(
+      functools.partial(training_inputs.tokenize_caption, sd.tokenizer))
   items = [pre.map(source[i]) for i in rows]
   return {k: np.stack([x[k] for x in items]) for k in items[0]}
 
@@ -255,7 +256,7 @@ def test_bad_feature_dtype_is_a_config_error(prepared):
 def test_iterator_position_carries_over_between_images_and_features(prepared, components):
   config, features, builder = prepared
   images = builder.as_data_source(split='train')
-  tokenize = functools.partial(input_pipeline.tokenize_caption, components[0].tokenizer)
+  tokenize = functools.partial(training_inputs.tokenize_caption, components[0].tokenizer)
   decode = precompute.DecodeFeatures(features.layout)
   on_features = iter(input_pipeline.create_train_loader(config, features, None,
                                                         preprocess=decode))

@@ -172,7 +172,7 @@ def test_a_release_adapter_without_a_config_gets_the_release_pipeline(tiny_run):
   from realcustom_jax.release import pipeline as rp  # pylint: disable=g-import-not-at-top
   folder = tiny_run[0]
   adapter = str(folder / 'adapter.safetensors')
-  assert pipelines.is_release_adapter(adapter)
+  assert pipelines.adapter_family_name(adapter) == 'release'
   paths = dict(pretrained=str(folder / 'sdxl'), vision_encoder=str(folder / 'vision'),
                adapter=adapter)
   # Without a config the release's own settings apply: its ViT layers 25 / 22, which the

@@ -21,6 +21,7 @@ from realcustom_jax.release import convert
 from realcustom_jax.release import pipeline as release_pipeline
 from realcustom_jax.release import training as release_training
 from realcustom_jax.runtime import sharding
+from realcustom_jax import training_inputs
 from realcustom_jax.unet import RealCustomUNet
 from train import export
 from train import input_pipeline
@@ -81,9 +82,9 @@ def fixed_batch(dirs):
   comps = release_training.load_components(config)
   source = input_pipeline.get_data_source(config, dirs[1])
   loader = input_pipeline.create_train_loader(
-      config, source, None, preprocess=input_pipeline.SDXLTrainPreprocess(
-          lambda c: input_pipeline.tokenize_caption(comps.sdxl.tokenizer, c),
-          lambda c: input_pipeline.tokenize_caption(comps.sdxl.tokenizer_2, c),
+      config, source, None, preprocess=release_training.SDXLTrainPreprocess(
+          lambda c: training_inputs.tokenize_caption(comps.sdxl.tokenizer, c),
+          lambda c: training_inputs.tokenize_caption(comps.sdxl.tokenizer_2, c),
           config.resolution))
   return next(iter(loader))
 

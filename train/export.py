@@ -15,7 +15,6 @@ adapter (what `sample.convert_release` writes for the authors' file, so `sample.
   unet.load_state_dict(safetensors.torch.load_file('adapter_release.safetensors'),
                        strict=False)
 """
-import json
 import sys
 
 from absl import app
@@ -24,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from realcustom_jax.runtime import cli
-from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import pipelines
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir (with checkpoints/).')
@@ -91,25 +90,12 @@ def export_files(workdir: str, out: str, step: int | None = None,
                  release_out: str | None = None) -> tuple[int, list[str]]:
   """`export`, returning (step, the files written).
 
-  A release run's checkpoint (its config says pipeline 'release') is written as a
-  release-kind adapter, and in the release's own key layout to `release_out` when given
-  (a paper run has no such layout and ignores it).
+  The checkpoint's model family (its config's `pipeline`) writes the file
+  (`Family.export`): a release run's as a release-kind adapter, and in the release's own
+  key layout to `release_out` when given (a paper run has no such layout and ignores it).
   """
   params, step, config = load_checkpoint_adapter(workdir, step)
-  if config.get('pipeline') == 'release':
-    from realcustom_jax.release import training as release_training  # pylint: disable=g-import-not-at-top
-    if 'release_unet_config' not in config:
-      raise ValueError(f'the checkpoint config in {workdir} lacks release_unet_config')
-    release_training.export(params, config.get('model', {}), config['release_unet_config'],
-                            out, step, release_out)
-    return step, [out] + ([release_out] if release_out else [])
-  metadata = {'model_config': json.dumps(config.get('model', {}), sort_keys=True),
-              'step': str(step),
-              # Checkpoints from before the layout number are layout 1: exported as
-              # such, so that loading refuses them by name.
-              'adapter_layout': str(config.get('adapter_layout', 1))}
-  adapter_lib.save_adapter(out, params, metadata)
-  return step, [out]
+  return step, pipelines.family_for(config).export(params, config, out, step, release_out)
 
 
 def main(argv):

@@ -49,6 +49,9 @@ import numpy as np
 
 from realcustom_jax.runtime import cli
 from realcustom_jax.runtime import distributed
+from realcustom_jax.training_inputs import SUBJECT_REFERENCES
+from realcustom_jax.training_inputs import stored_reference
+from realcustom_jax.training_inputs import TrainPreprocess
 from train import laion_builder
 from train import synthetic_data as toy_data
 
@@ -89,12 +92,6 @@ def prepare_toy_dataset(
       min_aesthetic=config.data.min_aesthetic)
 
 
-SUBJECT_REFERENCES = ('self', 'stored')
-
-
-def stored_reference(config: ml_collections.ConfigDict) -> bool:
-  """Whether the adapter reads each sample's stored reference instead of the image."""
-  return config.data.get('subject_reference', 'self') == 'stored'
 
 
 def get_data_source(
@@ -196,64 +193,6 @@ def tfds_data_dir(config: ml_collections.ConfigDict,
   """`config.data.tfds_data_dir`, or `<workdir>/tfds`; URLs stay URLs."""
   return cli.absolute_path(config.data.tfds_data_dir or
                            cli.absolute_path(workdir) / 'tfds')
-
-
-def tokenize_caption(tokenizer, caption: str) -> np.ndarray:
-  """Caption -> fixed-length ids; long LAION captions are cut without a warning each."""
-  return tokenizer(caption, padding='max_length', max_length=tokenizer.model_max_length,
-                   truncation=True, return_tensors='np').input_ids[0].astype(np.int32)
-
-
-class TrainPreprocess(grain.transforms.Map):
-  """Scales the image (and a stored subject reference) to [-1, 1] and tokenizes the
-  caption."""
-
-  def __init__(self, tokenize_fn: Callable[[str], np.ndarray]):
-    self._tokenize_fn = tokenize_fn
-
-  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-    caption = element['caption']
-    if isinstance(caption, bytes):  # tfds Text features decode to bytes
-      caption = caption.decode('utf-8')
-    input_ids = np.asarray(self._tokenize_fn(caption), dtype=np.int32)
-    if input_ids.ndim != 1:
-      raise ValueError(
-          f'tokenize_fn must return a 1-D array, got shape {input_ids.shape}')
-    image = np.asarray(element['image'], dtype=np.float32) / 127.5 - 1.0
-    out = {'image': image, 'input_ids': input_ids}
-    if 'reference' in element:  # a set prepared with references (subject_reference)
-      out['reference'] = np.asarray(element['reference'], dtype=np.float32) / 127.5 - 1.0
-    return out
-
-
-class SDXLTrainPreprocess(grain.transforms.Map):
-  """SDXL's training inputs: the image in [-1, 1], the caption through both
-  tokenizers, and the per-sample micro-conditions as SDXL trains on them.
-
-  `time_ids` = (original height, width, crop top, left, target height, width): the
-  source's size before any resize and the crop actually taken
-  (`laion_builder.center_crop_top_left`), both stored when the set was prepared, and
-  the training size. SDXL's (diffusers') order; the release's inference scripts pass
-  width and height the other way round (`sdxl_text.release_time_ids`), the same for
-  square images.
-  """
-
-  def __init__(self, tokenize_fn: Callable[[str], np.ndarray],
-               tokenize_fn_2: Callable[[str], np.ndarray], resolution: int):
-    self._tokenize = (tokenize_fn, tokenize_fn_2)
-    self._resolution = int(resolution)
-
-  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-    caption = element['caption']
-    if isinstance(caption, bytes):
-      caption = caption.decode('utf-8')
-    ids, ids_2 = (np.asarray(fn(caption), dtype=np.int32) for fn in self._tokenize)
-    image = np.asarray(element['image'], dtype=np.float32) / 127.5 - 1.0
-    res = self._resolution
-    time_ids = np.concatenate([np.asarray(element['original_size'], np.float32),
-                               np.asarray(element['crop_top_left'], np.float32),
-                               np.array([res, res], np.float32)])
-    return {'image': image, 'input_ids': ids, 'input_ids_2': ids_2, 'time_ids': time_ids}
 
 
 def per_process_batch_size(global_batch_size: int, process_count: int) -> int:

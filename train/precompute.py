@@ -54,7 +54,8 @@ from realcustom_jax import model as model_lib
 from realcustom_jax.runtime import sharding
 from realcustom_jax import adapter_training as training
 from realcustom_jax.loading import weights
-from realcustom_jax.release import paths as release_paths
+from realcustom_jax import pipelines
+from realcustom_jax import training_inputs
 from train import input_pipeline
 
 FORMAT_VERSION = 1  # bump when what a record holds, or how it is computed, changes
@@ -70,14 +71,16 @@ def enabled(config) -> bool:
   return bool(config.data.get('precompute_features', False))
 
 
-def check_config(config) -> None:
-  """Raises ValueError (one line) for a feature dtype that cannot be stored, or a
-  release config (its features are not implemented)."""
+def check_config(config, family=None) -> None:
+  """Raises ValueError (one line) for a feature dtype that cannot be stored, or a model
+  family whose features are not implemented (the release's); `family` defaults to the
+  config's (`pipelines.family_for`)."""
   if not enabled(config):
     return
-  if release_paths.is_release_config(config):
-    raise ValueError('config.data.precompute_features is not implemented for the release '
-                     'architecture yet: train with the encoders in the step')
+  family = family or pipelines.family_for(config)
+  if not family.supports_precompute:
+    raise ValueError(f'config.data.precompute_features is not implemented for the '
+                     f'{family.name} family yet: train with the encoders in the step')
   if config.data.get('subject_reference', 'self') != 'self':
     raise ValueError('config.data.precompute_features stores the training image\'s own '
                      'subject features: it needs config.data.subject_reference=\'self\'')
@@ -278,8 +281,8 @@ def prepare_features(config, image_dir: str | os.PathLike[str], image_source: An
   logging.info('precomputing the encoders\' features of %d images into %s (%.1f MB)', n,
                out, n * record_bytes(layout) / 1e6)
   # The loader's own transform: the encoders see exactly what the in-step path sees.
-  preprocess = input_pipeline.TrainPreprocess(
-      functools.partial(input_pipeline.tokenize_caption, sd.tokenizer))
+  preprocess = training_inputs.TrainPreprocess(
+      functools.partial(training_inputs.tokenize_caption, sd.tokenizer))
 
   def load(start: int) -> dict[str, np.ndarray]:
     # The last batch is padded with its final record; the padding is not written.

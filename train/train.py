@@ -9,15 +9,15 @@ With `config.data.precompute_features` the frozen encoders run once over the pre
 set before training (train/precompute.py) and the loop trains on their stored outputs
 (`adapter_training.precomputed_train_step`); the VAE and CLIP then stay off the devices.
 
-A release config (`config.pipeline == 'release'`: configs/release_train.py) trains the
-authors' released architecture instead, SDXL with its projector and visual K/V: the
-same loop, with the models, inputs and step of `realcustom_jax.release.training`.
+The model family (`pipelines.family_for`, chosen once from `config.pipeline`) supplies
+the frozen models, the per-record preprocessing, the step and the export: the paper's
+SD + CLIP adapter, or (configs/release_train.py) the authors' released SDXL
+architecture with its projector and visual K/V, through the same loop.
 
 Config keys read (besides the model/data ones): `config.train.*` (see
 `validate_config`), `config.mesh.{data,fsdp,distributed}`.
 """
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -37,17 +37,13 @@ import orbax.checkpoint as ocp
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax.runtime import cli
 from realcustom_jax.runtime import distributed
-from realcustom_jax.loading import components
 from realcustom_jax.runtime import sharding
-from realcustom_jax.loading import weights
 from realcustom_jax.adapter_training import ConfigError
-from realcustom_jax.adapter_training import SELECTION_GRADIENTS
 from realcustom_jax.model import DTYPES
 from realcustom_jax.model import check_model_config
-from realcustom_jax.adapter_training import setup_training
 from realcustom_jax.adapter_training import State
-from realcustom_jax.release import paths as release_paths
-from realcustom_jax.release import training as release_training
+from realcustom_jax import family as family_lib
+from realcustom_jax import pipelines
 from train import input_pipeline
 from train import precompute
 
@@ -80,27 +76,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if section not in config:
       raise ConfigError(f'config has no `{section}` section')
   t = config.train
-  release = release_paths.is_release_config(config)
+  try:
+    family = pipelines.family_for(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   for key in ('num_steps', 'checkpoint_every', 'log_every', 'max_to_keep'):
     if int(t[key]) <= 0:
       raise ConfigError(f'config.train.{key} must be positive, got {t[key]}')
-  if not release:
-    if not 0.0 <= float(t.image_dropout) <= 1.0:
-      raise ConfigError(f'config.train.image_dropout must lie in [0, 1], got {t.image_dropout}')
-    low, high = (float(x) for x in t.gamma_num_range)
-    if not 0.0 <= low <= high <= 1.0:
-      raise ConfigError(f'config.train.gamma_num_range must satisfy 0 <= low <= high <= 1, '
-                        f'got {tuple(t.gamma_num_range)}')
-    gradient = t.get('selection_gradient', 'none')
-    if gradient not in SELECTION_GRADIENTS:
-      raise ConfigError(f'config.train.selection_gradient must be one of '
-                        f'{SELECTION_GRADIENTS}, got {gradient!r}')
-    if gradient != 'none' and config.model.get('scoring', 'adaptive') != 'adaptive':
-      raise ConfigError("config.train.selection_gradient needs config.model.scoring="
-                        "'adaptive' (there is no selection to learn without it)")
-    if t.get('visual_kv_init', 'zero_v') not in adapter_lib.VISUAL_KV_INITS:
-      raise ConfigError(f'config.train.visual_kv_init must be one of '
-                        f'{adapter_lib.VISUAL_KV_INITS}, got {t.visual_kv_init!r}')
   if t.get('on_damaged_checkpoint', 'fall_back') not in DAMAGED_CHECKPOINTS:
     raise ConfigError(f'config.train.on_damaged_checkpoint must be one of '
                       f'{DAMAGED_CHECKPOINTS}, got {t.on_damaged_checkpoint!r}')
@@ -117,19 +99,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.data.batch_size must be positive, got {config.data.batch_size}')
   try:
     input_pipeline.check_data_config(config)  # one listing: the shards exist
-    precompute.check_config(config)
-    if release:
-      release_training.check_config(config)
+    precompute.check_config(config, family)
+    family.check_training_config(config)  # its own keys and weights
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if release:
-    return
-  missing_weights = components.missing_weights_message(config)
-  if missing_weights:
-    raise ConfigError(missing_weights)
-  if config.pretrained and not config.vision_encoder:
-    raise ConfigError('config.vision_encoder (a CLIP vision model directory) is required '
-                      'with config.pretrained')
 
 
 def check_workdir(workdir: str) -> epath.Path:
@@ -163,14 +136,11 @@ def check_workdir(workdir: str) -> epath.Path:
   return path
 
 
-def load_components(config) -> (tuple[weights.StableDiffusionComponents, weights.VisionEncoder]
-                                 | release_training.ReleaseComponents):
-  """`components.load_components` (a release config: `release_training.load_components`),
-  its mistakes as ConfigError (one line, exit 2)."""
+def load_components(config, family: family_lib.Family):
+  """The family's frozen models (`Family.load_training_components`), its mistakes as
+  ConfigError (one line, exit 2)."""
   try:
-    if release_paths.is_release_config(config):
-      return release_training.load_components(config)
-    return components.load_components(config)
+    return family.load_training_components(config)
   except ValueError as e:  # CheckpointError and size mismatches are user mistakes
     raise ConfigError(str(e)) from None
 
@@ -439,32 +409,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
                jax.device_count(), jax.process_count())
 
   # ---- Input ----
-  release = release_paths.is_release_config(config)
+  family = pipelines.family_for(config)  # validated above
   with _stage(f'loading the frozen models ({config.pretrained or "tiny random"})'):
-    loaded = load_components(config)
-  precomputed = precompute.enabled(config)
+    loaded = load_components(config, family)
+  precomputed = precompute.enabled(config)  # the paper family's alone (validated)
   try:
-    if release:
-      with _stage('preparing / opening the data set'):
-        source = input_pipeline.get_data_source(config, workdir)
-      sdxl = loaded.sdxl
-      loader = input_pipeline.create_train_loader(
-          config, source, None, preprocess=input_pipeline.SDXLTrainPreprocess(
-              functools.partial(input_pipeline.tokenize_caption, sdxl.tokenizer),
-              functools.partial(input_pipeline.tokenize_caption, sdxl.tokenizer_2),
-              config.resolution))
-    elif precomputed:
-      sd, vision = loaded
+    if precomputed:
       with _stage('preparing / opening the data set and its precomputed features'):
-        source = precompute.get_feature_source(config, workdir, sd, vision)
-      loader = input_pipeline.create_train_loader(
-          config, source, None, preprocess=precompute.DecodeFeatures(source.layout))
+        source = precompute.get_feature_source(config, workdir, *loaded)
+      preprocess = precompute.DecodeFeatures(source.layout)
     else:
-      sd, vision = loaded
       with _stage('preparing / opening the data set'):
         source = input_pipeline.get_data_source(config, workdir)
-      loader = input_pipeline.create_train_loader(
-          config, source, functools.partial(input_pipeline.tokenize_caption, sd.tokenizer))
+      preprocess = family.train_preprocess(config, loaded)
+    loader = input_pipeline.create_train_loader(config, source, None, preprocess=preprocess)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   data_iter = iter(loader)
@@ -472,27 +430,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   # ---- Model & optimizer, shard & transfer ----
   logging.info('building the adapter and placing the frozen weights ...')
   t0 = time.perf_counter()
-  if release:
-    setup, shapes = release_training.setup_training(config, mesh, loaded)
-  else:
-    setup, shapes = setup_training(config, mesh, sd, vision, with_encoders=not precomputed)
+  setup, shapes = family.setup_training(config, mesh, loaded, with_encoders=not precomputed)
   state, frozen = setup.state, setup.frozen
   logging.info('adapter: %d trainable parameters; frozen: %d; setup %.1fs',
                adapter_lib.count_params(state['params']),
                adapter_lib.count_params(frozen), time.perf_counter() - t0)
   b = int(config.data.batch_size)
-  if release:
-    abstract_batch = release_training.abstract_batch(config, loaded, b)
-  elif precomputed:
+  if precomputed:
     abstract_batch = {k: jax.ShapeDtypeStruct((b,) + shape, dtype)
                       for k, (shape, dtype) in source.layout.items()}
   else:
-    abstract_batch = {
-        'image': jax.ShapeDtypeStruct((b, config.resolution, config.resolution, 3),
-                                      np.float32),
-        'input_ids': jax.ShapeDtypeStruct((b, shapes['text'][0]), np.int32)}
-    if input_pipeline.stored_reference(config):
-      abstract_batch['reference'] = abstract_batch['image']
+    abstract_batch = family.abstract_batch(config, loaded, shapes, b)
   step_fn = setup.train_step(abstract_batch, precomputed=precomputed)
   logging.info('compiling the train step ...')
   t0 = time.perf_counter()
@@ -515,10 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   debug_nan_step = int(t.get('debug_nan_step', -1))
   config_json = json.loads(config.to_json_best_effort())
   config_json['adapter_layout'] = adapter_lib.ADAPTER_LAYOUT  # read by resume and export
-  if release:
-    # What train.export rebuilds the release's key layout from.
-    config_json['release_unet_config'] = release_training.unet_config_for_export(
-        loaded.sdxl.unet_config)
+  config_json.update(family.checkpoint_extras(loaded))  # what train.export needs besides
   pending: list[tuple[int, dict]] = []
   t_last, steps_since = time.perf_counter(), 0
   preemption = PreemptionNotice()

@@ -310,6 +310,10 @@ class ReleasePipeline:
         self.config.sampler, guidance_image=guidance_scale, gamma_scope=mask_scope,
         mask_reused_step=mask_reused_step)
 
+  def check_word(self, prompt: str, word: str) -> None:
+    """ValueError (one line) unless the release finds `word` in `prompt` (`str.find`)."""
+    target_token_weights(self.sdxl.tokenizer, self.sdxl.tokenizer_2, prompt, word)
+
   def schedule(self, num_steps: Optional[int] = None) -> schedules.Schedule:
     """The release's schedule of `num_steps` steps (default `config.sampler.num_steps`)."""
     num_steps = self.config.sampler.num_steps if num_steps is None else num_steps

@@ -25,11 +25,13 @@ in training (the release's mask is an inference-time guidance device).
 `export` writes a trained adapter as our file and back under the release's state-dict
 names (`convert.export_release_state`), so the authors' torch code loads it (`unet.load_state_dict(..., strict=False)`).
 """
+from collections.abc import Callable
 import dataclasses
 import os
 from typing import Any, Mapping, Optional
 
 import chex
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -461,3 +463,38 @@ def export(params: Mapping, model_config: Mapping[str, Any], unet_config: Mappin
     safetensors.numpy.save_file(convert.export_release_state(params, unet), release_out,
                                 metadata={'format': 'pt', 'step': str(step),
                                           'release_code': convert.RELEASE_CODE})
+
+
+# ---------------------------------------------------------------------------------
+# Input: what the loader gives the step
+# ---------------------------------------------------------------------------------
+
+
+class SDXLTrainPreprocess(grain.transforms.Map):
+  """SDXL's training inputs: the image in [-1, 1], the caption through both
+  tokenizers, and the per-sample micro-conditions as SDXL trains on them.
+
+  `time_ids` = (original height, width, crop top, left, target height, width): the
+  source's size before any resize and the crop actually taken
+  (`laion_builder.center_crop_top_left`), both stored when the set was prepared, and
+  the training size. SDXL's (diffusers') order; the release's inference scripts pass
+  width and height the other way round (`sdxl_text.release_time_ids`), the same for
+  square images.
+  """
+
+  def __init__(self, tokenize_fn: Callable[[str], np.ndarray],
+               tokenize_fn_2: Callable[[str], np.ndarray], resolution: int):
+    self._tokenize = (tokenize_fn, tokenize_fn_2)
+    self._resolution = int(resolution)
+
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    caption = element['caption']
+    if isinstance(caption, bytes):
+      caption = caption.decode('utf-8')
+    ids, ids_2 = (np.asarray(fn(caption), dtype=np.int32) for fn in self._tokenize)
+    image = np.asarray(element['image'], dtype=np.float32) / 127.5 - 1.0
+    res = self._resolution
+    time_ids = np.concatenate([np.asarray(element['original_size'], np.float32),
+                               np.asarray(element['crop_top_left'], np.float32),
+                               np.array([res, res], np.float32)])
+    return {'image': image, 'input_ids': ids, 'input_ids_2': ids_2, 'time_ids': time_ids}
