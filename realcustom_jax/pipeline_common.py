@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from realcustom_jax import sampler
+from realcustom_jax.runtime import notices
 
 
 @dataclasses.dataclass
@@ -33,7 +34,8 @@ def vae_decoder(vae, scaling_factor: float):
     # [-1, 1] NCHW -> [0, 255] NHWC uint8, on device.
     x = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     return jnp.round(jnp.transpose(x, (0, 2, 3, 1)) * 255).astype(jnp.uint8)
-  return jax.jit(decode)
+  # Tracing builds diffusers' Flax VAE modules, each logging its deprecation notice.
+  return notices.silences_flax_notice(jax.jit(decode))
 
 
 def check_batch(subjects, prompts, words) -> int:

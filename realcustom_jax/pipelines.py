@@ -20,6 +20,7 @@ release port (`realcustom_jax.release`), which imports the core. Importing it is
 from typing import Optional
 
 from realcustom_jax.release import paths as release_paths
+from realcustom_jax.runtime import notices
 
 FAMILIES = ('paper', 'release')
 
@@ -73,6 +74,7 @@ def missing_weights_message(config) -> Optional[str]:
   return family_for(config).missing_weights_message(config)
 
 
+@notices.silences_flax_notice
 def load_pipeline(config=None, *, pretrained: Optional[str] = None,
                   vision_encoder: Optional[str] = None, adapter: Optional[str] = None,
                   allow_pickle: bool = False):

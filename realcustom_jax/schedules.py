@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from realcustom_jax.runtime import notices
+
 Array = jax.Array
 
 # What a UNet may predict (diffusers' `prediction_type`); the sampler and the trainer
@@ -78,7 +80,8 @@ def _ddim_scheduler(scheduler_config: dict[str, Any]) -> FlaxDDIMScheduler:
   """
   config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith('_')}
   try:
-    scheduler = FlaxDDIMScheduler.from_config(config)
+    with notices.flax_notice_silenced():
+      scheduler = FlaxDDIMScheduler.from_config(config)
     scheduler.create_state()  # builds the betas: an unknown beta_schedule fails here
   except NotImplementedError as e:
     raise ValueError(f'unsupported scheduler config: {e}') from None
