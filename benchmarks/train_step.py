@@ -47,6 +47,7 @@ from benchmarks import common
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import kernels
 from realcustom_jax.loading import tiny
+from realcustom_jax.release import tiny_sdxl
 from realcustom_jax.runtime import sharding
 from realcustom_jax import adapter_training as training
 from realcustom_jax import unet as unet_lib
@@ -59,7 +60,7 @@ FLAGS = flags.FLAGS
 # at 384 px views of a 768 px reference: 729 global and 4 x 729 local tokens, 2176 wide.
 RELEASE_ARCHS = {
     'sdxl_release': (release_convert.RELEASE_UNET_CONFIG, 128, 729, 2916, 2176, 64, 1280),
-    'release_tiny': (tiny.SDXL_UNET, 16, 4, 16, 64, 16, 20),
+    'release_tiny': (tiny_sdxl.SDXL_UNET, 16, 4, 16, 64, 16, 20),
 }
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
 flags.DEFINE_enum('arch', 'tiny', ['tiny', 'sd15', *RELEASE_ARCHS],
@@ -204,7 +205,7 @@ def release_estimate(arch: str, dtype_name: str, batch: int, remat: str) -> dict
   with config.unlocked():
     config.model.remat = 'none'
   plain_model = model_lib.build_model(config, unet_config)  # for the model FLOPs
-  step_config = training.build_step_config(config, tiny.SDXL_SCHEDULER_CONFIG)
+  step_config = training.build_step_config(config, tiny_sdxl.SDXL_SCHEDULER_CONFIG)
   optimizer = training.create_optimizer(config)
   full = model_lib.param_shapes(model, (4, side, side), 77, n_g, vision_dim)
   base, adapter = adapter_lib.split_params(full)

@@ -56,7 +56,7 @@ def build_model(folder: str):
   from realcustom_jax.release import convert as release  # pylint: disable=g-import-not-at-top
   from realcustom_jax import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
   from realcustom_jax.loading import weights  # pylint: disable=g-import-not-at-top
-  unet_config, base = weights._load_unet(  # pylint: disable=protected-access
+  unet_config, base = weights.load_unet(
       write_unet_dir(folder), False, jnp.float32, sdxl=True)
   path = os.path.join(folder, 'adapter.safetensors')
   release.convert_release_checkpoint(CHECKPOINT, path, allow_pickle=True,

@@ -39,7 +39,7 @@ def _run_once(fn, *args):
 def built(tmp_path_factory):
   pytest.importorskip('torch')  # the converter reads the release's pickle
   folder = tmp_path_factory.mktemp('release')
-  unet_config, base = weights._load_unet(  # pylint: disable=protected-access
+  unet_config, base = weights.load_unet(
       fixture.write_unet_dir(str(folder)), False, jnp.float32, sdxl=True)
   path = str(folder / 'adapter.safetensors')
   release.convert_release_checkpoint(fixture.CHECKPOINT, path, allow_pickle=True,

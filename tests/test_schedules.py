@@ -11,6 +11,7 @@ import pytest
 
 from realcustom_jax import schedules
 from realcustom_jax.loading import tiny
+from realcustom_jax.release import tiny_sdxl
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'release_scheduler',
                        'release_scheduler.npz')
@@ -84,7 +85,7 @@ def test_the_solvers_differ_and_ddim_ends_on_x0(release):
 
 def test_sdxl_scheduler_config_is_not_the_release_schedule():
   """Why the release needs its own: SDXL's scheduler config ('leading', offset 1)."""
-  ours = schedules.ddim_schedule(tiny.SDXL_SCHEDULER_CONFIG, 25)
+  ours = schedules.ddim_schedule(tiny_sdxl.SDXL_SCHEDULER_CONFIG, 25)
   release = schedules.release_schedule(25, 'ddim')
   assert int(ours.timesteps[0]) == 961 and int(release.timesteps[0]) == 999
 

@@ -12,7 +12,7 @@ from flax import traverse_util
 from realcustom_jax import kernels
 from realcustom_jax.loading import tiny
 from realcustom_jax import unet as unet_lib
-from realcustom_jax.loading import weights
+from realcustom_jax.loading import formats
 from realcustom_jax.unet import RealCustomUNet
 from tests.unet_configs import SD1_LIKE, SD2_LIKE, SDXL_BASE, SDXL_LIKE, SDXL_POOLED_DIM
 
@@ -91,7 +91,7 @@ def test_matches_diffusers_torch_unet_with_torch_numerics(cfg, tmp_path):
     for p in ref.parameters():
       p.add_(0.05 * torch.randn_like(p))
   ref.save_pretrained(str(tmp_path), safe_serialization=True)
-  params = weights._load_diffusers_params(  # pylint: disable=protected-access
+  params = formats.load_diffusers_params(
       FlaxUNet2DConditionModel.from_config(cfg), str(tmp_path), False, jnp.float32)
   x, t, ctx, _ = _inputs(cfg)
   with torch.no_grad():
@@ -311,7 +311,7 @@ def sdxl_torch(tmp_path_factory):
       p.add_(0.05 * torch.randn_like(p))
   folder = str(tmp_path_factory.mktemp('sdxl_unet'))
   ref.save_pretrained(folder, safe_serialization=True)
-  params = weights._load_diffusers_params(  # pylint: disable=protected-access
+  params = formats.load_diffusers_params(
       FlaxUNet2DConditionModel.from_config(cfg), folder, False, jnp.float32)
   ours = RealCustomUNet.from_config(cfg)
   x, t, ctx, _ = _inputs(cfg)

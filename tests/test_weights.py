@@ -16,8 +16,10 @@ import pytest
 from realcustom_jax import encoders
 from realcustom_jax.release import sdxl_text
 from realcustom_jax.loading import tiny
+from realcustom_jax.release import tiny_sdxl
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax.loading import weights
+from realcustom_jax.release import sdxl_loading
 from realcustom_jax.unet import RealCustomUNet
 from tests import testing
 
@@ -218,7 +220,7 @@ def test_adapter_path_must_be_safetensors(tmp_path):
 
 @pytest.fixture(scope='module')
 def sdxl_dir(tmp_path_factory):
-  return tiny.write_tiny_sdxl(str(tmp_path_factory.mktemp('tiny_sdxl') / 'sdxl'))
+  return tiny_sdxl.write_tiny_sdxl(str(tmp_path_factory.mktemp('tiny_sdxl') / 'sdxl'))
 
 
 @pytest.fixture
@@ -228,7 +230,7 @@ def sdxl_copy(sdxl_dir, tmp_path):
 
 
 def test_sdxl_directory_loads_and_runs_end_to_end(sdxl_dir):
-  sd = weights.load_sdxl(sdxl_dir)
+  sd = sdxl_loading.load_sdxl(sdxl_dir)
   assert sd.scaling_factor == pytest.approx(0.13025) and sd.vae_scale_factor == 2
   assert sd.scheduler_config['_class_name'] == 'EulerDiscreteScheduler'
   assert (sd.tokenizer.pad_token, sd.tokenizer_2.pad_token) == (tiny.EOS, '!')
@@ -274,7 +276,7 @@ def test_sdxl_missing_file_is_named(sdxl_copy, remove, message):
   else:
     os.remove(target)
   with pytest.raises(weights.CheckpointError, match=message) as e:
-    weights.load_sdxl(sdxl_copy)
+    sdxl_loading.load_sdxl(sdxl_copy)
   assert '\n' not in str(e.value)
 
 
@@ -288,7 +290,7 @@ def test_sdxl_unet_config_not_fitting_is_refused(sdxl_copy, change, message):
   path = sdxl_copy / 'unet' / 'config.json'
   testing.write_json(path, {**json.loads(path.read_text()), **change})
   with pytest.raises(weights.CheckpointError, match=message):
-    weights.load_sdxl(sdxl_copy)
+    sdxl_loading.load_sdxl(sdxl_copy)
 
 
 def test_sdxl_directory_refused_by_the_sd_loader(sdxl_dir):

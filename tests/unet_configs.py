@@ -1,5 +1,5 @@
 """Tiny UNet configs in diffusers' format: SD1-like, SD2-like, SDXL-like; full SDXL base."""
-from realcustom_jax.loading import tiny
+from realcustom_jax.release import tiny_sdxl
 
 SD1_LIKE = dict(
     sample_size=8, in_channels=4, out_channels=4,
@@ -20,7 +20,7 @@ SD2_LIKE = dict(
 # linear projections, 'text_time' added conditioning over a 20-wide pooled embedding plus
 # 6 time ids of 8 sinusoidal features each; SDXL: 1280 + 6 * 256 = 2816): the UNet of
 # the tiny SDXL directory, so the parity tests and the loader tests share it.
-SDXL_LIKE = tiny.SDXL_UNET
+SDXL_LIKE = tiny_sdxl.SDXL_UNET
 SDXL_POOLED_DIM = 20
 
 # The full-size SDXL base UNet config (stabilityai/stable-diffusion-xl-base-1.0, the one

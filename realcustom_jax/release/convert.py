@@ -436,7 +436,7 @@ def build_release_model(unet_config: Mapping[str, Any], metadata: Mapping[str, s
   """The release model over a diffusers UNet config, sized by a converted adapter.
 
   Args:
-    unet_config: the SDXL UNet's config (e.g. `weights.load_sdxl(...).unet_config`).
+    unet_config: the SDXL UNet's config (e.g. `sdxl_loading.load_sdxl(...).unet_config`).
     metadata: the converted adapter's metadata (`adapter_lib.load_adapter_metadata`).
     **unet_overrides: RealCustomUNet fields (dtype, attention_impl, remat, ...).
   """

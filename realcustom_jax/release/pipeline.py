@@ -43,7 +43,7 @@ from realcustom_jax.release import encoder as release_encoder
 from realcustom_jax import sampler
 from realcustom_jax import schedules
 from realcustom_jax.release import sdxl_text
-from realcustom_jax.loading import weights
+from realcustom_jax.release import sdxl_loading
 
 RELEASE_NUM_STEPS = defaults.NUM_STEPS
 RELEASE_GUIDANCE = defaults.GUIDANCE
@@ -155,12 +155,12 @@ class ReleasePipeline:
     height, width: output size in pixels.
   """
 
-  def __init__(self, sdxl: weights.SDXLComponents, encoder: release_encoder.LoadedEncoder,
+  def __init__(self, sdxl: sdxl_loading.SDXLComponents, encoder: release_encoder.LoadedEncoder,
                adapter_params, adapter_metadata, config=None):
     """Builds the pipeline.
 
     Args:
-      sdxl: `weights.load_sdxl(...)`.
+      sdxl: `sdxl_loading.load_sdxl(...)`.
       encoder: `release_encoder.load_subject_encoder(...)`.
       adapter_params, adapter_metadata: `release.load_release_adapter(path)`.
       config: see `release_config` (None: the release's settings).
@@ -230,7 +230,7 @@ class ReleasePipeline:
     adapter_params, metadata = release.load_release_adapter(adapter_path)
     dtype = model_lib.DTYPES[dict(model_lib.DEFAULT_MODEL_CONFIG,
                                   **dict(config.get('model', {})))['dtype']]
-    sdxl = weights.load_sdxl(sdxl_dir, allow_pickle=allow_pickle, dtype=dtype)
+    sdxl = sdxl_loading.load_sdxl(sdxl_dir, allow_pickle=allow_pickle, dtype=dtype)
     v = config.get('vision', {})
     encoder = release_encoder.load_subject_encoder(
         vision_dir, image_size=int(v.get('image_size', release_encoder.RELEASE_IMAGE_SIZE)),

@@ -55,7 +55,7 @@ def encode(text_encoder, text_encoder_2, params: dict[str, Any], input_ids: Arra
     text_encoder: FlaxCLIPTextModel of `text_encoder/` (CLIP ViT-L in SDXL).
     text_encoder_2: FlaxCLIPTextModel of `text_encoder_2/` (OpenCLIP bigG in SDXL).
     params: {'text_encoder': ..., 'text_encoder_2': ..., and when the checkpoint has
-      one, 'text_projection': (c2, p) kernel} (`weights.SDXLComponents.text_params`).
+      one, 'text_projection': (c2, p) kernel} (`sdxl_loading.SDXLComponents.text_params`).
     input_ids: (B, L) ids from `tokenizer/`.
     input_ids_2: (B, L) ids from `tokenizer_2/`.
     project_pooled: False: the release's unprojected pooled output; True: diffusers'

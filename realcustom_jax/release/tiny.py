@@ -2,7 +2,7 @@
 
 `write_tiny_release(path)` lays out what a user downloads and converts, at toy sizes:
 
-  path/sdxl/                       a diffusers SDXL directory (`tiny.write_tiny_sdxl`)
+  path/sdxl/                       a diffusers SDXL directory (`tiny_sdxl.write_tiny_sdxl`)
   path/vision/<two timm dirs>/     config.json + model.safetensors, timm's hub layout
                                    (`release_encoder` module docstring)
   path/realcustom_tiny.pth         the release's adapter as `torch.save` writes it:
@@ -31,6 +31,7 @@ from realcustom_jax.release import convert as release
 from realcustom_jax import projectors
 from realcustom_jax.release import encoder as release_encoder
 from realcustom_jax.loading import tiny
+from realcustom_jax.release import tiny_sdxl
 from realcustom_jax import unet as unet_lib
 from realcustom_jax.release import vit
 
@@ -41,12 +42,12 @@ DEFAULT_PROJECTOR_DIM_HEAD = 16  # 64-wide features: 4 heads (the release: 34 of
 
 def settings(sizes: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """The sizes `write_tiny_release` uses: DEFAULT_VISION and the projector head width,
-  updated by `sizes` (e.g. `config.tiny_release` without 'dir'), plus tiny.SDXL_UNET."""
+  updated by `sizes` (e.g. `config.tiny_release` without 'dir'), plus tiny_sdxl.SDXL_UNET."""
   sizes = dict(sizes or {})
   vision = dict(DEFAULT_VISION, **{k: v for k, v in sizes.items() if k in DEFAULT_VISION})
   vision['layers'] = tuple(vision['layers'])
   return dict(vision=vision, dim_head=int(sizes.get('dim_head', DEFAULT_PROJECTOR_DIM_HEAD)),
-              seed=int(sizes.get('seed', 0)), unet=tiny.SDXL_UNET)
+              seed=int(sizes.get('seed', 0)), unet=tiny_sdxl.SDXL_UNET)
 
 
 def paths(path: str) -> dict[str, str]:
@@ -150,7 +151,7 @@ def write_tiny_release(path: str, sizes: Mapping[str, Any] | None = None) -> dic
   os.makedirs(path, exist_ok=True)
   for folder in (where['sdxl'], where['vision']):
     shutil.rmtree(folder, ignore_errors=True)
-  tiny.write_tiny_sdxl(where['sdxl'], seed=s['seed'], unet=s['unet'])
+  tiny_sdxl.write_tiny_sdxl(where['sdxl'], seed=s['seed'], unet=s['unet'])
   write_vision_dirs(where['vision'], s['vision'], s['seed'] + 10)
   vision_dim = 2 * int(s['vision']['embed_dim'])
   state = release_state(s['unet'], vision_dim, s['dim_head'], s['seed'] + 20)

@@ -41,13 +41,13 @@ from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import adapter_training
 from realcustom_jax import model as model_lib
 from realcustom_jax import unet as unet_lib
-from realcustom_jax.loading import tiny as tiny_loading
-from realcustom_jax.loading import weights
+from realcustom_jax.release import sdxl_loading
 from realcustom_jax.release import convert
 from realcustom_jax.release import encoder as release_encoder
 from realcustom_jax.release import paths as release_paths
 from realcustom_jax.release import pipeline as release_pipeline
 from realcustom_jax.release import sdxl_text
+from realcustom_jax.release import tiny_sdxl
 
 Array = jax.Array
 State = adapter_training.State
@@ -64,7 +64,7 @@ FEATURES = ('latent_mean', 'latent_std', 'text', 'pooled', 'image_global', 'imag
 @dataclasses.dataclass
 class ReleaseComponents:
   """The frozen parts: SDXL and the subject encoder, loaded."""
-  sdxl: weights.SDXLComponents
+  sdxl: sdxl_loading.SDXLComponents
   encoder: release_encoder.LoadedEncoder
 
 
@@ -167,7 +167,7 @@ def load_components(config) -> ReleaseComponents:
     ValueError: (one line) a missing or unreadable directory.
   """
   where = weights_paths(config)
-  sdxl = weights.load_sdxl(where['sdxl'], allow_pickle=bool(config.get('allow_pickle', False)),
+  sdxl = sdxl_loading.load_sdxl(where['sdxl'], allow_pickle=bool(config.get('allow_pickle', False)),
                            dtype=jnp.float32)
   v = config.vision
   encoder = release_encoder.load_subject_encoder(
@@ -197,7 +197,7 @@ def build_models(config, components: ReleaseComponents) -> tuple[ReleaseModels,
                       '(VAE factor x UNet downsampling)')
   # The release samples with squared-linear betas over 1000 steps: SDXL's own training
   # schedule, which its scheduler/ says (absent: the same by SDXL's defaults).
-  scheduler_config = sdxl.scheduler_config or tiny_loading.SDXL_SCHEDULER_CONFIG
+  scheduler_config = sdxl.scheduler_config or tiny_sdxl.SDXL_SCHEDULER_CONFIG
   base_config = config.copy_and_resolve_references()
   with base_config.unlocked():
     base_config.train.gamma_num_range = (1.0, 1.0)  # no top-k: no scoring
