@@ -15,9 +15,7 @@ A rerun skips (subject, prompt) pairs already in scores.csv with their PNGs; PNG
 rows are rescored, not regenerated (delete scores.csv to rescore, e.g. after adding
 `NAME_mask.png` subject masks beside the images).
 """
-import csv
 import dataclasses
-import math
 import os
 import re
 import sys
@@ -31,12 +29,12 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 from PIL import Image
-from PIL import ImageDraw
-from PIL import ImageFont
-from PIL import ImageOps
 import tqdm
 
 from realcustom_jax.runtime import cli
+from sample import eval_report
+from sample.eval_report import CSV_FIELDS
+from sample.eval_report import METRICS
 from realcustom_jax.eval import dreambench
 from realcustom_jax.eval import metrics
 
@@ -60,15 +58,8 @@ EVAL_DEFAULTS = dict(
     prompt_limit=0,  # first N prompts of each list; 0 = all
     seed=0,
 )
-METRICS = ('clip_t', 'clip_i', 'dino_i')
-CSV_FIELDS = ('subject', 'class', 'prompt', 'image_index', 'seed', 'path') + METRICS
 SCORES_CSV = 'scores.csv'
 SUMMARY_CSV = 'summary.csv'
-# Grid cells: a 32 px tiny image is scaled up (nearest) to 128 px so it can be seen;
-# SD's 512 px images are scaled down to 256 px to keep a 25-prompt grid small.
-GRID_MIN_CELL, GRID_MAX_CELL = 128, 256
-GRID_LABEL_HEIGHT = 20  # the prompt, written above its row
-_ABSENT_SUBJECT = re.compile(r'^(.*): listed in (\S+) but no folder, skipped$')
 
 # generate_fn(subject_image, prompts, words, seed) -> one PIL image per prompt.
 GenerateFn = Callable[[Image.Image, Sequence[str], Sequence[str], int], list]
@@ -122,143 +113,6 @@ def _slug(text: str, n: int = 48) -> str:
   return re.sub(r'[^A-Za-z0-9]+', '_', text).strip('_')[:n] or 'prompt'
 
 
-def _read_rows(path: str, skipped: list[str]) -> dict:
-  """Previous rows keyed by (subject, prompt, image_index, seed); unreadable -> none."""
-  if not os.path.isfile(path):
-    return {}
-  rows = {}
-  try:
-    with open(path, newline='', encoding='utf-8') as f:
-      for r in csv.DictReader(f):
-        key = (r['subject'], r['prompt'], int(r['image_index']), int(r['seed']))
-        rows[key] = ({k: r[k] for k in CSV_FIELDS} | {m: float(r[m]) for m in METRICS}
-                     | {'image_index': key[2], 'seed': key[3]})
-  except (KeyError, ValueError, TypeError, csv.Error) as e:
-    skipped.append(f'{path}: unreadable ({type(e).__name__}: {e}), starting it over')
-    return {}
-  return rows
-
-
-def _write_csv(path: str, fields: Sequence[str], rows: Sequence[dict]) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='', encoding='utf-8') as f:
-    w = csv.DictWriter(f, fieldnames=list(fields))
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: (f'{v:.6f}' if isinstance(v, float) else v) for k, v in r.items()})
-  os.replace(tmp, path)  # an interrupted run never leaves a half-written CSV
-
-
-def _load_images(paths: Sequence[str], skipped: list[str]):
-  """Loads images and their masks; unreadable ones are reported and left out."""
-  images, masks = [], []
-  for p in paths:
-    try:
-      im = dreambench.load_image(p)
-      mp = dreambench.mask_path(p)
-      mask = dreambench.load_mask(mp, im.size) if mp else None
-    except dreambench.BenchError as e:
-      skipped.append(f'{e}; skipped')
-      continue
-    images.append(im)
-    masks.append(mask)
-  return images, masks
-
-
-def summarize(rows: Sequence[dict]) -> list[dict]:
-  """Mean and std (ddof=0) of each metric, overall then per subject."""
-  groups = {'ALL': list(rows)}
-  for r in rows:
-    groups.setdefault(r['subject'], []).append(r)
-  out = []
-  for name, rs in groups.items():
-    line = {'group': name, 'n': len(rs)}
-    for m in METRICS:
-      v = np.asarray([r[m] for r in rs], np.float64)
-      line[f'{m}_mean'] = float(v.mean()) if len(v) else math.nan
-      line[f'{m}_std'] = float(v.std()) if len(v) else math.nan
-    out.append(line)
-  return out
-
-
-def format_table(summary: Sequence[dict]) -> str:
-  """The summary as a fixed-width text table."""
-  width = max([len('group')] + [len(s['group']) for s in summary])
-  head = f'{"group":<{width}} {"n":>5}' + ''.join(f' {m:>17}' for m in METRICS)
-  lines = [head, '-' * len(head)]
-  for s in summary:
-    cells = ''.join(f' {s[f"{m}_mean"]:>8.4f} ± {s[f"{m}_std"]:<6.4f}' for m in METRICS)
-    lines.append(f'{s["group"]:<{width}} {s["n"]:>5}{cells}')
-  return '\n'.join(lines)
-
-
-def format_skipped(skipped: Sequence[str], shown: int = 5) -> str:
-  """One summary of the skip messages: absent subjects on one line, the rest each.
-
-  A subset of DreamBench (a few subject folders) leaves most subjects of the prompts
-  file without a folder: one line names them, instead of one line each.
-
-  Args:
-    skipped: the messages.
-    shown: absent subjects named before "+N more".
-
-  Returns:
-    The summary, several lines, starting with the count.
-  """
-  absent, files, others = [], set(), []
-  for message in skipped:
-    match = _ABSENT_SUBJECT.match(message)
-    if match:
-      absent.append(os.path.basename(match.group(1)))
-      files.add(match.group(2))
-    else:
-      others.append(message)
-  lines = [f'Skipped {len(skipped)} item(s):']
-  if absent:
-    more = f', +{len(absent) - shown} more' if len(absent) > shown else ''
-    lines.append(f'  {len(absent)} subject(s) listed in {", ".join(sorted(files))} have no '
-                 f'folder: {", ".join(absent[:shown])}{more}')
-  lines += [f'  {m}' for m in others]
-  return '\n'.join(lines)
-
-
-def _fit(image: Image.Image, cell: int) -> Image.Image:
-  """`image` scaled to fit a `cell` square: nearest when enlarging, so pixels stay sharp."""
-  grow = max(image.size) < cell
-  return ImageOps.contain(image.convert('RGB'), (cell, cell),
-                          Image.Resampling.NEAREST if grow else Image.Resampling.LANCZOS)
-
-
-def _label(draw: ImageDraw.ImageDraw, text: str, xy: tuple[int, int], width: int,
-           font) -> None:
-  """Writes `text` at `xy`, cut with an ellipsis to fit `width` pixels."""
-  if draw.textlength(text, font=font) > width:
-    while text and draw.textlength(text + '...', font=font) > width:
-      text = text[:-1]
-    text += '...'
-  draw.text(xy, text, fill=(0, 0, 0), font=font)
-
-
-def _grid(reference: Image.Image, rows: Sequence[Sequence[Image.Image]],
-          prompts: Sequence[str]) -> Image.Image:
-  """Per prompt, its text above a row: the reference image, then the generated ones."""
-  side = max(im.width for r in rows for im in r)
-  cell = min(GRID_MAX_CELL, max(GRID_MIN_CELL, side))
-  ncol = 1 + max(len(r) for r in rows)
-  row_h = GRID_LABEL_HEIGHT + cell
-  grid = Image.new('RGB', (ncol * cell, len(rows) * row_h), (255, 255, 255))
-  draw = ImageDraw.Draw(grid)
-  font = ImageFont.load_default(size=GRID_LABEL_HEIGHT - 6)
-  ref = _fit(reference, cell)
-  for i, (r, prompt) in enumerate(zip(rows, prompts)):
-    top = i * row_h
-    _label(draw, prompt, (4, top + 3), ncol * cell - 8, font)
-    grid.paste(ref, (0, top + GRID_LABEL_HEIGHT))
-    for j, im in enumerate(r):
-      grid.paste(_fit(im, cell), ((j + 1) * cell, top + GRID_LABEL_HEIGHT))
-  return grid
-
-
 def _relative_paths(subject: str, index: int, prompt: str, k_images: int) -> list[str]:
   """Where the K images of prompt `index` of `subject` go, relative to out_dir."""
   return [os.path.join('images', subject, f'p{index:02d}_{_slug(prompt)}_{k}.png')
@@ -276,7 +130,7 @@ def _first_missing(bench, templates, ecfg, out_dir: str, k_images: int):
       paths = _relative_paths(subject.name, pi, prompt, k_images)
       if all(os.path.isfile(os.path.join(out_dir, p)) for p in paths):
         continue
-      real, _ = _load_images(subject.image_paths, [])  # the loop reports the failures
+      real, _ = eval_report.load_images(subject.image_paths, [])  # the loop reports the failures
       idx = int(ecfg.subject_image_index)
       if not 0 <= idx < len(real):
         break  # the loop skips this subject
@@ -313,7 +167,7 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
   skipped = list(bench.skipped)
   os.makedirs(out_dir, exist_ok=True)
   scores_path = os.path.join(out_dir, SCORES_CSV)
-  previous = _read_rows(scores_path, skipped)
+  previous = eval_report.read_rows(scores_path, skipped)
   clip_l = _Lazy(ecfg.clip_model, metrics.load_clip, metrics.tiny_clip, ecfg.seed, clip)
   dino_l = _Lazy(ecfg.dino_model, metrics.load_dino, metrics.tiny_dino, ecfg.seed, dino)
   generate = generate_fn
@@ -341,7 +195,7 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
   total = sum(len(templates(s)) for s in bench.subjects)
   with tqdm.tqdm(total=total, desc='dreambench', unit='prompt') as bar:
     for subject in bench.subjects:
-      real, real_masks = _load_images(subject.image_paths, skipped)
+      real, real_masks = eval_report.load_images(subject.image_paths, skipped)
       if not real:
         skipped.append(f'{subject.name}: no readable images, subject skipped')
         bar.update(len(templates(subject)))
@@ -371,7 +225,7 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
           bar.update(1)
           continue
         if have_png:
-          gen, _ = _load_images(paths, skipped)
+          gen, _ = eval_report.load_images(paths, skipped)
           have_png = len(gen) == k_images
         if not have_png:
           gen = ready.pop((subject.name, pi), None)
@@ -410,22 +264,22 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
         grid_rows.append(paths)
         grid_prompts.append(prompt)
         # Rows of earlier runs outside this plan (e.g. a larger prompt_limit) are kept.
-        _write_csv(scores_path, CSV_FIELDS, list(previous.values()))
+        eval_report.write_csv(scores_path, CSV_FIELDS, list(previous.values()))
         bar.update(1)
       if grid_rows:
         os.makedirs(os.path.join(out_dir, 'grids'), exist_ok=True)
-        imgs, _ = _load_images([p for r in grid_rows for p in r], skipped)
+        imgs, _ = eval_report.load_images([p for r in grid_rows for p in r], skipped)
         if len(imgs) == len(grid_rows) * k_images:
-          _grid(reference, [imgs[i:i + k_images] for i in range(0, len(imgs), k_images)],
+          eval_report.grid(reference, [imgs[i:i + k_images] for i in range(0, len(imgs), k_images)],
                 grid_prompts).save(os.path.join(out_dir, 'grids', f'{subject.name}.png'))
 
-  summary = summarize(rows)
-  _write_csv(os.path.join(out_dir, SUMMARY_CSV),
+  summary = eval_report.summarize(rows)
+  eval_report.write_csv(os.path.join(out_dir, SUMMARY_CSV),
              ['group', 'n'] + [f'{m}_{s}' for m in METRICS for s in ('mean', 'std')],
              summary)
-  print(format_table(summary))
+  print(eval_report.format_table(summary))
   if skipped:
-    print(format_skipped(skipped))  # once, on stdout with the table
+    print(eval_report.format_skipped(skipped))  # once, on stdout with the table
   return {'rows': rows, 'summary': summary, 'skipped': skipped, 'generated': n_generated}
 
 

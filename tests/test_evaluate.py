@@ -11,6 +11,7 @@ import pytest
 
 from realcustom_jax.eval import dreambench
 from realcustom_jax.eval import metrics
+from sample import eval_report
 from sample import evaluate as ev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,10 +203,10 @@ def test_evaluate_writes_scores_summary_grids_and_resumes(tmp_path, scorers):
   assert abs(float(summary['ALL']['dino_i_std']) - vals.std()) < 1e-5
   with Image.open(os.path.join(out, 'grids', 'dog.png')) as grid:
     # 32 px images in 128 px cells; one labelled row per prompt.
-    row_h = ev.GRID_LABEL_HEIGHT + ev.GRID_MIN_CELL
-    assert grid.size == ((1 + 2) * ev.GRID_MIN_CELL, 2 * row_h)
+    row_h = eval_report.GRID_LABEL_HEIGHT + eval_report.GRID_MIN_CELL
+    assert grid.size == ((1 + 2) * eval_report.GRID_MIN_CELL, 2 * row_h)
     pixels = np.asarray(grid.convert('L'))
-    bands = [pixels[i * row_h:i * row_h + ev.GRID_LABEL_HEIGHT] for i in range(2)]
+    bands = [pixels[i * row_h:i * row_h + eval_report.GRID_LABEL_HEIGHT] for i in range(2)]
     assert all((b < 128).any() for b in bands), 'a row has no prompt label'
     assert not np.array_equal(bands[0], bands[1]), 'both rows carry the same label'
 
