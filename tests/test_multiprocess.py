@@ -8,6 +8,7 @@ group with a deadline; the group is killed when a test ends, passed or not.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,6 +213,84 @@ def test_kill_9_mid_run_then_restart_equals_the_uninterrupted_run(two_process_ru
   assert [m['step'] for m in _metrics(workdir)] == [1, 2, 3, 4]
   equal = jax.tree.map(np.array_equal, resumed, two_process_run['params'])
   assert all(jax.tree.leaves(equal)), 'resumed adapter differs from the uninterrupted run'
+
+
+def _copy_at_step(src: str, dst, step: int) -> None:
+  """`src`'s workdir as it was when checkpoint `step` was its newest."""
+  shutil.copytree(src, dst)
+  ckpts = os.path.join(dst, train.CHECKPOINT_DIR)
+  for name in os.listdir(ckpts):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(os.path.join(ckpts, name))
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(two_process_run, tmp_path):
+  """2 -> 1: the data position is global (the step), so the resumed run reads the same
+  global batches as the uninterrupted 2-process run and ends where it did."""
+  workdir = tmp_path / 'to_one'
+  _copy_at_step(two_process_run['workdir'], workdir, 2)
+  state = train.train_and_evaluate(_config(two_process_run['tfds_dir']), str(workdir))
+  multi, resumed = _metrics(two_process_run['workdir']), _metrics(workdir)
+  assert [m['step'] for m in resumed] == [1, 2, 3, 4]
+  # Steps 3-4 on the batches the 2-process run trained on (another order: other losses).
+  np.testing.assert_allclose([m['loss'] for m in resumed[2:]],
+                             [m['loss'] for m in multi[2:]], rtol=1e-5)
+  assert _max_abs_diff(jax.device_get(state['params']), two_process_run['params']) <= 1e-5
+
+
+def test_an_elastic_resume_refuses_a_changed_global_batch(two_process_run, tmp_path):
+  workdir = tmp_path / 'rebatched'
+  _copy_at_step(two_process_run['workdir'], workdir, 2)
+  config = _config(two_process_run['tfds_dir'])
+  config.data.batch_size = BATCH * 2
+  with pytest.raises(train.ConfigError, match=(
+      f'was trained with global batch {BATCH}, this run has config.data.batch_size='
+      f'{BATCH * 2}')):
+    train.train_and_evaluate(config, str(workdir))
+  assert os.path.isdir(workdir / train.CHECKPOINT_DIR / '2')  # nothing lost
+
+
+class _Identity(grain.transforms.Map):
+
+  def map(self, element):
+    return element
+
+
+def test_seek_global_batches_matches_reading_them(tmp_path):
+  """The iterator state `seek_global_batches` writes is the one reading gives."""
+  config = _config(tmp_path / 'tfds')
+  source = list(range(NUM_RECORDS))
+  make = lambda: iter(input_pipeline.create_train_loader(
+      config, source, None, preprocess=_Identity()))
+  read = make()
+  for _ in range(3):
+    next(read)
+  sought = make()
+  train.seek_global_batches(sought, 3, BATCH)
+  assert json.loads(sought.get_state()) == json.loads(read.get_state())
+  np.testing.assert_array_equal(next(sought), next(read))
+
+
+@pytest.mark.slow  # `make test-slow` (Makefile: the suite's time budget)
+def test_a_one_process_checkpoint_resumes_on_two_processes(two_process_run, one_process_run,
+                                                           tmp_path):
+  """1 -> 2: each process continues at its block of the next global batch."""
+  workdir, keys_dir = tmp_path / 'to_two', tmp_path / 'keys'
+  keys_dir.mkdir()
+  _copy_at_step(one_process_run['workdir'], workdir, 2)
+  run = _launch(workdir, two_process_run['tfds_dir'], tag='elastic',
+                extra_env={'RC_TEST_KEYS_DIR': str(keys_dir)})
+  try:
+    assert run.wait(RUN_TIMEOUT_S) == [0, 0], run.tails()
+    assert 'was written by 1 process(es), this run has 2' in run.log(0)
+  finally:
+    run.close()
+  for p in range(2):
+    with open(keys_dir / f'keys_{p}.jsonl') as f:
+      keys = [json.loads(line) for line in f]
+    assert keys == two_process_run['keys'][p][2:]  # steps 3 and 4, the same records
+  resumed, _, _ = export.load_checkpoint_adapter(str(workdir))
+  assert _max_abs_diff(resumed, one_process_run['params']) <= 1e-5
 
 
 @pytest.mark.parametrize('alone, message', [

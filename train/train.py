@@ -315,13 +315,20 @@ def restore_newest_good(mngr: ocp.CheckpointManager, workdir: str, config, abstr
                                  f'checkpoint {step} in {workdir}')
       except ValueError as e:
         raise ConfigError(f'{e}, or use a new --workdir') from None
+      # Another process count: each process's iterator state does not carry over, the
+      # global data position (the step: one global batch each) does.
+      elastic = check_elastic_resume(stored['config'], config, step, workdir)
+      items = dict(state=ocp.args.StandardRestore(abstract_state))
+      if not elastic:
+        items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
       try:
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
-        return restored['state'], step
+        restored = mngr.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
         reason = _one_line(e)
+      else:
+        if elastic:
+          seek_global_batches(data_iter, step, int(config.data.batch_size))
+        return restored['state'], step
     if policy == 'stop':
       raise ConfigError(f'checkpoint {step} in {ckpt_dir} does not restore ({reason}); '
                         "--config.train.on_damaged_checkpoint=fall_back resumes from the "
@@ -336,6 +343,47 @@ def restore_newest_good(mngr: ocp.CheckpointManager, workdir: str, config, abstr
   raise ConfigError(f'no checkpoint in {ckpt_dir} restores (set aside: '
                     f'{", ".join(f"{s}{DAMAGED_SUFFIX}" for s in damaged)}); start a new '
                     '--workdir, or move a .damaged directory back after repairing it')
+
+
+def check_elastic_resume(stored: Mapping, config, step: int, workdir: str) -> bool:
+  """Whether checkpoint `step` was written by another process count (then the data
+  position is set from the step, `seek_global_batches`, instead of each process's
+  iterator state). Checkpoints that do not say (older ones) are taken as this count.
+
+  Raises:
+    ConfigError: a changed global batch, or worker processes on either side (their
+      iterator states interleave per worker, which the step alone does not give).
+  """
+  processes = stored.get('data_processes')
+  if processes is None or int(processes) == jax.process_count():
+    return False
+  where = f'checkpoint {step} in {workdir}'
+  batch = int(stored.get('data', {}).get('batch_size', -1))
+  if batch != int(config.data.batch_size):
+    raise ConfigError(f'{where} was trained with global batch {batch}, this run has '
+                      f'config.data.batch_size={config.data.batch_size}: the data position '
+                      'of a resumed run needs the same global batch (or a new --workdir)')
+  workers = (int(stored.get('data', {}).get('worker_count', 0)),
+             int(config.data.worker_count))
+  if any(workers):
+    raise ConfigError(f'{where} was written by {processes} process(es), this run has '
+                      f'{jax.process_count()}: resuming on another process count needs '
+                      'config.data.worker_count=0 (before and now)')
+  logging.info('%s was written by %d process(es), this run has %d: the data position '
+               'continues from global batch %d', where, int(processes),
+               jax.process_count(), step)
+  return True
+
+
+def seek_global_batches(data_iter, global_batches: int, global_batch_size: int) -> None:
+  """Puts this process's loader iterator (worker_count 0) after `global_batches` global
+  batches: grain reads loader indices p, p + P, ... (`ProcessBlockSampler`), so after
+  n per-process rows its last index is (n - 1) * P + p."""
+  count, index = jax.process_count(), jax.process_index()
+  rows = global_batches * input_pipeline.per_process_batch_size(global_batch_size, count)
+  state = json.loads(data_iter.get_state())
+  state['last_seen_indices'] = {'0': (rows - 1) * count + index}
+  data_iter.set_state(json.dumps(state, indent=4).encode())
 
 
 def latest_checkpoint_step(workdir: str) -> Optional[int]:
@@ -463,6 +511,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   debug_nan_step = int(t.get('debug_nan_step', -1))
   config_json = json.loads(config.to_json_best_effort())
   config_json['adapter_layout'] = adapter_lib.ADAPTER_LAYOUT  # read by resume and export
+  config_json['data_processes'] = jax.process_count()  # read by an elastic resume
   config_json.update(family.checkpoint_extras(loaded))  # what train.export needs besides
   pending: list[tuple[int, dict]] = []
   t_last, steps_since = time.perf_counter(), 0
