@@ -1,4 +1,4 @@
-"""Which pipeline a config asks for, and where the release's files are: import-free.
+"""Where the release's files are: import-free.
 
 The command-line entry points read this before JAX, diffusers or torch are imported
 (to fail fast on a missing file, and to know whether the tiny release's `.pth` must be
@@ -7,12 +7,6 @@ written, which needs torch), so it imports nothing of the library.
 import hashlib
 import json
 import os
-
-
-def is_release_config(config) -> bool:
-  """Whether `config` asks for the authors' release pipeline (configs/release*.py):
-  the one place that tells a release config from a paper one."""
-  return config is not None and config.get('pipeline', 'paper') == 'release'
 
 
 # Written last into a tiny release directory (`realcustom_jax.release.tiny`), read by `is_written`.
@@ -61,6 +55,7 @@ def release_paths_message(config) -> str | None:
 
 
 def tiny_release_pending(config) -> bool:
-  """Whether using `config` first writes the tiny release's `.pth` (which needs torch)."""
-  folder = tiny_release_dir(config) if is_release_config(config) else None
+  """Whether using a release config first writes the tiny release's `.pth` (which needs
+  torch); `pipelines.needs_torch` asks it for release configs only."""
+  folder = tiny_release_dir(config)
   return bool(folder) and not os.path.isfile(os.path.join(folder, TINY_RELEASE_DONE))
