@@ -18,7 +18,7 @@ release_tiny.py runs the same pipeline on tiny random weights.
 """
 import ml_collections
 
-from configs import tiny
+from configs import common
 from realcustom_jax.release import defaults as rd  # import-free: no JAX at config load
 
 
@@ -73,5 +73,5 @@ def get_config():
   config.sampler.mask_reused_step = rd.MASK_REUSED_STEP  # 12
 
   # ---- DreamBench evaluation (sample/evaluate.py) ----
-  config.eval = tiny.eval_config()
+  config.eval = common.eval_config()
   return config

@@ -28,7 +28,7 @@ assumptions (IP-Adapter's, a lower rate for fine-tuning). configs/release_train_
 runs the same on tiny random weights on a CPU.
 """
 from configs import release
-from configs import tiny
+from configs import common
 
 
 def get_config():
@@ -51,7 +51,7 @@ def get_config():
   config.model.remat = 'dots'  # keep the matmul outputs, recompute norms and attention
 
   # ---- Data: LAION-style webdataset shards (docs/training.md) ----
-  config.data = tiny.get_config().data
+  config.data = common.data_config()
   config.data.toy = False
   config.data.toy_num_images = 0
   config.data.shards_dir = ''  # required: img2dataset webdataset shards
@@ -60,10 +60,8 @@ def get_config():
   config.data.worker_count = 8
 
   # ---- Training ----
-  config.train = tiny.get_config().train
+  config.train = common.train_config()  # the loop's keys; the release's own below
   config.train.visual_kv_init = 'copy_text'  # IP-Adapter's start (the release publishes none)
-  del config.train['gamma_num_range']  # no scoring: no top-k ratio
-  del config.train['image_dropout']  # replaced by the three rates below
   config.train.num_steps = 20_000
   config.train.learning_rate = 1e-5  # fine-tuning; 1e-4 from scratch (IP-Adapter's)
   config.train.warmup_steps = 500
@@ -78,5 +76,5 @@ def get_config():
   config.train.checkpoint_every = 1000
   config.train.log_every = 50
 
-  config.mesh = tiny.get_config().mesh
+  config.mesh = common.mesh_config()
   return config

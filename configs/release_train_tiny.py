@@ -15,7 +15,7 @@ adapter.safetensors> (in ~/.cache/realcustom_jax/release_tiny/<hash>/).
 """
 from configs import release_tiny
 from configs import release_train
-from configs import tiny
+from configs import common
 
 
 def get_config():
@@ -30,7 +30,7 @@ def get_config():
   config.model.remat = 'none'
   config.model.attention_impl = 'xla'
 
-  config.data = tiny.get_config().data  # the generated toy shards
+  config.data = common.data_config()  # the generated toy shards
   config.data.toy_num_images = 64
   config.data.batch_size = 4
 

@@ -168,3 +168,20 @@ def test_release_training_fields(tmp_path, release_config):
   assert pipelines.adapter_family_name(out) == 'release'
   with pytest.raises(ValueError, match='lacks release_unet_config'):
     family.export({}, {'model': {}}, str(tmp_path / 'x.safetensors'), 1)
+
+
+def test_each_family_config_stands_on_its_own():
+  """configs/laion.py holds the paper's keys itself (`runlocal`: configs/tiny.py's
+  sizes); the release's training config takes the shared sections, not the paper's."""
+  from configs import laion, release_train, tiny  # pylint: disable=g-import-not-at-top
+  assert laion.get_config('runlocal').to_dict() == tiny.get_config().to_dict()
+  paper = laion.get_config()
+  assert paper.resolution == 512 and paper.sampler.num_steps == 50
+  assert paper.train.num_steps == 160_000 and paper.data.min_aesthetic == 5.0
+  with pytest.raises(ValueError, match="takes '' or 'runlocal'"):
+    laion.get_config('big')
+  release = release_train.get_config()
+  for paper_only in ('gamma_num_range', 'image_dropout', 'selection_gradient'):
+    assert paper_only in paper.train and paper_only not in release.train
+  assert pipelines.family_for(release).name == 'release'
+  assert pipelines.family_for(paper) is paper_family.FAMILY
