@@ -507,12 +507,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   start_step = int(jax.device_get(state['step']))
 
   # ---- Loop ----
-  writer = MetricWriter(workdir, start_step)
-  debug_nan_step = int(t.get('debug_nan_step', -1))
   config_json = json.loads(config.to_json_best_effort())
   config_json['adapter_layout'] = adapter_lib.ADAPTER_LAYOUT  # read by resume and export
   config_json['data_processes'] = jax.process_count()  # read by an elastic resume
   config_json.update(family.checkpoint_extras(loaded))  # what train.export needs besides
+  return run_steps(config, workdir, mngr, compiled_step, state, frozen, data_iter, mesh,
+                   config_json, start_step, precomputed)
+
+
+def run_steps(config, workdir: str, mngr: ocp.CheckpointManager, compiled_step,
+              state: State, frozen, data_iter, mesh, config_json: dict, start_step: int,
+              precomputed: bool) -> State:
+  """The training loop from `start_step`: steps, metrics (one host sync per log or
+  checkpoint interval), checkpoints with the data position and `config_json`, and a
+  SIGTERM turned into a save at the current step.
+
+  Raises:
+    NonFiniteLossError: the loss became NaN/inf (no checkpoint after it).
+    CheckpointSaveError: a checkpoint could not be written.
+  """
+  t = config.train
+  writer = MetricWriter(workdir, start_step)
+  debug_nan_step = int(t.get('debug_nan_step', -1))
   pending: list[tuple[int, dict]] = []
   t_last, steps_since = time.perf_counter(), 0
   preemption = PreemptionNotice()
