@@ -133,11 +133,28 @@ class Encoder(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class TextOutput:
-  last_hidden_state: Array  # (B, L, c), after the final LayerNorm
-  hidden_states: tuple[Array, ...]  # L + 1 states before it (embeddings first)
-  pooled: Array  # (B, c) the final-LN state at the end token
-  text_embeds: Optional[Array]  # (B, p) with a projection
+class TowerOutput:
+  """What a tower gives.
+
+  Attributes:
+    last_hidden_state: text: (B, L, c) after the final LayerNorm; vision: (B, 1 + N, c)
+      the last block's output (no post-LN).
+    hidden_states: the L + 1 states before it, embeddings first (vision: pre-LN'd).
+    pooled: (B, c) text: the final-LN state at the end token; vision: the post-LN class
+      state.
+    embeds: (B, p) the pooled state projected (text_embeds / image_embeds), or None
+      without a projection.
+  """
+  last_hidden_state: Array
+  hidden_states: tuple[Array, ...]
+  pooled: Array
+  embeds: Optional[Array]
+
+
+def _projected(config: CLIPConfig, pooled: Array, name: str, dtype) -> Optional[Array]:
+  if not config.projection_dim:
+    return None
+  return nn.Dense(config.projection_dim, use_bias=False, dtype=dtype, name=name)(pooled)
 
 
 class CLIPTextModel(nn.Module):
@@ -146,7 +163,7 @@ class CLIPTextModel(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids: Array) -> TextOutput:
+  def __call__(self, input_ids: Array) -> TowerOutput:
     c = self.config
     n = input_ids.shape[-1]
     tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name='token_embedding')
@@ -161,19 +178,8 @@ class CLIPTextModel(nn.Module):
     else:  # the first end token (padding may repeat it)
       end = jnp.argmax((input_ids == c.eos_token_id).astype(jnp.int32), axis=-1)
     pooled = last[jnp.arange(last.shape[0]), end]
-    embeds = None
-    if c.projection_dim:
-      embeds = nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
-                        name='text_projection')(pooled)
-    return TextOutput(last, states, pooled, embeds)
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionOutput:
-  last_hidden_state: Array  # (B, 1 + N, c), the last block's output (no post-LN)
-  hidden_states: tuple[Array, ...]  # L + 1 states (the pre-LN'd embeddings first)
-  pooled: Array  # (B, c) post-LN class state
-  image_embeds: Optional[Array]  # (B, p) with a projection
+    return TowerOutput(last, states, pooled,
+                       _projected(c, pooled, 'text_projection', self.dtype))
 
 
 class CLIPVisionModel(nn.Module):
@@ -182,7 +188,7 @@ class CLIPVisionModel(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, pixels: Array) -> VisionOutput:
+  def __call__(self, pixels: Array) -> TowerOutput:
     c = self.config
     p = c.patch_size
     patches = nn.Conv(c.hidden_size, (p, p), strides=(p, p), padding='VALID',
@@ -196,11 +202,8 @@ class CLIPVisionModel(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name=name)
     states = Encoder(c, self.dtype, name='encoder')(norm('pre_layrnorm')(x), causal=False)
     pooled = norm('post_layernorm')(states[-1][:, 0])
-    embeds = None
-    if c.projection_dim:
-      embeds = nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
-                        name='visual_projection')(pooled)
-    return VisionOutput(states[-1], states, pooled, embeds)
+    return TowerOutput(states[-1], states, pooled,
+                       _projected(c, pooled, 'visual_projection', self.dtype))
 
 
 # ---------------------------------------------------------------------------------

@@ -157,21 +157,12 @@ def export(params, checkpoint_config: dict, out: str, step: int,
 
 
 FAMILY = family_lib.Family(
-    name='paper',
-    title="the paper's pipeline (SD + CLIP)",
-    tiny_weights='tiny embedded default',
-    no_adapter='none: UNTRAINED adapter',
-    missing_weights_message=missing_weights_message,
-    check_word=check_word,
-    check_training_config=check_training_config,
-    supports_precompute=True,
+    name='paper', title="the paper's pipeline (SD + CLIP)",
+    tiny_weights='tiny embedded default', no_adapter='none: UNTRAINED adapter',
+    missing_weights_message=missing_weights_message, check_word=check_word,
+    check_training_config=check_training_config, supports_precompute=True,
     pipeline_from_config=pipeline_from_config,
-    pipeline_from_pretrained=pipeline_from_pretrained,
-    controls=CONTROLS,
+    pipeline_from_pretrained=pipeline_from_pretrained, controls=CONTROLS,
     load_training_components=load_training_components,
-    train_preprocess=train_preprocess,
-    setup_training=setup_training,
-    abstract_batch=abstract_batch,
-    checkpoint_extras=lambda loaded: {},
-    export=export,
-)
+    train_preprocess=train_preprocess, setup_training=setup_training,
+    abstract_batch=abstract_batch, checkpoint_extras=lambda loaded: {}, export=export)

@@ -67,9 +67,9 @@ def test_text_tower_matches_torch(tmp_path, act, eos, with_projection):
   for ours, theirs in zip(got.hidden_states, want.hidden_states):
     assert _worst(ours, theirs) <= TOLERANCE
   if with_projection:
-    assert _worst(got.text_embeds, want.text_embeds) <= TOLERANCE
+    assert _worst(got.embeds, want.text_embeds) <= TOLERANCE
   else:
-    assert got.text_embeds is None
+    assert got.embeds is None
     assert _worst(got.pooled, want.pooler_output) <= TOLERANCE
 
 
@@ -91,7 +91,7 @@ def test_vision_tower_matches_torch(tmp_path, with_projection):
   for ours, theirs in zip(got.hidden_states, want.hidden_states):
     assert _worst(ours, theirs) <= TOLERANCE
   if with_projection:
-    assert _worst(got.image_embeds, want.image_embeds) <= TOLERANCE
+    assert _worst(got.embeds, want.image_embeds) <= TOLERANCE
   else:
     assert _worst(got.pooled, want.pooler_output) <= TOLERANCE
 

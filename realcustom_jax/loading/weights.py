@@ -31,23 +31,20 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 
 
-
 @dataclasses.dataclass
-class StableDiffusionComponents:
-  """The frozen parts of a Stable Diffusion 1.x / 2.x pipeline, as Flax modules + params.
+class DenoiserComponents:
+  """The UNet and VAE of a diffusers SD / SDXL directory (`load_denoiser`).
 
   Attributes:
     unet_config: the UNet's config.json as a dict (lists turned into tuples, private
       `_`-keys dropped); builds diffusers' FlaxUNet2DConditionModel or our UNet.
-    unet_params: parameter tree in diffusers' FlaxUNet2DConditionModel layout.
+    unet_params: parameter tree in diffusers' FlaxUNet2DConditionModel layout (SDXL's
+      with `add_embedding`).
     vae: diffusers' FlaxAutoencoderKL module.
     vae_params: its parameters.
     vae_scale_factor: pixels per latent cell, 2 ** (len(block_out_channels) - 1).
-    scaling_factor: latent scale (z = scaling_factor * vae.encode(x)).
-    text_encoder: transformers' FlaxCLIPTextModel (call with `params=text_params`).
-    text_params: its parameters.
-    tokenizer: the CLIPTokenizer that goes with the text encoder.
-    scheduler_config: scheduler/scheduler_config.json as a dict.
+    scaling_factor: latent scale (z = scaling_factor * vae.encode(x)), from the VAE
+      config (default SD 0.18215, SDXL 0.13025).
   """
   unet_config: dict[str, Any]
   unet_params: Params = dataclasses.field(repr=False)
@@ -55,6 +52,19 @@ class StableDiffusionComponents:
   vae_params: Params = dataclasses.field(repr=False)
   vae_scale_factor: int
   scaling_factor: float
+
+
+@dataclasses.dataclass
+class StableDiffusionComponents(DenoiserComponents):
+  """The frozen parts of a Stable Diffusion 1.x / 2.x pipeline, as Flax modules + params:
+  `DenoiserComponents` and
+
+  Attributes:
+    text_encoder: transformers' FlaxCLIPTextModel (call with `params=text_params`).
+    text_params: its parameters.
+    tokenizer: the CLIPTokenizer that goes with the text encoder.
+    scheduler_config: scheduler/scheduler_config.json as a dict.
+  """
   text_encoder: FlaxCLIPTextModel
   text_params: Params = dataclasses.field(repr=False)
   tokenizer: CLIPTokenizer
@@ -140,6 +150,18 @@ def load_vae(vae_dir: str, allow_pickle: bool, dtype) -> tuple[FlaxAutoencoderKL
   return vae, formats.load_diffusers_params(vae, vae_dir, allow_pickle, dtype), vae_config
 
 
+def load_denoiser(path: str, allow_pickle: bool, dtype, sdxl: bool,
+                  default_scaling: float) -> dict[str, Any]:
+  """The UNet and VAE of a diffusers SD / SDXL directory, as the components' fields
+  (unet_config, unet_params, vae, vae_params, vae_scale_factor, scaling_factor)."""
+  unet_config, unet_params = load_unet(os.path.join(path, 'unet'), allow_pickle, dtype, sdxl)
+  vae, vae_params, vae_config = load_vae(os.path.join(path, 'vae'), allow_pickle, dtype)
+  return dict(unet_config=unet_config, unet_params=unet_params, vae=vae,
+              vae_params=vae_params,
+              vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+              scaling_factor=float(vae_config.get('scaling_factor', default_scaling)))
+
+
 # ---------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------
@@ -182,12 +204,11 @@ def load_stable_diffusion(path: str, allow_pickle: bool = False,
   if not os.path.isdir(path):
     raise CheckpointError(f'Stable Diffusion directory {path} does not exist')
 
-  # ---- UNet ----
-  unet_dir = formats.subfolder(path, 'unet')
-  unet_config, unet_params = load_unet(unet_dir, allow_pickle, dtype, sdxl=False)
-
-  # ---- VAE ----
-  vae, vae_params, vae_config = load_vae(formats.subfolder(path, 'vae'), allow_pickle, dtype)
+  # ---- UNet and VAE ----
+  for name in ('unet', 'vae'):
+    formats.subfolder(path, name)  # a missing one is named
+  denoiser = load_denoiser(path, allow_pickle, dtype, sdxl=False, default_scaling=0.18215)
+  unet_config = denoiser['unet_config']
 
   # ---- Text encoder and tokenizer ----
   text_dir = formats.subfolder(path, 'text_encoder')
@@ -207,17 +228,8 @@ def load_stable_diffusion(path: str, allow_pickle: bool = False,
   scheduler_config = formats.read_json(os.path.join(sched_dir, 'scheduler_config.json'))
 
   return StableDiffusionComponents(
-      unet_config=unet_config,
-      unet_params=unet_params,
-      vae=vae,
-      vae_params=vae_params,
-      vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
-      scaling_factor=float(vae_config.get('scaling_factor', 0.18215)),
-      text_encoder=text_encoder,
-      text_params=text_params,
-      tokenizer=tokenizer,
-      scheduler_config=scheduler_config,
-  )
+      **denoiser, text_encoder=text_encoder, text_params=text_params, tokenizer=tokenizer,
+      scheduler_config=scheduler_config)
 
 
 def load_text_encoder(text_dir: str, allow_pickle: bool = False, dtype=jnp.float32

@@ -140,21 +140,12 @@ def export(params, checkpoint_config: dict, out: str, step: int,
 
 
 FAMILY = family_lib.Family(
-    name='release',
-    title="the authors' release (SDXL)",
-    tiny_weights='tiny random release',
-    no_adapter='written with the tiny release',
-    missing_weights_message=paths.release_paths_message,
-    check_word=check_word,
-    check_training_config=check_training_config,
-    supports_precompute=False,
+    name='release', title="the authors' release (SDXL)",
+    tiny_weights='tiny random release', no_adapter='written with the tiny release',
+    missing_weights_message=paths.release_paths_message, check_word=check_word,
+    check_training_config=check_training_config, supports_precompute=False,
     pipeline_from_config=pipeline_from_config,
-    pipeline_from_pretrained=pipeline_from_pretrained,
-    controls=controls(),
+    pipeline_from_pretrained=pipeline_from_pretrained, controls=controls(),
     load_training_components=load_training_components,
-    train_preprocess=train_preprocess,
-    setup_training=setup_training,
-    abstract_batch=abstract_batch,
-    checkpoint_extras=checkpoint_extras,
-    export=export,
-)
+    train_preprocess=train_preprocess, setup_training=setup_training,
+    abstract_batch=abstract_batch, checkpoint_extras=checkpoint_extras, export=export)

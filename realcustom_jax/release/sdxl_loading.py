@@ -8,7 +8,6 @@ import dataclasses
 import os
 from typing import Any
 
-from diffusers import FlaxAutoencoderKL
 import jax.numpy as jnp
 from transformers import CLIPTokenizer
 from transformers import FlaxCLIPTextModel
@@ -17,25 +16,18 @@ from realcustom_jax.loading import formats
 from realcustom_jax.loading.formats import CheckpointError
 from realcustom_jax.loading.formats import Params
 from realcustom_jax.loading.weights import check_unet_config
+from realcustom_jax.loading.weights import DenoiserComponents
+from realcustom_jax.loading.weights import load_denoiser
 from realcustom_jax.loading.weights import load_text_encoder
 from realcustom_jax.loading.weights import load_tokenizer
-from realcustom_jax.loading.weights import load_unet
-from realcustom_jax.loading.weights import load_vae
 
 
 @dataclasses.dataclass
-class SDXLComponents:
-  """The frozen parts of an SDXL pipeline, as Flax modules + params.
+class SDXLComponents(DenoiserComponents):
+  """The frozen parts of an SDXL pipeline, as Flax modules + params:
+  `weights.DenoiserComponents` (its UNet builds our RealCustomUNet) and
 
   Attributes:
-    unet_config: the UNet's config.json as a dict (lists turned into tuples, private
-      `_`-keys dropped); builds our RealCustomUNet.
-    unet_params: parameter tree in diffusers' FlaxUNet2DConditionModel layout
-      (with `add_embedding`).
-    vae: diffusers' FlaxAutoencoderKL module.
-    vae_params: its parameters.
-    vae_scale_factor: pixels per latent cell, 2 ** (len(block_out_channels) - 1).
-    scaling_factor: latent scale from the VAE config (SDXL: 0.13025).
     text_encoder: FlaxCLIPTextModel of text_encoder/.
     text_encoder_2: FlaxCLIPTextModel of text_encoder_2/ (its projection, when the
       checkpoint has one, is kept apart in text_params).
@@ -46,12 +38,6 @@ class SDXLComponents:
     scheduler_config: scheduler/scheduler_config.json as a dict; None when the
       directory has no scheduler/ (the release brings its own schedule).
   """
-  unet_config: dict[str, Any]
-  unet_params: Params = dataclasses.field(repr=False)
-  vae: FlaxAutoencoderKL
-  vae_params: Params = dataclasses.field(repr=False)
-  vae_scale_factor: int
-  scaling_factor: float
   text_encoder: FlaxCLIPTextModel
   text_encoder_2: FlaxCLIPTextModel
   text_params: Params = dataclasses.field(repr=False)
@@ -118,26 +104,13 @@ def load_sdxl(path: str, allow_pickle: bool = False, dtype=jnp.float32) -> SDXLC
     raise CheckpointError(
         f'{unet_json}: the UNet takes a {pooled}-wide pooled text embedding beside 6 time '
         f'ids, text_encoder_2 gives {widths[1]}')
-  unet_config, unet_params = load_unet(unet_dir, allow_pickle, dtype, sdxl=True)
-
-  # ---- VAE ----
-  vae, vae_params, vae_config = load_vae(os.path.join(path, 'vae'), allow_pickle, dtype)
+  denoiser = load_denoiser(path, allow_pickle, dtype, sdxl=True, default_scaling=0.13025)
 
   # ---- Scheduler (optional) ----
   sched_path = os.path.join(path, 'scheduler', 'scheduler_config.json')
   scheduler_config = formats.read_json(sched_path) if os.path.isfile(sched_path) else None
 
   return SDXLComponents(
-      unet_config=unet_config,
-      unet_params=unet_params,
-      vae=vae,
-      vae_params=vae_params,
-      vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
-      scaling_factor=float(vae_config.get('scaling_factor', 0.13025)),
-      text_encoder=text_encoder,
-      text_encoder_2=text_encoder_2,
-      text_params=text_params,
-      tokenizer=tokenizer,
-      tokenizer_2=tokenizer_2,
-      scheduler_config=scheduler_config,
-  )
+      **denoiser, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+      text_params=text_params, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+      scheduler_config=scheduler_config)
