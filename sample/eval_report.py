@@ -158,3 +158,13 @@ def grid(reference: Image.Image, rows: Sequence[Sequence[Image.Image]],
     for j, im in enumerate(r):
       grid.paste(fit(im, cell), ((j + 1) * cell, top + GRID_LABEL_HEIGHT))
   return grid
+
+
+def write_grid(path: str, reference: Image.Image, grid_rows: Sequence[Sequence[str]],
+               prompts: Sequence[str], k_images: int, skipped: list[str]) -> None:
+  """One subject's grid (`grid`) from its images on disk, when every one reads."""
+  images, _ = load_images([p for row in grid_rows for p in row], skipped)
+  if len(images) == len(grid_rows) * k_images:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid(reference, [images[i:i + k_images] for i in range(0, len(images), k_images)],
+         prompts).save(path)

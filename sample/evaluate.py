@@ -138,6 +138,21 @@ def _first_missing(bench, templates, ecfg, out_dir: str, k_images: int):
   return None
 
 
+def score_images(clip_s, dino_s, real_emb, prompt: str, gen, paths) -> dict:
+  """CLIP-T, CLIP-I and DINO-I of one prompt's generated images (masked where a mask
+  file lies beside an image) against the subject's embedded real images."""
+  gen_masks = []
+  for im, p in zip(gen, paths):
+    mp = dreambench.mask_path(p)
+    gen_masks.append(dreambench.load_mask(mp, im.size) if mp else None)
+  text_emb = clip_s.embed_texts([prompt])
+  gen_clip = clip_s.embed_images(gen, gen_masks)
+  gen_dino = dino_s.embed_images(gen, gen_masks)
+  return {'clip_t': np.asarray(metrics.clip_t(text_emb, gen_clip)),
+          'clip_i': np.asarray(metrics.clip_i(gen_clip, real_emb[0])),
+          'dino_i': np.asarray(metrics.dino_i(gen_dino, real_emb[1]))}
+
+
 def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
              generate_fn: GenerateFn | None = None, clip=None, dino=None) -> dict:
   """Generates and scores DreamBench; resumable.
@@ -240,21 +255,11 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
                                'prompts')
           for im, p in zip(gen, paths):
             im.convert('RGB').save(p)
-        gen_masks = []
-        for im, p in zip(gen, paths):
-          mp = dreambench.mask_path(p)
-          gen_masks.append(dreambench.load_mask(mp, im.size) if mp else None)
-
         clip_s, dino_s = clip_l.get(), dino_l.get()
         if real_emb is None:
           real_emb = (clip_s.embed_images(real, real_masks),
                       dino_s.embed_images(real, real_masks))
-        text_emb = clip_s.embed_texts([prompt])
-        gen_clip = clip_s.embed_images(gen, gen_masks)
-        gen_dino = dino_s.embed_images(gen, gen_masks)
-        scores = {'clip_t': np.asarray(metrics.clip_t(text_emb, gen_clip)),
-                  'clip_i': np.asarray(metrics.clip_i(gen_clip, real_emb[0])),
-                  'dino_i': np.asarray(metrics.dino_i(gen_dino, real_emb[1]))}
+        scores = score_images(clip_s, dino_s, real_emb, prompt, gen, paths)
         for k in range(k_images):
           row = {'subject': subject.name, 'class': subject.class_word, 'prompt': prompt,
                  'image_index': k, 'seed': seed, 'path': rel[k]}
@@ -267,16 +272,13 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
         eval_report.write_csv(scores_path, CSV_FIELDS, list(previous.values()))
         bar.update(1)
       if grid_rows:
-        os.makedirs(os.path.join(out_dir, 'grids'), exist_ok=True)
-        imgs, _ = eval_report.load_images([p for r in grid_rows for p in r], skipped)
-        if len(imgs) == len(grid_rows) * k_images:
-          eval_report.grid(reference, [imgs[i:i + k_images] for i in range(0, len(imgs), k_images)],
-                grid_prompts).save(os.path.join(out_dir, 'grids', f'{subject.name}.png'))
+        eval_report.write_grid(os.path.join(out_dir, 'grids', f'{subject.name}.png'),
+                               reference, grid_rows, grid_prompts, k_images, skipped)
 
   summary = eval_report.summarize(rows)
   eval_report.write_csv(os.path.join(out_dir, SUMMARY_CSV),
-             ['group', 'n'] + [f'{m}_{s}' for m in METRICS for s in ('mean', 'std')],
-             summary)
+                        ['group', 'n'] + [f'{m}_{s}' for m in METRICS
+                                          for s in ('mean', 'std')], summary)
   print(eval_report.format_table(summary))
   if skipped:
     print(eval_report.format_skipped(skipped))  # once, on stdout with the table
