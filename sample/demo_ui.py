@@ -68,47 +68,20 @@ def build_ui(demo: Demo):
     The gr.Blocks; its queue runs one generation at a time.
   """
   import gradio as gr  # pylint: disable=g-import-not-at-top
-  defaults = demo.defaults()
   names = demo.controls.names
-  choices = word_choices(DEFAULT_PROMPT)
   with gr.Blocks(title='RealCustom demo', analytics_enabled=False,
                  theme=_theme()) as blocks:
     gr.Markdown(_title(demo))
     with gr.Row():
-      with gr.Column(scale=1):
-        subject = gr.Image(label='Subject image', type='filepath', image_mode=None,
-                           sources=['upload', 'clipboard'], elem_id='subject', height=240)
-        prompt = gr.Textbox(label='Prompt', value=DEFAULT_PROMPT, elem_id='prompt')
-        word = gr.Dropdown(label='Target word', choices=choices,
-                           value=pick_word(DEFAULT_PROMPT, DEFAULT_WORD, choices),
-                           allow_custom_value=True, elem_id='word',
-                           info='a word of the prompt; type a phrase ("teddy bear") if '
-                                'it is not listed')
-        with gr.Row():
-          seed = gr.Number(label='Seed', value=0, precision=0, minimum=0,
-                           maximum=2**32 - 1, elem_id='seed')
-          num_images = gr.Slider(1, demo.max_images, value=1, step=1,
-                                 label='Number of images', elem_id='num_images')
-          num_steps = gr.Slider(1, demo.max_steps, value=demo.default_steps, step=1,
-                                label='Steps', elem_id='num_steps')
-        controls = [_component(gr, c, defaults[c.name], demo.max_steps)
-                    for c in demo.controls.controls]
-        static_controls = [num_images, num_steps] + [
-            x for c, x in zip(demo.controls.controls, controls) if c.static]
-        note = gr.Markdown(demo.compile_note(demo.ui_key(demo.default_steps, 1, defaults)),
-                           elem_id='compile_note')
-        generate_button = gr.Button('Generate', variant='primary', elem_id='generate')
-      with gr.Column(scale=2):
-        with gr.Row():
-          images = gr.Gallery(label='RealCustom', format='png', columns=2, height=300,
-                              elem_id='images')
-          plain = gr.Gallery(label='Plain text-to-image (same seed)', format='png',
-                             columns=2, height=300, elem_id='plain')
-        strip = gr.Image(label='Influence scope over the steps (scope above x0)',
-                         type='pil', format='png', elem_id='strip')
-        status = gr.Textbox(label='Status', interactive=False, lines=2, elem_id='status',
-                            value=f'ready (start-up compile: {demo.compile_seconds:.1f} s)'
-                            if demo.compile_seconds is not None else 'ready')
+      inputs = _input_column(gr, demo)
+      outputs = _output_column(gr, demo)
+    subject, prompt, word, seed, num_images, num_steps = (
+        inputs[k] for k in REQUEST_FIELDS)
+    controls, static_controls, note = (inputs['controls'], inputs['static_controls'],
+                                       inputs['note'])
+    generate_button = inputs['generate']
+    images, plain, strip, status = (outputs[k] for k in ('images', 'plain', 'strip',
+                                                          'status'))
 
     def run(subject_, prompt_, word_, seed_, num_images_, num_steps_, values):
       """The generation, as a generator: a 'compiling' status first where it will."""
@@ -162,6 +135,55 @@ def build_ui(demo: Demo):
                      api_name=False, queue=False, show_progress='hidden')
   blocks.queue(default_concurrency_limit=1)
   return blocks
+
+
+def _input_column(gr, demo: Demo) -> dict:
+  """The left column: subject, prompt, word, seed, counts, the family's controls, the
+  compile note and the button (by name; 'controls' in the family's order)."""
+  defaults = demo.defaults()
+  choices = word_choices(DEFAULT_PROMPT)
+  with gr.Column(scale=1):
+    out = dict(
+        subject=gr.Image(label='Subject image', type='filepath', image_mode=None,
+                         sources=['upload', 'clipboard'], elem_id='subject', height=240),
+        prompt=gr.Textbox(label='Prompt', value=DEFAULT_PROMPT, elem_id='prompt'),
+        word=gr.Dropdown(label='Target word', choices=choices,
+                         value=pick_word(DEFAULT_PROMPT, DEFAULT_WORD, choices),
+                         allow_custom_value=True, elem_id='word',
+                         info='a word of the prompt; type a phrase ("teddy bear") if '
+                              'it is not listed'))
+    with gr.Row():
+      out['seed'] = gr.Number(label='Seed', value=0, precision=0, minimum=0,
+                              maximum=2**32 - 1, elem_id='seed')
+      out['num_images'] = gr.Slider(1, demo.max_images, value=1, step=1,
+                                    label='Number of images', elem_id='num_images')
+      out['num_steps'] = gr.Slider(1, demo.max_steps, value=demo.default_steps, step=1,
+                                   label='Steps', elem_id='num_steps')
+    out['controls'] = [_component(gr, c, defaults[c.name], demo.max_steps)
+                       for c in demo.controls.controls]
+    out['static_controls'] = [out['num_images'], out['num_steps']] + [
+        x for c, x in zip(demo.controls.controls, out['controls']) if c.static]
+    out['note'] = gr.Markdown(demo.compile_note(demo.ui_key(demo.default_steps, 1,
+                                                            defaults)),
+                              elem_id='compile_note')
+    out['generate'] = gr.Button('Generate', variant='primary', elem_id='generate')
+  return out
+
+
+def _output_column(gr, demo: Demo) -> dict:
+  """The right column: RealCustom and plain T2I galleries, the scope strip, the status."""
+  with gr.Column(scale=2):
+    with gr.Row():
+      images = gr.Gallery(label='RealCustom', format='png', columns=2, height=300,
+                          elem_id='images')
+      plain = gr.Gallery(label='Plain text-to-image (same seed)', format='png',
+                         columns=2, height=300, elem_id='plain')
+    strip = gr.Image(label='Influence scope over the steps (scope above x0)', type='pil',
+                     format='png', elem_id='strip')
+    status = gr.Textbox(label='Status', interactive=False, lines=2, elem_id='status',
+                        value=f'ready (start-up compile: {demo.compile_seconds:.1f} s)'
+                        if demo.compile_seconds is not None else 'ready')
+  return dict(images=images, plain=plain, strip=strip, status=status)
 
 
 def _theme():
