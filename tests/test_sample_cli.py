@@ -86,3 +86,17 @@ def test_laion_config_without_weights_names_the_keys(subject, tmp_path):
       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
       timeout=240)
   _assert_one_line_error(proc, '--config.pretrained=DIR', '--config.vision_encoder=DIR')
+
+
+def test_an_unknown_model_family_is_one_line(tmp_path):
+  Image.new('RGB', (32, 32), 'red').save(tmp_path / 'subject.png')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'sample.main', '--config=configs/release_tiny.py',
+       '--config.pipeline=sdxl', f'--subject={tmp_path / "subject.png"}',
+       '--prompt=a toy', '--word=toy', f'--out={tmp_path / "out.png"}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: config.pipeline must be one of ('paper', 'release'), got 'sdxl'")
+  assert 'Traceback' not in proc.stderr
