@@ -18,8 +18,9 @@ exists for them. One step (one `jax.jit`, encoders included):
   loss = || eps - eps_theta(z_t, t, c, (g, l), pooled, time_ids) ||^2
 
 The update itself is the paper trainer's `adapter_training.adapter_step`; the loop is
-`train/train.py`, which dispatches here for a release config (`configs/
-release_train.py`, `configs/release_train_tiny.py`). No mask gates the visual attention
+`train/train.py`, which reaches these functions through the release family
+(`release/family.py`) for a release config (`configs/release_train.py`,
+`configs/release_train_tiny.py`). No mask gates the visual attention
 in training (the release's mask is an inference-time guidance device).
 
 `export` writes a trained adapter as our file and back under the release's state-dict
