@@ -102,6 +102,21 @@ def get_config(arg: str = ''):
       gate_a_adapters=('adaptive',),
       # Gate A's encoder probe: training-world scenes whose subject tokens are probed.
       probe_images=64 if smoke else 1200,
+      # The subject encoder the adapters read (issue 27 step 3): 'random', the frozen
+      # random tower written with the base (16 tokens of 4 x 4 px); 'contrastive', a
+      # CLIP-like tower trained against the base's frozen text encoder on the training
+      # world (toy/encoder.py; stage encoder/ with its own gate), 64 tokens of 2 x 2 px.
+      subject_encoder='random',
+      encoder=dict(
+          vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=2, image_size=16, patch_size=2),
+          embed_dim=32,
+          steps=3 if smoke else 3000,
+          batch=8 if smoke else 256,
+          lr=1e-3,
+          # The gate: top-1 retrieval of the right naming caption among the held-out
+          # identities' (chance about 1/7).
+          min_retrieval=0.5),
       fixed_selections=('oracle:0.5',) if smoke else (
           'oracle:0.8', 'anti_oracle:0.8', 'random:0.8', 'oracle:0.5', 'random:0.5'),
   )

@@ -10,6 +10,10 @@ Stages, each skipped or resumed when its output is already in --workdir:
 2. base/       autoencoder, UNet and text encoder trained from scratch, saved as a
                diffusers SD directory base/sd plus a CLIP vision directory base/vision
                (toy/base.py); with --base=shipped, toy/shipped/'s base written out instead.
+2b. encoder/   with --config.toy.subject_encoder=contrastive: a CLIP-like subject
+               encoder trained against the base's text encoder (toy/encoder.py), its
+               gate (held-out caption retrieval, identity-colour and object probes)
+               in encoder/gate.json; the adapters then read it instead of base/vision.
 3. adapter_NAME/seedS/  the RealCustom adapters, trained by `python -m train.main` on
                the frozen base: every recipe of config.toy.adapters (toy/variants.py:
                'adaptive' the paper, 'none' Table 3 ID-2, and the options of issue 27)
@@ -212,8 +216,51 @@ def adapter_stamp(config, overrides: dict[str, str], seed: int) -> dict:
   train = hashlib.sha256(json.dumps(
       {'train': train_keys, 'model': c.model.to_dict(), 'data': data,
        'seed': seed}, sort_keys=True, default=str).encode()).hexdigest()[:16]
-  return {'model_code': model_fingerprint(), 'num_steps': int(c.train.num_steps),
-          'train_config': train}
+  stamp = {'model_code': model_fingerprint(), 'num_steps': int(c.train.num_steps),
+           'train_config': train}
+  if c.toy.subject_encoder != 'random':  # the random tower's adapters keep their stamps
+    stamp['subject_encoder'] = encoder_stamp(c)['hash']
+  return stamp
+
+
+def encoder_stamp(config) -> dict:
+  """What a trained subject encoder depends on (its section, the world's seed and size)."""
+  what = {'encoder': config.toy.encoder.to_dict(), 'seed': int(config.seed),
+          'num_train_images': int(config.toy.num_train_images)}
+  digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode())
+  return {'hash': digest.hexdigest()[:16], **what}
+
+
+def stage_encoder(config, workdir: str, sd_dir: str, random_vision_dir: str) -> tuple[str, dict]:
+  """Trains (or resumes, or skips) the contrastive subject encoder and runs its gate;
+  returns (its vision dir, the gate). A changed encoder section retrains it."""
+  from toy import encoder as toy_encoder  # pylint: disable=g-import-not-at-top
+  edir = os.path.join(workdir, 'encoder')
+  vision_dir, gate_path = os.path.join(edir, 'vision'), os.path.join(edir, 'gate.json')
+  stamp = encoder_stamp(config)
+  stamp_path = os.path.join(vision_dir, 'encoder_stamp.json')
+  if os.path.isfile(stamp_path) and json.load(open(stamp_path)) != stamp:
+    _progress('encoder: its config changed: retraining')
+    shutil.rmtree(edir)
+  if not os.path.isfile(stamp_path):
+    t0 = time.perf_counter()
+    model, params = toy_encoder.train(config, sd_dir, edir)
+    toy_encoder.save(vision_dir, model, params, stamp)
+    _progress(f'encoder: trained in {time.perf_counter() - t0:.0f}s')
+  if not os.path.isfile(gate_path):
+    gate = toy_encoder.gate(config, sd_dir, vision_dir, random_vision_dir)
+    with open(gate_path, 'w') as f:
+      json.dump(gate, f, indent=2)
+  with open(gate_path) as f:
+    gate = json.load(f)
+  c, r = gate['contrastive'], gate['random']
+  _progress(f'GE {"passes" if gate["passes"] else "FAILS"}: held-out caption retrieval '
+            f'{c["retrieval"]:.3f} (chance {gate["retrieval_chance"]:.3f}); identity probe '
+            f'body / accent {c["body_accuracy"]:.3f} / {c["accent_accuracy"]:.3f} (random '
+            f'tower {r["body_accuracy"]:.3f} / {r["accent_accuracy"]:.3f}); object probe '
+            f'{c["object_probe"]["accuracy"]:.3f} (random tower '
+            f'{r["object_probe"]["accuracy"]:.3f})')
+  return vision_dir, gate
 
 
 def _override_flags(config) -> list[str]:
@@ -299,6 +346,19 @@ def check_config(config) -> None:
       raise ValueError(f'config.toy.{key} must be positive, got {toy[key]}')
   if not toy.seeds:
     raise ValueError('config.toy.seeds is empty')
+  from toy import encoder as toy_encoder  # pylint: disable=g-import-not-at-top
+  if toy.subject_encoder not in toy_encoder.ENCODERS:
+    raise ValueError(f'config.toy.subject_encoder must be one of {toy_encoder.ENCODERS}, got '
+                     f'{toy.subject_encoder!r}')
+  vision = dict(toy.encoder.vision)
+  if int(config.resolution) % int(vision['patch_size']) or int(vision['image_size']) != int(
+      config.resolution):
+    raise ValueError(f'config.toy.encoder.vision: image_size {vision["image_size"]} must be '
+                     f'the resolution {config.resolution} and a multiple of patch_size '
+                     f'{vision["patch_size"]}')
+  for key in ('steps', 'batch', 'embed_dim'):
+    if int(toy.encoder[key]) <= 0:
+      raise ValueError(f'config.toy.encoder.{key} must be positive, got {toy.encoder[key]}')
   unknown = [a for a in toy.adapters if a not in ADAPTER_RUNS]
   if unknown or not toy.adapters:
     raise ValueError(f'config.toy.adapters must name some of {tuple(ADAPTER_RUNS)}, got '
@@ -351,6 +411,11 @@ def run(config, workdir: str, base: str = 'train', train_only: bool = False) -> 
   t0 = time.perf_counter()
   sd_dir, vision_dir = stage_base(config, workdir, base)
   times['base_s'] = time.perf_counter() - t0
+  encoder_gate = None
+  if config.toy.subject_encoder == 'contrastive':
+    t0 = time.perf_counter()
+    vision_dir, encoder_gate = stage_encoder(config, workdir, sd_dir, vision_dir)
+    times['encoder_s'] = time.perf_counter() - t0
   # {(name, seed): adapter file}; seed by seed, so an interrupted run has every
   # variant at its first seeds.
   adapters = {}
@@ -370,6 +435,8 @@ def run(config, workdir: str, base: str = 'train', train_only: bool = False) -> 
   from toy import evaluation  # pylint: disable=g-import-not-at-top
   result = evaluation.stage_eval(config, workdir, sd_dir, vision_dir, adapters)
   times['eval_s'] = time.perf_counter() - t0
+  if encoder_gate is not None:
+    result['encoder_gate'] = encoder_gate
   times['total_s'] = time.perf_counter() - t_all
   # This invocation's stage times; a rerun that reuses everything keeps the file's
   # times of the run that did the work.

@@ -66,8 +66,10 @@ def row_suffix(adapter: str) -> str:
 
 
 def num_subject_tokens(config) -> int:
-  """The vision tower's patch count (16 for the toy world's 16 px, patch 4)."""
-  vision = config.tiny.vision
+  """The subject encoder's patch count: 16 for the random tower (16 px, patch 4), 64 for
+  the contrastive one (patch 2)."""
+  vision = (config.toy.encoder.vision if config.toy.subject_encoder == 'contrastive'
+            else config.tiny.vision)
   return (int(vision['image_size']) // int(vision['patch_size'])) ** 2
 
 
