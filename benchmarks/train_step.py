@@ -53,6 +53,7 @@ from realcustom_jax import adapter_training as training
 from realcustom_jax import unet as unet_lib
 from realcustom_jax import model as model_lib
 from realcustom_jax.release import convert as release_convert
+from realcustom_jax.release import model as release_model
 
 FLAGS = flags.FLAGS
 # The release's architecture: (UNet config, latent side, global / local tokens, vision
@@ -201,10 +202,10 @@ def release_estimate(arch: str, dtype_name: str, batch: int, remat: str) -> dict
                          release_dim_head=dim_head),
       train=dict(learning_rate=1e-5, weight_decay=0.01, warmup_steps=0, grad_clip_norm=1.0,
                  gamma_num_range=(1.0, 1.0), image_dropout=0.0, frozen_dtype=dtype_name)))
-  model = model_lib.build_model(config, unet_config)
+  model = release_model.build_model(config, unet_config)
   with config.unlocked():
     config.model.remat = 'none'
-  plain_model = model_lib.build_model(config, unet_config)  # for the model FLOPs
+  plain_model = release_model.build_model(config, unet_config)  # for the model FLOPs
   step_config = training.build_step_config(config, tiny_sdxl.SDXL_SCHEDULER_CONFIG)
   optimizer = training.create_optimizer(config)
   full = model_lib.param_shapes(model, (4, side, side), 77, n_g, vision_dim)

@@ -61,8 +61,8 @@ def get_config():
   # The release's default scheduler (pipeline.py and the argparse default 'dpm'): single-
   # step DPM-Solver++ order 2 on 'trailing' timesteps; 'ddim' for its --scheduler_type ddim.
   config.sampler.solver = rd.SOLVER  # 'dpm_solver_2s'
-  config.sampler.guidance_mode = 'release'  # eps_neg + w (eps_subject - eps_neg)
-  # w: 3.5 in pipeline.py, the demo and the .sh (the argparse default 7.5 is overridden).
+  # The release's guidance, eps_neg + w (eps_subject - eps_neg), is its family's loop
+  # (realcustom_jax.release.sampler); w: 3.5 in pipeline.py, the demo and the .sh (the argparse default 7.5 is overridden).
   config.sampler.guidance_image = rd.GUIDANCE  # 3.5
   # mask_scope: 0.25 in pipeline.py and both .sh (argparse and the demo slider: 0.2).
   config.sampler.gamma_scope = rd.MASK_SCOPE  # 0.25

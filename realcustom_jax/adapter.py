@@ -26,7 +26,7 @@ import safetensors.numpy
 Params = dict[str, Any]
 
 VISUAL_KV = ('to_k_visual', 'to_v_visual')
-# 'subject_projector': the release's projector (model.RealCustom, projector='release_highres').
+# 'subject_projector': the release's projector (release.model.ReleaseRealCustom).
 ADAPTER_MODULES = ('scoring', 'visual_proj', 'subject_projector')
 
 PAPER_KIND = 'paper'

@@ -122,6 +122,10 @@ class Family:
     pipeline_from_pretrained: (pretrained, vision_encoder, adapter, allow_pickle) ->
       Pipeline with the family's settings.
     controls: the guidance settings the web demo offers (`GuidanceControls`).
+    sample: the family's checked sampling loop, `sampler.sample`'s signature (model,
+      params, schedule, latents, conditions, settings, *, return_trajectory).
+    cached_sampler: (model, return_trajectory) -> that loop's jitted function (its
+      compile cache is the web demo's no-retrace counter).
 
   Training (train.train_and_evaluate):
     load_training_components: config -> the frozen models (float32).
@@ -143,6 +147,8 @@ class Family:
   pipeline_from_config: Callable[[Config], Pipeline]
   pipeline_from_pretrained: Callable[..., Pipeline]
   controls: GuidanceControls
+  sample: Callable[..., Any]
+  cached_sampler: Callable[[Any, bool], Any]
   load_training_components: Callable[[Config], Any]
   train_preprocess: Callable[[Config, Any], Any]
   setup_training: Callable[..., tuple[Any, dict]]

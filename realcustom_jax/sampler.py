@@ -9,18 +9,15 @@ The whole loop is one `lax.scan` whose carry holds z_t and the latest scope. The
 scales and both gammas travel as one `GuidanceSettings` pytree, traced, so changing them
 never recompiles.
 
-The authors' release (github.com/bytedance/RealCustom) samples differently, and
-`GuidanceSettings` selects its parts:
+The authors' release (github.com/bytedance/RealCustom) makes its masks differently, and
+`GuidanceSettings` carries those choices as values:
   - `mask_strategy`: 'paper' (Eq. 11) or a tuple of the release's mask modes
     (`mask_strategies`, e.g. ('max_norm',)); `gamma_scope` is the release's `mask_scope`.
-  - `guidance_mode='release'`: two branches, eps = eps_u + w_i (eps_TI2I - eps_u), whose
-    unconditional branch also has the visual input (the encoded negative image,
-    `Conditions.uncond_image`) gated by the same mask, both in ONE batched call. The T2I call
-    then serves the mask alone.
-  - `mask_reused_step=N`: from step N on, the mask of step N-1 is reused. With release
-    guidance the T2I mask pass sits in a `lax.cond` inside the scan and is skipped at
-    run time (one UNet call of B rows less per step); with paper guidance Eq. 13 needs
-    the T2I prediction every step, so only the mask is reused and no call is saved.
+  - `mask_reused_step=N`: from step N on, the mask of step N-1 is reused. Eq. 13 needs
+    the T2I prediction every step, so here only the mask is reused and no call is saved.
+The release's own guidance (two branches with a negative image, its mask pass skipped
+once the mask is reused) is its loop, `realcustom_jax.release.sampler`, built from this
+module's pieces (`scan_denoise`, `text_only_maps`, `step_scope`, ...).
 Several reference subjects (the release's `multiple_reference_image`): (B, R, n_t) word
 weights, one word per reference, give per-reference masks (B, R, H, W) with a release
 mask strategy; the model then gates each reference's visual attention by its own mask
@@ -60,10 +57,6 @@ Array = jax.Array
 # last four are `GuidanceSettings`' defaults).
 PAPER_NUM_STEPS = 50
 
-# `GuidanceSettings.guidance_mode`: Eq. 13 (three branches) or the release's two-branch
-# guidance with a visual unconditional branch.
-GUIDANCE_MODES = ('paper', 'release')
-
 
 @struct.dataclass
 class GuidanceSettings:
@@ -72,12 +65,11 @@ class GuidanceSettings:
   Build it with `create` or `from_config`, which check the values (a bare constructor
   does not). The four numbers are float32 scalars traced by jit: changing them never
   recompiles; so is `mask_reused_step` when set (an int32 scalar). `binary_mask`,
-  `mask_strategy`, `guidance_mode` and whether `mask_reused_step` is None are static.
+  `mask_strategy` and whether `mask_reused_step` is None are static.
 
   Attributes:
-    guidance_text: w_t of Eq. 13 (unused with guidance_mode 'release').
-    guidance_image: w_i of Eq. 13; the release's single guidance scale with
-      guidance_mode 'release'.
+    guidance_text: w_t of Eq. 13 (unused by the release's loop).
+    guidance_image: w_i of Eq. 13; the release's single guidance scale in its loop.
     gamma_scope: Eq. 11's ratio in [0, 1]; the release's `mask_scope` with a release
       mask strategy.
     gamma_num: Eq. 10's ratio in [0, 1].
@@ -87,7 +79,6 @@ class GuidanceSettings:
       (`mask_strategies.RELEASE_MASK_MODES`).
     mask_reused_step: None (a new mask every step) or N >= 1: steps N, N+1, ... reuse
       the mask of step N-1, as the release's `mask_reused_step`.
-    guidance_mode: 'paper' (Eq. 13) or 'release' (see the module docstring).
   """
   guidance_text: Any = 7.5
   guidance_image: Any = 12.5
@@ -96,28 +87,26 @@ class GuidanceSettings:
   binary_mask: bool = struct.field(pytree_node=False, default=False)
   mask_strategy: Any = struct.field(pytree_node=False, default='paper')
   mask_reused_step: Any = None
-  guidance_mode: str = struct.field(pytree_node=False, default='paper')
 
   @classmethod
   def create(cls, guidance_text=7.5, guidance_image=12.5, gamma_scope=0.25, gamma_num=0.8,
-             binary_mask: bool = False, mask_strategy='paper', mask_reused_step=None,
-             guidance_mode: str = 'paper') -> 'GuidanceSettings':
+             binary_mask: bool = False, mask_strategy='paper',
+             mask_reused_step=None) -> 'GuidanceSettings':
     """Checked settings (defaults: the paper's, Sec. 4.1).
 
     Args:
       guidance_text: w_t.
-      guidance_image: w_i (the release's guidance scale with guidance_mode 'release').
+      guidance_image: w_i (the release's guidance scale in its loop).
       gamma_scope: Eq. 11's ratio, or the release's mask_scope.
       gamma_num: Eq. 10's ratio.
       binary_mask: the paper's binary scope.
       mask_strategy: 'paper', or release mode names: one string or a sequence (e.g.
         ['max_norm'], as the release's --mask_strategy).
       mask_reused_step: None or an integer >= 1.
-      guidance_mode: 'paper' or 'release'.
 
     Raises:
       ValueError: a non-finite or non-scalar value, a gamma outside [0, 1], an unknown
-        mask strategy or guidance mode, binary_mask with a release strategy, or a
+        mask strategy, binary_mask with a release strategy, or a
         mask_reused_step that is not an integer >= 1.
     """
     check_unit_interval('gamma_scope', gamma_scope)
@@ -126,15 +115,11 @@ class GuidanceSettings:
     if binary_mask and strategy != 'paper':
       raise ValueError("binary_mask is the paper strategy's switch: with a release "
                        "mask_strategy add 'binary' to its modes")
-    if guidance_mode not in GUIDANCE_MODES:
-      raise ValueError(f'guidance_mode must be one of {GUIDANCE_MODES}, got '
-                       f'{guidance_mode!r}')
     return cls(guidance_text=_scalar('guidance_text', guidance_text),
                guidance_image=_scalar('guidance_image', guidance_image),
                gamma_scope=_scalar('gamma_scope', gamma_scope),
                gamma_num=_scalar('gamma_num', gamma_num), binary_mask=bool(binary_mask),
-               mask_strategy=strategy, mask_reused_step=_reuse_step(mask_reused_step),
-               guidance_mode=guidance_mode)
+               mask_strategy=strategy, mask_reused_step=_reuse_step(mask_reused_step))
 
   @classmethod
   def from_config(cls, sampler_config, **overrides) -> 'GuidanceSettings':
@@ -201,16 +186,6 @@ def classifier_free_guidance(eps_uncond: Array, eps_text: Array, w_t=7.5) -> Arr
   return eps_uncond + w_t * (eps_text - eps_uncond)
 
 
-def release_guidance(eps_uncond: Array, eps_image: Array, w=3.5) -> Array:
-  """The release's guidance: eps_u + w (eps_TI2I - eps_u).
-
-  `classifier_free_guidance_image_prompt_cascade` in its 'naive_global_direct' mode with
-  rescale factor 0 (what its inference uses); eps_u has the negative prompt and the
-  negative image. Eq. 13 with w_t = w_i = w and that eps_u.
-  """
-  return eps_uncond + w * (eps_image - eps_uncond)
-
-
 # ---------------------------------------------------------------------------------
 # What the loops take and return
 # ---------------------------------------------------------------------------------
@@ -230,7 +205,7 @@ class Conditions:
     word_weights: (B, n_t) target-word token weights ((B, R, n_t): one word per
       reference). None for `cfg_sample`.
     uncond_image: the negative image's features, of `image`'s shapes (the release
-      encodes a black image): read with guidance_mode 'release' only.
+      encodes a black image): read by the release's loop only.
     added: SDXL only (required there): {'text_embeds': (B, P) pooled prompt embedding,
       'time_ids': (B, 6)} for the conditional rows.
     uncond_added: SDXL: the same for the unconditional rows (the negative prompt's
@@ -258,7 +233,7 @@ class Conditions:
     """SDXL's added conditioning for the [uncond, text] rows; None without it."""
     if self.added is None:
       return None
-    return _rows(self.added if self.uncond_added is None else self.uncond_added, self.added)
+    return rows(self.added if self.uncond_added is None else self.uncond_added, self.added)
 
 
 class SampleOutput(NamedTuple):
@@ -284,18 +259,18 @@ class SampleOutput(NamedTuple):
 # ---------------------------------------------------------------------------------
 
 
-def _rows(*trees):
+def rows(*trees):
   """Stacks pytrees of arrays (image features may be a tuple) along the batch axis."""
   return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)
 
 
-def _added(cond) -> dict:
+def added_kwargs(cond) -> dict:
   """The `added_cond=` keyword of a model call: none at all for SD 1.x / 2.x."""
   return {} if cond is None else {'added_cond': cond}
 
 
-def _attention_maps(model: model_lib.RealCustom, params, *args, self_maps: bool,
-                    **kwargs) -> tuple[Array, list[Array], list[Array]]:
+def attention_maps(model: model_lib.RealCustom, params, *args, self_maps: bool,
+                   **kwargs) -> tuple[Array, list[Array], list[Array]]:
   """(noise, per-layer word maps, per-layer self-attention maps if asked for)."""
   if not self_maps:
     return model_lib.word_maps(model, params, *args, **kwargs) + ([],)
@@ -305,16 +280,22 @@ def _attention_maps(model: model_lib.RealCustom, params, *args, self_maps: bool,
           list(jax.tree_util.tree_leaves(state[SELF_ATTENTION_MAPS])))
 
 
-def _scope_size(model: model_lib.RealCustom, settings: GuidanceSettings,
-                latent_hw: tuple[int, int]) -> tuple[int, int]:
+def reads_self_maps(settings: GuidanceSettings) -> bool:
+  """Whether the mask strategy reads self-attention maps (some release modes)."""
+  return (settings.mask_strategy != 'paper'
+          and mask_strategies.uses_self_maps(settings.mask_strategy))
+
+
+def scope_size(model: model_lib.RealCustom, settings: GuidanceSettings,
+               latent_hw: tuple[int, int]) -> tuple[int, int]:
   """The scope's (H, W): the largest word map (Eq. 11), or half the latent (release)."""
   if settings.mask_strategy == 'paper':
     return model.unet.word_map_size(*latent_hw)
   return mask_strategies.mask_size(*latent_hw)
 
 
-def _scope(model: model_lib.RealCustom, settings: GuidanceSettings, maps: list[Array],
-           self_maps: list[Array], size: tuple[int, int]) -> Array:
+def step_scope(model: model_lib.RealCustom, settings: GuidanceSettings, maps: list[Array],
+               self_maps: list[Array], size: tuple[int, int]) -> Array:
   """The influence scope of one step from the T2I word (and self-attention) maps."""
   if settings.mask_strategy == 'paper':
     return influence_scope(maps, settings.gamma_scope, binary=settings.binary_mask,
@@ -331,94 +312,54 @@ def _scope(model: model_lib.RealCustom, settings: GuidanceSettings, maps: list[A
                                       settings.mask_strategy, self_maps)
 
 
-def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
-                     cond: Conditions, settings: GuidanceSettings, *,
-                     return_trajectory: bool) -> SampleOutput:
-  """The RealCustom DDIM loop (traced once per static shape and flag set)."""
-  b = latents.shape[0]
-  size = _scope_size(model, settings, latents.shape[2:])
-  want_self_maps = (settings.mask_strategy != 'paper'
-                    and mask_strategies.uses_self_maps(settings.mask_strategy))
-  reuse = settings.mask_reused_step is not None
-  release = settings.guidance_mode == 'release'
-  # Everything derived from the conditions alone is built once, outside the scan body.
-  pair_text, pair_added = cond.pair_text, cond.pair_added
-  if release:
-    pair_image = _rows(cond.uncond_image, cond.image)
+def text_only_maps(model: model_lib.RealCustom, params, cond: Conditions, z: Array, t,
+                   rows_t2i: int, *, self_maps: bool):
+  """One call with the visual branch off on `z` (the last `rows_t2i` rows are the T2I
+  ones, whose word maps the word weights ask for): (noise, word maps, the T2I rows'
+  self maps). The rows are [uncond, T2I] (z twice) or T2I alone (z once)."""
+  text, added = ((cond.pair_text, cond.pair_added) if z.shape[0] > rows_t2i
+                 else (cond.text, cond.added))
+  eps, maps, self_ = attention_maps(model, params, z, jnp.full((z.shape[0],), t), text,
+                                    word_weights=cond.word_weights, self_maps=self_maps,
+                                    **added_kwargs(added))
+  return eps, maps, [m[-rows_t2i:] for m in self_]
 
-  def text_branches(z, t):
-    """[uncond, T2I] in ONE call: eps(0), eps_T2I and the T2I word (and self) maps.
 
-    The word weights cover the last b rows (the T2I half), so the layers compute word
-    maps for those rows only (see `attention.Attention`).
-    """
-    eps, maps, self_maps = _attention_maps(
-        model, params, jnp.concatenate([z, z], axis=0), jnp.full((2 * b,), t),
-        pair_text, word_weights=cond.word_weights, self_maps=want_self_maps,
-        **_added(pair_added))
-    return eps[:b], eps[b:], maps, [m[b:] for m in self_maps]
+def mask_is_fresh(settings: GuidanceSettings, i) -> Array:
+  """Whether step i makes its own mask (steps from mask_reused_step on reuse)."""
+  return i < settings.mask_reused_step
 
-  def mask_pass(z, t):
-    """The release's extra pass: T2I alone, for its maps; the scope."""
-    _, maps, self_maps = _attention_maps(model, params, z, jnp.full((b,), t), cond.text,
-                                         word_weights=cond.word_weights,
-                                         self_maps=want_self_maps, **_added(cond.added))
-    return _scope(model, settings, maps, self_maps, size)
 
-  def fresh(i):
-    """Whether step i makes its own mask (steps from mask_reused_step on reuse)."""
-    return i < settings.mask_reused_step
+def initial_scope(cond: Conditions, settings: GuidanceSettings, batch: int,
+                  size: tuple[int, int]) -> Array:
+  """The scan's first carried scope: zeros (B, H, W), or (B, R, H, W) for R reference
+  subjects ((B, R, n_t) word weights; a release mask strategy only)."""
+  refs = tuple(cond.word_weights.shape[1:-1])
+  if refs and settings.mask_strategy == 'paper':
+    raise ValueError('several reference subjects need a release mask_strategy (per-'
+                     'reference masks); the paper strategy (Eq. 11) makes one scope')
+  return jnp.zeros((batch,) + refs + tuple(size), jnp.float32)
 
-  def paper_step(z, carried, i, t, alpha_bar):
-    eps_uncond, eps_text, maps, self_maps = text_branches(z, t)
-    # Eq. 11 from this step's T2I maps; it gates this step's TI2I branch (Eq. 12).
-    scope = _scope(model, settings, maps, self_maps, size)
-    if reuse:  # the T2I call stays (Eq. 13 reads eps_T2I); only the scope is reused
-      scope = jnp.where(fresh(i), scope, carried)
-    args = ({'params': params}, z, jnp.full((b,), t), cond.text, cond.image)
-    kwargs = dict(sqrt_alpha_bar=jnp.full((b,), jnp.sqrt(alpha_bar)),
-                  gamma_num=settings.gamma_num, scope_mask=scope,
-                  token_priority=cond.token_priority, **_added(cond.added))
-    selection = None
-    if return_trajectory and model.scoring_mode == 'adaptive':
-      eps_image, state = model.apply(*args, mutable=['intermediates'], **kwargs)
-      selection = state['intermediates']['scoring']['selected_tokens'][0]
-    else:
-      eps_image = model.apply(*args, **kwargs)
-    guided = adaptive_mask_guidance(eps_uncond, eps_text, eps_image,
-                                    settings.guidance_text, settings.guidance_image)
-    return guided, scope, selection
 
-  def release_step(z, carried, i, t, alpha_bar):
-    if reuse:  # a real branch: from step N on the mask pass does not run
-      scope = jax.lax.cond(fresh(i), mask_pass, lambda z, t: carried, z, t)
-    else:
-      scope = mask_pass(z, t)
-    # [uncond, TI2I] in ONE call, both gated by the scope (as the release's two calls).
-    eps = model.apply(
-        {'params': params}, jnp.concatenate([z, z], axis=0), jnp.full((2 * b,), t),
-        pair_text, pair_image, sqrt_alpha_bar=jnp.full((2 * b,), jnp.sqrt(alpha_bar)),
-        gamma_num=settings.gamma_num, scope_mask=jnp.concatenate([scope, scope], axis=0),
-        **_added(pair_added))
-    return release_guidance(eps[:b], eps[b:], settings.guidance_image), scope, None
+# guided_step(z_t, carried scope, step index, t, abar_t) -> (guided noise, this step's
+# scope, the kept subject tokens or None).
+GuidedStep = Callable[[Array, Array, Array, Array, Array], tuple[Array, Array, Optional[Array]]]
 
+
+def scan_denoise(guided_step: GuidedStep, schedule: Schedule, latents: Array,
+                 scope: Array, *, return_trajectory: bool) -> SampleOutput:
+  """The DDIM scan every RealCustom loop shares: the carry holds z_t, the latest scope
+  (`scope` first) and the solver's state; each step guides, then updates."""
   def step(carry, xs):
     z, carried, state = carry
     i, t, alpha_bar, alpha_bar_prev, order, alpha_bar_anchor = xs
-    guided, scope, selection = (release_step if release else paper_step)(
-        z, carried, i, t, alpha_bar)
+    guided, scope, selection = guided_step(z, carried, i, t, alpha_bar)
     z_prev, x0, state = solver_update(z, guided, state, order, alpha_bar, alpha_bar_anchor,
                                        alpha_bar_prev, schedule)
     ys = (scope, x0, selection) if return_trajectory else None
     return (z_prev, scope, state), ys
 
-  # (B, H, W), or (B, R, H, W) for R reference subjects ((B, R, n_t) word weights).
-  refs = tuple(cond.word_weights.shape[1:-1])
-  if refs and settings.mask_strategy == 'paper':
-    raise ValueError('several reference subjects need a release mask_strategy (per-'
-                     'reference masks); the paper strategy (Eq. 11) makes one scope')
-  init = (latents, jnp.zeros((b,) + refs + tuple(size), jnp.float32),
-          SolverState(latents, jnp.zeros_like(latents)))
+  init = (latents, scope, SolverState(latents, jnp.zeros_like(latents)))
   xs = (jnp.arange(schedule.num_steps), schedule.timesteps, schedule.alpha_bar,
         schedule.alpha_bar_prev, *solver_inputs(schedule))
   (z0, scope, state), ys = jax.lax.scan(step, init, xs)
@@ -426,6 +367,41 @@ def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, la
   if return_trajectory:
     return SampleOutput(out, scope, ys[0], ys[1], ys[2])
   return SampleOutput(out, scope)
+
+
+def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
+                     cond: Conditions, settings: GuidanceSettings, *,
+                     return_trajectory: bool) -> SampleOutput:
+  """The RealCustom DDIM loop of Sec. 3.3 (traced once per static shape and flag set)."""
+  b = latents.shape[0]
+  size = scope_size(model, settings, latents.shape[2:])
+  self_maps = reads_self_maps(settings)
+
+  def guided_step(z, carried, i, t, alpha_bar):
+    # [uncond, T2I] in ONE call: eps(0), eps_T2I and the T2I word (and self) maps.
+    eps, maps, t2i_self_maps = text_only_maps(model, params, cond, jnp.concatenate([z, z]),
+                                              t, b, self_maps=self_maps)
+    # Eq. 11 from this step's T2I maps; it gates this step's TI2I branch (Eq. 12).
+    scope = step_scope(model, settings, maps, t2i_self_maps, size)
+    if settings.mask_reused_step is not None:
+      # The T2I call stays (Eq. 13 reads eps_T2I); only the scope is reused.
+      scope = jnp.where(mask_is_fresh(settings, i), scope, carried)
+    args = ({'params': params}, z, jnp.full((b,), t), cond.text, cond.image)
+    kwargs = dict(sqrt_alpha_bar=jnp.full((b,), jnp.sqrt(alpha_bar)),
+                  gamma_num=settings.gamma_num, scope_mask=scope,
+                  token_priority=cond.token_priority, **added_kwargs(cond.added))
+    selection = None
+    if return_trajectory and model.scoring_mode == 'adaptive':
+      eps_image, state = model.apply(*args, mutable=['intermediates'], **kwargs)
+      selection = state['intermediates']['scoring']['selected_tokens'][0]
+    else:
+      eps_image = model.apply(*args, **kwargs)
+    guided = adaptive_mask_guidance(eps[:b], eps[b:], eps_image, settings.guidance_text,
+                                    settings.guidance_image)
+    return guided, scope, selection
+
+  return scan_denoise(guided_step, schedule, latents, initial_scope(cond, settings, b, size),
+                      return_trajectory=return_trajectory)
 
 
 def _cfg_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
@@ -439,7 +415,7 @@ def _cfg_loop(model: model_lib.RealCustom, params, schedule: Schedule, latents: 
     z, state = carry
     t, alpha_bar, alpha_bar_prev, order, alpha_bar_anchor = xs
     eps = model.apply({'params': params}, jnp.concatenate([z, z], axis=0),
-                      jnp.full((2 * b,), t), pair_text, **_added(pair_added))
+                      jnp.full((2 * b,), t), pair_text, **added_kwargs(pair_added))
     guided = classifier_free_guidance(eps[:b], eps[b:], settings.guidance_text)
     z_prev, x0, state = solver_update(z, guided, state, order, alpha_bar, alpha_bar_anchor,
                                        alpha_bar_prev, schedule)
@@ -469,17 +445,17 @@ def build_sampler(model: model_lib.RealCustom, *, return_trajectory: bool = Fals
   Returns:
     The jitted function.
   """
-  return _jitted(_realcustom_loop, model, return_trajectory, max_traces)
+  return jitted_loop(_realcustom_loop, model, return_trajectory, max_traces)
 
 
 def build_cfg_sampler(model: model_lib.RealCustom, *, return_trajectory: bool = False,
                       max_traces: Optional[int] = None) -> Callable[..., SampleOutput]:
   """A jitted plain-CFG sampler: (params, schedule, latents, conditions, settings);
   only the conditions' text fields and `settings.guidance_text` are read."""
-  return _jitted(_cfg_loop, model, return_trajectory, max_traces)
+  return jitted_loop(_cfg_loop, model, return_trajectory, max_traces)
 
 
-def _jitted(loop, model, return_trajectory: bool, max_traces: Optional[int]):
+def jitted_loop(loop, model, return_trajectory: bool, max_traces: Optional[int]):
   """jax.jit of (params, schedule, latents, conditions, settings) -> loop(model, ...)."""
   def fn(params, schedule, latents, conditions, settings):
     return loop(model, params, schedule, latents, conditions, settings,
@@ -519,11 +495,11 @@ def _scalar(name: str, value) -> Array:
   return jnp.asarray(array)
 
 
-def _shapes(tree):
+def shapes(tree):
   return None if tree is None else jax.tree.map(jnp.shape, tree)
 
 
-def _check_text(model, schedule: Schedule, latents, cond) -> None:
+def check_text(model, schedule: Schedule, latents, cond) -> None:
   """What both samplers read: the schedule, z_T, the text rows and SDXL's added ones."""
   if not isinstance(schedule, Schedule):
     raise ValueError(f'schedule must be a schedules.Schedule, got {type(schedule).__name__}')
@@ -542,12 +518,12 @@ def _check_text(model, schedule: Schedule, latents, cond) -> None:
   if model.unet.has_added_cond != (cond.added is not None):
     raise ValueError('added_cond (pooled text embedding and time ids) is required for an '
                      'SDXL UNet and refused for another')
-  if cond.uncond_added is not None and _shapes(cond.uncond_added) != _shapes(cond.added):
-    raise ValueError(f'uncond_added must have the shapes of added {_shapes(cond.added)}, '
-                     f'got {_shapes(cond.uncond_added)}')
+  if cond.uncond_added is not None and shapes(cond.uncond_added) != shapes(cond.added):
+    raise ValueError(f'uncond_added must have the shapes of added {shapes(cond.added)}, '
+                     f'got {shapes(cond.uncond_added)}')
 
 
-def _check_settings(settings) -> GuidanceSettings:
+def check_settings(settings) -> GuidanceSettings:
   if settings is None:
     return GuidanceSettings.create()
   if not isinstance(settings, GuidanceSettings):
@@ -556,38 +532,14 @@ def _check_settings(settings) -> GuidanceSettings:
   return settings
 
 
-def sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
-           conditions: Conditions, settings: Optional[GuidanceSettings] = None, *,
-           return_trajectory: bool = False) -> SampleOutput:
-  """RealCustom sampling (Sec. 3.3): DDIM with adaptive mask guidance, one jitted scan.
-
-  Shapes are checked here, before tracing; the settings were checked when they were
-  made. The number of steps is the schedule's length (static, checked when the
-  schedule was made); the settings' numbers are traced (no recompilation when they
-  change).
-
-  Args:
-    model: the RealCustom module.
-    params: its full parameter tree (base + adapter).
-    schedule: from `schedules.ddim_schedule` or `schedules.release_schedule`.
-    latents: (B, C, h, w) z_T (already scaled by schedule.init_noise_sigma).
-    conditions: text, unconditional text, subject features, word weights (and the
-      release's negative image, SDXL's added conditioning).
-    settings: w_t, w_i, gamma_scope, gamma_num, mask strategy and reuse, guidance
-      mode; None: the paper's.
-    return_trajectory: also return per-step scopes, x0 predictions and kept subject
-      tokens; static.
-
-  Returns:
-    SampleOutput (masks/x0/selections filled when return_trajectory).
-
-  Raises:
-    ValueError: for shapes that disagree, settings that are not GuidanceSettings,
-      release guidance without the negative image, several references with the paper's
-      mask strategy, or added conditioning missing for an SDXL UNet or given to another.
-  """
-  settings = _check_settings(settings)
-  _check_text(model, schedule, latents, conditions)
+def check_subject_conditions(model: model_lib.RealCustom, schedule: Schedule, latents,
+                             conditions: Conditions, settings) -> tuple[Conditions,
+                                                                         GuidanceSettings]:
+  """What every RealCustom loop reads, checked before tracing (one-line ValueErrors):
+  the settings, the schedule, z_T, the text and subject rows, the word weights (as
+  float32) and a token priority. Returns the conditions and settings to trace."""
+  settings = check_settings(settings)
+  check_text(model, schedule, latents, conditions)
   if conditions.image is None or conditions.word_weights is None:
     raise ValueError('RealCustom sampling needs the subject features and the word weights '
                      '(cfg_sample samples from the text alone)')
@@ -599,17 +551,45 @@ def sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Arr
     if want is None or tuple(np.shape(conditions.token_priority)) != want:
       raise ValueError(f'token_priority must be (batch, image tokens) = {want} for the '
                        f'paper model, got {tuple(np.shape(conditions.token_priority))}')
-  if settings.guidance_mode == 'release':
-    if _shapes(conditions.uncond_image) != _shapes(conditions.image):
-      raise ValueError("guidance_mode 'release' needs uncond_image (the negative image) of "
-                       f"the image features' shapes {_shapes(conditions.image)}, got "
-                       f'{_shapes(conditions.uncond_image)}')
-  else:
-    conditions = conditions.replace(uncond_image=None)
   conditions = conditions.replace(
       word_weights=jnp.asarray(conditions.word_weights, jnp.float32))
+  return conditions, settings
+
+
+def sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
+           conditions: Conditions, settings: Optional[GuidanceSettings] = None, *,
+           return_trajectory: bool = False) -> SampleOutput:
+  """RealCustom sampling (Sec. 3.3): DDIM with adaptive mask guidance, one jitted scan.
+
+  Shapes are checked here, before tracing; the settings were checked when they were
+  made. The number of steps is the schedule's length (static, checked when the
+  schedule was made); the settings' numbers are traced (no recompilation when they
+  change). The release's guidance is `realcustom_jax.release.sampler.sample`.
+
+  Args:
+    model: the RealCustom module.
+    params: its full parameter tree (base + adapter).
+    schedule: from `schedules.ddim_schedule` or `schedules.release_schedule`.
+    latents: (B, C, h, w) z_T (already scaled by schedule.init_noise_sigma).
+    conditions: text, unconditional text, subject features, word weights (and SDXL's
+      added conditioning); `uncond_image` is not read.
+    settings: w_t, w_i, gamma_scope, gamma_num, mask strategy and reuse; None: the
+      paper's.
+    return_trajectory: also return per-step scopes, x0 predictions and kept subject
+      tokens; static.
+
+  Returns:
+    SampleOutput (masks/x0/selections filled when return_trajectory).
+
+  Raises:
+    ValueError: for shapes that disagree, settings that are not GuidanceSettings,
+      several references with the paper's mask strategy, or added conditioning
+      missing for an SDXL UNet or given to another.
+  """
+  conditions, settings = check_subject_conditions(model, schedule, latents, conditions,
+                                                  settings)
   fn = cached_sampler(model, bool(return_trajectory))
-  return fn(params, schedule, latents, conditions, settings)
+  return fn(params, schedule, latents, conditions.replace(uncond_image=None), settings)
 
 
 def cfg_sample(model: model_lib.RealCustom, params, schedule: Schedule, latents: Array,
@@ -630,8 +610,8 @@ def cfg_sample(model: model_lib.RealCustom, params, schedule: Schedule, latents:
   Returns:
     SampleOutput with `latents` (and `x0`).
   """
-  settings = _check_settings(settings)
-  _check_text(model, schedule, latents, conditions)
+  settings = check_settings(settings)
+  check_text(model, schedule, latents, conditions)
   model_lib.validate_inputs(model, conditions.text)
   conditions = conditions.replace(image=None, word_weights=None, uncond_image=None)
   fn = cached_cfg_sampler(model, bool(return_trajectory))

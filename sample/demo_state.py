@@ -191,7 +191,7 @@ class Demo:
     from realcustom_jax import sampler  # pylint: disable=g-import-not-at-top
     model = self.pipe.model
     # pylint: disable=protected-access
-    return (sampler.cached_sampler(model, True)._cache_size()
+    return (self.family.cached_sampler(model, True)._cache_size()
             + sampler.cached_cfg_sampler(model, False)._cache_size())
 
   def generate(self, request: Request) -> Generation:
@@ -211,8 +211,8 @@ class Demo:
       schedule = pipe.schedule(request.num_steps)
       conditions = pipe.encode([request.subject], [request.prompt] * b, [request.word] * b)
       latents = pipe.initial_latents(request.seed, b) * schedule.init_noise_sigma
-      out = sampler.sample(pipe.model, pipe.params, schedule, latents, conditions,
-                           request.settings, return_trajectory=True)
+      out = self.family.sample(pipe.model, pipe.params, schedule, latents, conditions,
+                               request.settings, return_trajectory=True)
       jax.block_until_ready(out.latents)
       sampled = time.perf_counter()
       # Plain classifier-free guidance from the same z_T: the paper's w_t, or the

@@ -102,7 +102,7 @@ def test_guidance_controls_make_the_settings(name, plain, described):
   assert list(values) == controls.names
   settings = controls.settings(config.sampler, values)
   assert isinstance(settings, sampler.GuidanceSettings)
-  assert settings.guidance_mode == config.sampler.get('guidance_mode', 'paper')
+  assert (settings.mask_strategy == 'paper') == (name == 'paper')
   assert controls.plain_scale(settings) == pytest.approx(plain)
   assert controls.describe(settings) == described
   static = [c for c in controls.controls if c.static]

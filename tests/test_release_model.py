@@ -4,7 +4,7 @@ tests/fixtures/release_unet/ holds a tiny random SDXL-shaped UNet of the release
 (`models/unet_2d_condition_custom.py`, image_prompt_mode 'naive'), its inputs and its
 outputs (make_fixtures.py). Here the base goes through our diffusers loader and the
 adapter through our converter (`release.convert_release_checkpoint`), then our model
-(`model.RealCustom`, projector='release_highres') runs on the same inputs.
+(`release.model.ReleaseRealCustom`) runs on the same inputs.
 """
 import json
 import sys
@@ -12,12 +12,14 @@ import sys
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import model as model_lib
 from realcustom_jax.release import convert as release
+from realcustom_jax.release import model as release_model
 from realcustom_jax.loading import weights
 from realcustom_jax.attention import resize_scope
 from realcustom_jax.unet import RealCustomUNet
@@ -147,9 +149,11 @@ def test_projector_matches_the_release_projector_per_reference(built):
   model, base, adapter, z, _, _, _ = built
   params = adapter_lib.merge_params({'unet': base}, adapter)
   g, l = z['global_features'], z['local_features']
-  tokens = jax.jit(lambda p, *f: model.apply(
-      {'params': p}, *f, method=model_lib.RealCustom._release_tokens))(  # pylint: disable=protected-access
-          params, np.stack([g, g[::-1]], 1), np.stack([l, l[::-1]], 1))
+  project = lambda m, *f: m.visual_tokens(
+      None, None, f, sqrt_alpha_bar=None, gamma_num=1.0, scope_mask=None,
+      token_priority=None, straight_through_selection=False)[0]
+  tokens = jax.jit(lambda p, *f: model.apply({'params': p}, *f, method=project))(
+      params, np.stack([g, g[::-1]], 1), np.stack([l, l[::-1]], 1))
   chex.assert_shape(tokens, (2, 2, g.shape[1], model.unet.cross_attention_dim))
   np.testing.assert_allclose(np.asarray(tokens[:, 0]), z['projected'], atol=TOL, rtol=0)
   np.testing.assert_allclose(np.asarray(tokens[:, 1]), z['projected'][::-1], atol=TOL, rtol=0)
@@ -188,15 +192,22 @@ def test_converted_adapter_loads_without_torch(built, monkeypatch):
 
 
 def test_release_model_config_is_checked():
-  config = lambda **m: dict(model_lib.DEFAULT_MODEL_CONFIG, **m)
+  check = release_model.check_release_model_config
   with pytest.raises(ValueError, match="scoring='none'"):
-    model_lib.check_model_config(config(projector='release_highres'))
+    check(dict(projector='release_highres', scoring='adaptive'))
   with pytest.raises(ValueError, match='release_vision_dim'):
-    model_lib.check_model_config(config(projector='release_highres', scoring='none',
-                                        release_vision_dim=100))
+    check(dict(projector='release_highres', scoring='none', release_vision_dim=100))
   with pytest.raises(ValueError, match='config.model.projector'):
-    model_lib.check_model_config(config(projector='ip_adapter'))
-  model_lib.check_model_config(config(projector='release_highres', scoring='none'))
+    check(dict(projector='ip_adapter'))
+  with pytest.raises(ValueError, match='config.model.dtype'):
+    check(dict(dtype='float64'))  # the keys every family shares are checked too
+  check(dict(projector='release_highres', scoring='none'))
+  check({})  # the release's defaults
+  # The paper's builder refuses the release's model (its family builds it).
+  config = ml_collections.ConfigDict({'model': dict(projector='release_highres',
+                                                    scoring='none')})
+  with pytest.raises(ValueError, match='through its family'):
+    model_lib.build_model(config, {})
 
 
 def test_release_unet_config_is_sdxl_base_with_its_70_layers():

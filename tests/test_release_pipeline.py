@@ -19,6 +19,8 @@ from realcustom_jax import adapter as adapter_lib
 from realcustom_jax.release import paths as release_paths
 from realcustom_jax import sampler
 from realcustom_jax import schedules
+from realcustom_jax.release import model as release_model_lib
+from realcustom_jax.release import sampler as release_sampler
 from tests import release_unet_fixture
 
 E2E = os.path.join(os.path.dirname(__file__), 'fixtures', 'release_e2e', 'release_e2e.npz')
@@ -42,8 +44,7 @@ def release_model(tmp_path_factory):
 
 def _release_run(model, params, z, solver, steps, mode, reuse):
   settings = sampler.GuidanceSettings.create(
-      guidance_image=3.5, gamma_scope=0.25, mask_strategy=mode, mask_reused_step=reuse,
-      guidance_mode='release')
+      guidance_image=3.5, gamma_scope=0.25, mask_strategy=mode, mask_reused_step=reuse)
   b = z['latents'].shape[0]
   conditions = sampler.Conditions(
       text=jnp.asarray(z['text']), uncond_text=jnp.asarray(z['negative_text']),
@@ -54,7 +55,7 @@ def _release_run(model, params, z, solver, steps, mode, reuse):
       uncond_added={'text_embeds': z['negative_pooled'], 'time_ids': z['time_ids']})
   args = (params, schedules.release_schedule(steps, solver), jnp.asarray(z['latents']),
           conditions, settings)
-  fn = sampler.build_sampler(model, return_trajectory=True)
+  fn = release_sampler.build_sampler(model, return_trajectory=True)
   # Each program runs once: XLA's CPU optimisations cost more than they save.
   compiled = fn.lower(*args).compile(compiler_options={'xla_backend_optimization_level': 0})
   return compiled(*args)
@@ -138,7 +139,7 @@ def test_release_config_builds_the_release_pipeline(tiny_run):
   from realcustom_jax.release import pipeline as rp  # pylint: disable=g-import-not-at-top
   folder, config, pipe, out = tiny_run
   assert isinstance(pipe, rp.ReleasePipeline)
-  assert pipe.model.projector == 'release_highres' and pipe.model.unet.has_added_cond
+  assert isinstance(pipe.model, release_model_lib.ReleaseRealCustom) and pipe.model.unet.has_added_cond
   assert pipe.reference_size == 56  # patchify_scale 2 x 28 px views (the release: 768)
   assert os.path.isfile(folder / 'realcustom_tiny.pth')
   assert os.path.isfile(folder / 'adapter.safetensors')
@@ -182,7 +183,6 @@ def test_a_release_adapter_without_a_config_gets_the_release_pipeline(tiny_run):
   # ... and with the tiny release config's settings the files load.
   pipe = pipelines.load_pipeline(tiny_run[1], **paths)
   assert isinstance(pipe, rp.ReleasePipeline)
-  assert pipe.settings().guidance_mode == 'release'
 
 
 def test_adapter_kinds_and_missing_paths_are_one_line_errors(tiny_run, tmp_path):

@@ -85,7 +85,9 @@ def test_bad_flags_are_one_line_errors(tmp_path):
   for bad, key in (("--config.toy.adapters=('adaptive','nope')", 'adapters'),
                    ('--config.toy.adapter_seeds=(0,0)', 'adapter_seeds'),
                    ("--config.toy.fixed_selections=('best:0.5',)", 'fixed_selections'),
-                   ('--config.toy.main_adapter=none', 'main_adapter')):
+                   ('--config.toy.main_adapter=none', 'main_adapter'),
+                   ('--config.toy.subject_encoder=clip', 'subject_encoder'),
+                   ('--config.toy.encoder.vision.patch_size=3', 'encoder.vision')):
     proc = _run(f'--workdir={tmp_path}/w', '--config=configs/toy_world.py:smoke', bad)
     assert proc.returncode == 2 and key in proc.stderr, (bad, proc.stderr[-500:])
     assert 'Traceback' not in proc.stderr

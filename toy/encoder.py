@@ -147,7 +147,7 @@ def train(config, sd_dir: str, workdir: str) -> tuple[FlaxCLIPVisionModel, dict]
                             p['logit_scale'], ids)
 
   optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(
-      0.0, float(e.lr), min(100, int(e.steps)), int(e.steps)), weight_decay=0.01)
+      0.0, float(e.lr), min(100, int(e.steps) // 2), int(e.steps)), weight_decay=0.01)
   params = toy_base._train_loop(  # pylint: disable=protected-access
       'encoder', workdir, params, loss_fn, optimizer, int(e.steps),
       int(config.toy.checkpoint_every), config.seed, log_every=min(100, int(e.steps)))

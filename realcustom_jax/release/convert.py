@@ -9,8 +9,8 @@ UNet call to the subject encoder's (global, local) features. Its pipeline loads 
 file with `unet.load_state_dict(torch.load(path), strict=False)`, so the keys are the
 custom UNet's state-dict names.
 
-Our model of it is `model.RealCustom` with projector='release_highres' and
-scoring_mode='none' (`build_release_model`): the same UNet, our attn2's to_k_visual /
+Our model of it is `release.model.ReleaseRealCustom` (`build_release_model`): the
+paper's `model.RealCustom` with no scoring and the release's projector; the same UNet, our attn2's to_k_visual /
 to_v_visual holding the release's to_k_vision / to_v_vision (both bias-free, input width
 cross_attention_dim, scale 1/sqrt(head width), the visual output summed with the text
 output before to_out, gated by the bilinearly resized mask), and `subject_projector`
@@ -46,8 +46,9 @@ import numpy as np
 
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import model as model_lib
-from realcustom_jax import projectors
 from realcustom_jax.release import encoder as release_encoder
+from realcustom_jax.release import model as release_model
+from realcustom_jax.release import projector as release_projector
 from realcustom_jax import unet as unet_lib
 from realcustom_jax.loading import weights
 
@@ -168,7 +169,7 @@ def read_unet_config(path: Optional[str]) -> tuple[dict[str, Any], Optional[int]
       raise weights.CheckpointError(
           f'{path}: adaptive_scale / use_cross_attention_id are not implemented (the '
           'release sets neither)')
-    dim_head = int(params.get('dim_head', projectors.RELEASE_DIM_HEAD))
+    dim_head = int(params.get('dim_head', release_projector.RELEASE_DIM_HEAD))
   return unet_config, dim_head
 
 
@@ -233,7 +234,7 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 def adapter_from_release_state(state: Mapping[str, np.ndarray],
                                unet: unet_lib.RealCustomUNet,
-                               dim_head: int = projectors.RELEASE_DIM_HEAD,
+                               dim_head: int = release_projector.RELEASE_DIM_HEAD,
                                where: str = 'checkpoint', skip_base_weights: bool = False
                                ) -> tuple[Params, dict[str, Any]]:
   """Maps the release's adapter tensors onto our tree for this UNet.
@@ -333,7 +334,7 @@ def release_metadata(info: Mapping[str, Any], unet_config: Mapping[str, Any],
       vision_dim=info['vision_dim'], out_dim=info['out_dim'], dim_head=info['dim_head'],
       cross_attention_layers=info['cross_attention_layers'],
       unet={k: unet_config[k] for k in unet_keys if k in unet_config})
-  model_config = dict(projector='release_highres', scoring='none',
+  model_config = dict(projector=release_model.PROJECTOR, scoring='none',
                       release_vision_dim=info['vision_dim'],
                       release_dim_head=info['dim_head'])
   return {'adapter_kind': adapter_lib.RELEASE_KIND,
@@ -371,7 +372,7 @@ def convert_release_checkpoint(checkpoint: str, out: str, *, allow_pickle: bool,
   if dim_head is not None and config_dim_head is not None and dim_head != config_dim_head:
     raise weights.CheckpointError(
         f'dim_head {dim_head} contradicts {unet_config} (dim_head {config_dim_head})')
-  dim_head = dim_head or config_dim_head or projectors.RELEASE_DIM_HEAD
+  dim_head = dim_head or config_dim_head or release_projector.RELEASE_DIM_HEAD
   unet = unet_lib.RealCustomUNet.from_config(config)
   state, source_dtype = read_release_checkpoint(checkpoint, allow_pickle)
   tree, info = adapter_from_release_state(state, unet, dim_head, checkpoint,
@@ -432,7 +433,7 @@ def model_config_of(metadata: Mapping[str, str]) -> dict[str, Any]:
 
 
 def build_release_model(unet_config: Mapping[str, Any], metadata: Mapping[str, str],
-                        **unet_overrides) -> model_lib.RealCustom:
+                        **unet_overrides) -> release_model.ReleaseRealCustom:
   """The release model over a diffusers UNet config, sized by a converted adapter.
 
   Args:
@@ -442,9 +443,9 @@ def build_release_model(unet_config: Mapping[str, Any], metadata: Mapping[str, s
   """
   m = model_config_of(metadata)
   unet = unet_lib.RealCustomUNet.from_config(unet_config, **unet_overrides)
-  return model_lib.RealCustom(unet=unet, scoring_mode='none', projector='release_highres',
-                              release_vision_dim=int(m['release_vision_dim']),
-                              release_dim_head=int(m['release_dim_head']))
+  return release_model.ReleaseRealCustom(unet=unet,
+                                         release_vision_dim=int(m['release_vision_dim']),
+                                         release_dim_head=int(m['release_dim_head']))
 
 
 def load_release_adapter(path: str, model: Optional[model_lib.RealCustom] = None
@@ -465,9 +466,9 @@ def load_release_adapter(path: str, model: Optional[model_lib.RealCustom] = None
   path = os.fspath(path)
   params, metadata = adapter_lib.read_adapter(path, adapter_lib.RELEASE_KIND)
   if model is not None:
-    if model.projector != 'release_highres':
-      raise ValueError(f'adapter file {path} is the release\'s; the model has '
-                       f'projector={model.projector!r}')
+    if not isinstance(model, release_model.ReleaseRealCustom):
+      raise ValueError(f'adapter file {path} is the release\'s; the model is '
+                       f'{type(model).__name__}')
     expected = model_lib.param_shapes(model, (4, 8, 8), 1, 1, 1)
     adapter_lib.check_tree_fits(params, adapter_lib.split_params(expected)[1],
                                 f'adapter file {path}')

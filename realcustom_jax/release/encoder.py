@@ -25,7 +25,7 @@ encoder under `jax.jit` (see `resize_bilinear_align_corners` for why it matters)
 here: the release's own preparation of the 768 px reference (ToTensor, then bilinear
 align_corners=False resize) and its all-zero negative reference, both pipeline steps.
 
-Projector (the module: `realcustom_jax.projectors.SubjectProjector`): MinAttention
+Projector (the module: `realcustom_jax.release.projector.SubjectProjector`): MinAttention
 (queries: LayerNorm `norm1` of the global features; keys and values: LayerNorm `norm2`
 of the local ones; 34 heads of 64, no output projection), then
 Linear(2176 -> 8704), GELU, Linear(-> 2048), GELU, Linear(2048 -> 2048), LayerNorm, plus
@@ -52,8 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realcustom_jax.projectors import RELEASE_DIM_HEAD
-from realcustom_jax.projectors import SubjectProjector
+from realcustom_jax.release.projector import RELEASE_DIM_HEAD
+from realcustom_jax.release.projector import SubjectProjector
 from realcustom_jax.release import vit
 from realcustom_jax.loading import weights
 

@@ -14,9 +14,9 @@ adapter.) One call follows `inference/inference_single_image.py` and
 3. the subject image to [0, 1], resized to the encoder's reference side (768 px:
    `torch.nn.functional.interpolate`, bilinear, align_corners False), encoded by
    SigLIP + DINOv2 (`release_encoder.SubjectEncoder`); the negative image is all zero;
-4. the release's sampling in one jitted scan (`sampler.sample` with the release's mask
-   strategy and reuse, guidance_mode 'release', and `schedules.release_schedule`: its
-   single-step DPM-Solver++ on 'trailing' timesteps);
+4. the release's sampling in one jitted scan (`release.sampler.sample`: its guidance,
+   mask strategy and reuse, and `schedules.release_schedule`: its single-step
+   DPM-Solver++ on 'trailing' timesteps);
 5. the last step's x0 prediction decoded by the VAE (latents / scaling factor).
 
 The initial noise is JAX's (the release draws it with torch), so images match the
@@ -42,6 +42,7 @@ from realcustom_jax.release import paths as release_paths
 from realcustom_jax.release import encoder as release_encoder
 from realcustom_jax import sampler
 from realcustom_jax import schedules
+from realcustom_jax.release import sampler as release_sampler
 from realcustom_jax.release import sdxl_text
 from realcustom_jax.release import sdxl_loading
 
@@ -69,7 +70,7 @@ def release_config() -> ml_collections.ConfigDict:
       sampler=dict(num_steps=RELEASE_NUM_STEPS, solver=defaults.SOLVER,
                    guidance_image=RELEASE_GUIDANCE, gamma_scope=RELEASE_MASK_SCOPE,
                    mask_strategy=RELEASE_MASK_STRATEGY,
-                   mask_reused_step=RELEASE_MASK_REUSED_STEP, guidance_mode='release')))
+                   mask_reused_step=RELEASE_MASK_REUSED_STEP)))
 
 
 # ---------------------------------------------------------------------------------
@@ -360,8 +361,8 @@ class ReleasePipeline:
     latents = self.initial_latents(seed, b) * schedule.init_noise_sigma
     logging.info('sampling %d image(s), %d release steps (%s)', b, schedule.num_steps,
                  schedule.solver)
-    out = sampler.sample(self.model, self.params, schedule, latents, conditions, settings,
-                         return_trajectory=return_masks)
+    out = release_sampler.sample(self.model, self.params, schedule, latents, conditions,
+                                 settings, return_trajectory=return_masks)
     return pipeline_common.decoded_output(self.decode, out, return_masks)
 
 

@@ -28,8 +28,8 @@ import safetensors.numpy
 
 from realcustom_jax.release import paths as release_paths
 from realcustom_jax.release import convert as release
-from realcustom_jax import projectors
 from realcustom_jax.release import encoder as release_encoder
+from realcustom_jax.release import projector as release_projector
 from realcustom_jax.loading import tiny
 from realcustom_jax.release import tiny_sdxl
 from realcustom_jax import unet as unet_lib
@@ -118,7 +118,7 @@ def release_state(unet_config: Mapping[str, Any], vision_dim: int, dim_head: int
       shape = (layer.width, unet.cross_attention_dim)
       state[f'{layer.torch_prefix}.{name}.weight'] = (
           rng.standard_normal(shape) / math.sqrt(shape[1])).astype(np.float32)
-  projector = projectors.SubjectProjector(vision_dim, unet.cross_attention_dim, dim_head)
+  projector = release_projector.SubjectProjector(vision_dim, unet.cross_attention_dim, dim_head)
   x = jnp.zeros((1, 1, vision_dim))
   shapes = jax.eval_shape(projector.init, jax.random.PRNGKey(0), x, x)['params']
   state.update(release.projector_to_torch_state(tiny.host_random_params(shapes, seed + 1)))

@@ -41,6 +41,7 @@ import optax
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import adapter_training
 from realcustom_jax import model as model_lib
+from realcustom_jax.release import model as release_model
 from realcustom_jax import unet as unet_lib
 from realcustom_jax.release import sdxl_loading
 from realcustom_jax.release import convert
@@ -72,7 +73,7 @@ class ReleaseComponents:
 @dataclasses.dataclass(frozen=True)
 class ReleaseModels:
   """The modules (no parameters) the step closes over."""
-  model: model_lib.RealCustom
+  model: release_model.ReleaseRealCustom
   vae: Any  # diffusers FlaxAutoencoderKL
   text_encoder: Any  # FlaxCLIPTextModel of text_encoder/
   text_encoder_2: Any  # FlaxCLIPTextModel of text_encoder_2/
@@ -114,11 +115,7 @@ def check_config(config) -> None:
   `config.train.{caption,subject,both}_dropout`, `config.resolution`,
   `config.init_adapter` and the weights keys.
   """
-  m = config.model
-  if m.get('projector') != 'release_highres' or m.get('scoring') != 'none':
-    raise ValueError("a release training config needs config.model.projector="
-                     "'release_highres' and config.model.scoring='none' (configs/"
-                     "release_train.py)")
+  release_model.check_release_model_config(config.model)
   t = config.train
   rates = {k: float(t.get(k, 0.0)) for k in ('caption_dropout', 'subject_dropout',
                                               'both_dropout')}
@@ -187,7 +184,7 @@ def build_models(config, components: ReleaseComponents) -> tuple[ReleaseModels,
       that cannot be built, a resolution the UNet does not take.
   """
   sdxl, encoder = components.sdxl, components.encoder
-  model = model_lib.build_model(config, sdxl.unet_config)
+  model = release_model.build_model(config, sdxl.unet_config)
   if model.release_vision_dim != encoder.feature_dim:
     raise ConfigError(f'config.model.release_vision_dim={model.release_vision_dim}, the '
                       f'subject encoder gives {encoder.feature_dim}-wide features')
@@ -433,7 +430,7 @@ def export_metadata(model_config: Mapping[str, Any], unet_config: Mapping[str, A
   """The release-kind metadata of an adapter trained here (what the converter writes
   for the release's own file), so `load_pipeline` and `sample.main` take it."""
   unet = unet_lib.RealCustomUNet.from_config(dict(unet_config))
-  m = dict(model_lib.DEFAULT_MODEL_CONFIG, **dict(model_config))
+  m = release_model.release_model_settings(model_config)
   info = dict(vision_dim=int(m['release_vision_dim']), out_dim=unet.cross_attention_dim,
               dim_head=int(m['release_dim_head']),
               cross_attention_layers=len(convert.attn2_layers(unet)))
