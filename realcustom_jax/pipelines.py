@@ -65,9 +65,11 @@ def adapter_family_name(path: Optional[str]) -> str:
 def needs_torch(config) -> bool:
   """Whether using `config` first writes files that need torch (the tiny release's
   `.pth`); import-free, so a CLI can skip importing torch otherwise."""
-  # No error here for an unknown family: the command line's checks name it in one line.
-  return (config is not None and config.get('pipeline', 'paper') == 'release'
-          and release_paths.tiny_release_pending(config))
+  try:
+    name = family_name(config)
+  except ValueError:  # not an error here: the command line's checks name it in one line
+    return False
+  return name == 'release' and release_paths.tiny_release_pending(config)
 
 
 def missing_weights_message(config) -> Optional[str]:

@@ -153,6 +153,96 @@ def score_images(clip_s, dino_s, real_emb, prompt: str, gen, paths) -> dict:
           'dino_i': np.asarray(metrics.dino_i(gen_dino, real_emb[1]))}
 
 
+@dataclasses.dataclass
+class _Run:
+  """What one `evaluate` call accumulates while it walks the subjects."""
+  config: ml_collections.ConfigDict
+  ecfg: ml_collections.ConfigDict
+  out_dir: str
+  k_images: int
+  generate: GenerateFn | None
+  clip: '_Lazy'
+  dino: '_Lazy'
+  previous: dict  # (subject, prompt, k, seed) -> CSV row, this run's and earlier runs'
+  skipped: list
+  rows: list = dataclasses.field(default_factory=list)
+  ready: dict = dataclasses.field(default_factory=dict)  # (subject, prompt index) -> images
+  generated: int = 0
+
+  def images(self, reference, subject, prompt: str, seed: int) -> list:
+    """generate_fn's k images of one prompt (the pipeline's, built on first use)."""
+    if self.generate is None:
+      self.generate = pipeline_generate_fn(self.config)
+    self.generated += 1
+    return list(self.generate(reference, [prompt] * self.k_images,
+                              [subject.class_word] * self.k_images, seed))
+
+
+def _reference(subject, ecfg, skipped: list):
+  """(reference image, the subject's readable images, their masks), or None (skipped)."""
+  real, real_masks = eval_report.load_images(subject.image_paths, skipped)
+  if not real:
+    skipped.append(f'{subject.name}: no readable images, subject skipped')
+    return None
+  idx = int(ecfg.subject_image_index)
+  if not 0 <= idx < len(real):
+    skipped.append(f'{subject.name}: subject_image_index {idx} out of range '
+                   f'({len(real)} readable images), subject skipped')
+    return None
+  return real[idx], real, real_masks
+
+
+def _evaluate_subject(run: _Run, subject, templates: list[str], reference, real,
+                      real_masks, bar) -> None:
+  """Generates (or reads back) and scores one subject's prompts; writes its grid."""
+  scores_path = os.path.join(run.out_dir, SCORES_CSV)
+  real_emb = None  # embedded only when this subject has work to do
+  os.makedirs(os.path.join(run.out_dir, 'images', subject.name), exist_ok=True)
+  grid_rows, grid_prompts = [], []
+  for pi, template in enumerate(templates):
+    prompt = dreambench.format_prompt(template, subject.class_word)
+    seed = sample_seed(run.ecfg.seed, subject.name, prompt)
+    rel = _relative_paths(subject.name, pi, prompt, run.k_images)
+    paths = [os.path.join(run.out_dir, r) for r in rel]
+    keys = [(subject.name, prompt, k, seed) for k in range(run.k_images)]
+    grid_rows.append(paths)
+    grid_prompts.append(prompt)
+    have_png = all(os.path.isfile(p) for p in paths)
+    if have_png and all(k in run.previous for k in keys):
+      run.rows.extend(run.previous[k] for k in keys)
+      bar.update(1)
+      continue
+    if have_png:
+      gen, _ = eval_report.load_images(paths, run.skipped)
+      have_png = len(gen) == run.k_images
+    if not have_png:
+      gen = run.ready.pop((subject.name, pi), None)
+      if gen is None:
+        gen = run.images(reference, subject, prompt, seed)
+      if len(gen) != run.k_images:
+        raise RuntimeError(f'generate_fn returned {len(gen)} images for {run.k_images} '
+                           'prompts')
+      for im, p in zip(gen, paths):
+        im.convert('RGB').save(p)
+    clip_s, dino_s = run.clip.get(), run.dino.get()
+    if real_emb is None:
+      real_emb = (clip_s.embed_images(real, real_masks),
+                  dino_s.embed_images(real, real_masks))
+    scores = score_images(clip_s, dino_s, real_emb, prompt, gen, paths)
+    for k in range(run.k_images):
+      row = {'subject': subject.name, 'class': subject.class_word, 'prompt': prompt,
+             'image_index': k, 'seed': seed, 'path': rel[k]}
+      row |= {m: float(scores[m][k]) for m in METRICS}
+      run.rows.append(row)
+      run.previous[keys[k]] = row
+    # Rows of earlier runs outside this plan (e.g. a larger prompt_limit) are kept.
+    eval_report.write_csv(scores_path, CSV_FIELDS, list(run.previous.values()))
+    bar.update(1)
+  if grid_rows:
+    eval_report.write_grid(os.path.join(run.out_dir, 'grids', f'{subject.name}.png'),
+                           reference, grid_rows, grid_prompts, run.k_images, run.skipped)
+
+
 def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
              generate_fn: GenerateFn | None = None, clip=None, dino=None) -> dict:
   """Generates and scores DreamBench; resumable.
@@ -181,108 +271,43 @@ def evaluate(config: ml_collections.ConfigDict, bench_dir: str, out_dir: str,
   bench = dreambench.load_bench(bench_dir)
   skipped = list(bench.skipped)
   os.makedirs(out_dir, exist_ok=True)
-  scores_path = os.path.join(out_dir, SCORES_CSV)
-  previous = eval_report.read_rows(scores_path, skipped)
-  clip_l = _Lazy(ecfg.clip_model, metrics.load_clip, metrics.tiny_clip, ecfg.seed, clip)
-  dino_l = _Lazy(ecfg.dino_model, metrics.load_dino, metrics.tiny_dino, ecfg.seed, dino)
-  generate = generate_fn
+  run = _Run(config, ecfg, out_dir, k_images, generate_fn,
+             _Lazy(ecfg.clip_model, metrics.load_clip, metrics.tiny_clip, ecfg.seed, clip),
+             _Lazy(ecfg.dino_model, metrics.load_dino, metrics.tiny_dino, ecfg.seed, dino),
+             eval_report.read_rows(os.path.join(out_dir, SCORES_CSV), skipped), skipped)
   limit = int(ecfg.prompt_limit)
 
   def templates(s):
     t = bench.live_prompts if s.is_live else bench.object_prompts
     return t[:limit] if limit > 0 else t
 
-  rows, n_generated = [], 0
   # The first sample compiles the sampler (tens of seconds): made before the progress
   # bar starts, so that the bar's rate and ETA are true from its first tick.
-  ready = {}
   first = _first_missing(bench, templates, ecfg, out_dir, k_images)
   if first is not None:
     subject, pi, prompt, reference = first
-    if generate is None:
-      generate = pipeline_generate_fn(config)
     logging.info('compiling the sampler: generating "%s" for %s first', prompt,
                  subject.name)
-    ready[(subject.name, pi)] = list(generate(
-        reference, [prompt] * k_images, [subject.class_word] * k_images,
-        sample_seed(ecfg.seed, subject.name, prompt)))
-    n_generated += 1
+    run.ready[(subject.name, pi)] = run.images(
+        reference, subject, prompt, sample_seed(ecfg.seed, subject.name, prompt))
   total = sum(len(templates(s)) for s in bench.subjects)
   with tqdm.tqdm(total=total, desc='dreambench', unit='prompt') as bar:
     for subject in bench.subjects:
-      real, real_masks = eval_report.load_images(subject.image_paths, skipped)
-      if not real:
-        skipped.append(f'{subject.name}: no readable images, subject skipped')
+      found = _reference(subject, ecfg, skipped)
+      if found is None:
         bar.update(len(templates(subject)))
         continue
-      idx = int(ecfg.subject_image_index)
-      if not 0 <= idx < len(real):
-        skipped.append(f'{subject.name}: subject_image_index {idx} out of range '
-                       f'({len(real)} readable images), subject skipped')
-        bar.update(len(templates(subject)))
-        continue
-      reference = real[idx]
-      real_emb = None  # embedded only when this subject has work to do
-      img_dir = os.path.join(out_dir, 'images', subject.name)
-      os.makedirs(img_dir, exist_ok=True)
-      grid_rows, grid_prompts = [], []
-      for pi, template in enumerate(templates(subject)):
-        prompt = dreambench.format_prompt(template, subject.class_word)
-        seed = sample_seed(ecfg.seed, subject.name, prompt)
-        rel = _relative_paths(subject.name, pi, prompt, k_images)
-        paths = [os.path.join(out_dir, r) for r in rel]
-        keys = [(subject.name, prompt, k, seed) for k in range(k_images)]
-        have_png = all(os.path.isfile(p) for p in paths)
-        if have_png and all(k in previous for k in keys):
-          rows.extend(previous[k] for k in keys)
-          grid_rows.append(paths)
-          grid_prompts.append(prompt)
-          bar.update(1)
-          continue
-        if have_png:
-          gen, _ = eval_report.load_images(paths, skipped)
-          have_png = len(gen) == k_images
-        if not have_png:
-          gen = ready.pop((subject.name, pi), None)
-          if gen is None:
-            if generate is None:
-              generate = pipeline_generate_fn(config)
-            gen = list(generate(reference, [prompt] * k_images,
-                                [subject.class_word] * k_images, seed))
-            n_generated += 1
-          if len(gen) != k_images:
-            raise RuntimeError(f'generate_fn returned {len(gen)} images for {k_images} '
-                               'prompts')
-          for im, p in zip(gen, paths):
-            im.convert('RGB').save(p)
-        clip_s, dino_s = clip_l.get(), dino_l.get()
-        if real_emb is None:
-          real_emb = (clip_s.embed_images(real, real_masks),
-                      dino_s.embed_images(real, real_masks))
-        scores = score_images(clip_s, dino_s, real_emb, prompt, gen, paths)
-        for k in range(k_images):
-          row = {'subject': subject.name, 'class': subject.class_word, 'prompt': prompt,
-                 'image_index': k, 'seed': seed, 'path': rel[k]}
-          row |= {m: float(scores[m][k]) for m in METRICS}
-          rows.append(row)
-          previous[keys[k]] = row
-        grid_rows.append(paths)
-        grid_prompts.append(prompt)
-        # Rows of earlier runs outside this plan (e.g. a larger prompt_limit) are kept.
-        eval_report.write_csv(scores_path, CSV_FIELDS, list(previous.values()))
-        bar.update(1)
-      if grid_rows:
-        eval_report.write_grid(os.path.join(out_dir, 'grids', f'{subject.name}.png'),
-                               reference, grid_rows, grid_prompts, k_images, skipped)
+      _evaluate_subject(run, subject, templates(subject), *found, bar)
 
-  summary = eval_report.summarize(rows)
+  summary = eval_report.summarize(run.rows)
   eval_report.write_csv(os.path.join(out_dir, SUMMARY_CSV),
                         ['group', 'n'] + [f'{m}_{s}' for m in METRICS
                                           for s in ('mean', 'std')], summary)
   print(eval_report.format_table(summary))
   if skipped:
     print(eval_report.format_skipped(skipped))  # once, on stdout with the table
-  return {'rows': rows, 'summary': summary, 'skipped': skipped, 'generated': n_generated}
+  return {'rows': run.rows, 'summary': summary, 'skipped': skipped,
+          'generated': run.generated}
 
 
 def _fail(msg: str) -> None:

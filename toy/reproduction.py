@@ -62,17 +62,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(ROOT, 'configs', 'toy_world.py')
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for every stage (created; reruns resume).')
-flags.DEFINE_bool('smoke', False, 'A few steps per stage: checks the wiring, not the method.')
-flags.DEFINE_enum('base', 'train', ['train', 'shipped'],
-                  "'train': world, autoencoder and base from scratch; 'shipped': the base "
-                  'model shipped in toy/shipped/ (adapters, baselines and evaluation only).')
-flags.DEFINE_bool('train_only', False,
-                  'Stop after the adapters are trained (all seeds); a later run without '
-                  'it evaluates them.')
-config_flags.DEFINE_config_file('config', None, 'Config file (default configs/toy_world.py).',
-                                lock_config=False)
-flags.mark_flags_as_required(['workdir'])
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so tests import this module beside other
+  entry points (train.export) that define --workdir in the same process."""
+  flags.DEFINE_string('workdir', None, 'Directory for every stage (created; reruns resume).')
+  flags.DEFINE_bool('smoke', False, 'A few steps per stage: checks the wiring, not the method.')
+  flags.DEFINE_enum('base', 'train', ['train', 'shipped'],
+                    "'train': world, autoencoder and base from scratch; 'shipped': the base "
+                    'model shipped in toy/shipped/ (adapters, baselines and evaluation only).')
+  flags.DEFINE_bool('train_only', False,
+                    'Stop after the adapters are trained (all seeds); a later run without '
+                    'it evaluates them.')
+  config_flags.DEFINE_config_file('config', None,
+                                  'Config file (default configs/toy_world.py).',
+                                  lock_config=False)
+  flags.mark_flags_as_required(['workdir'])
 
 # Sources whose change invalidates a trained adapter (and so retrains it).
 _MODEL_SOURCES = ('model.py', 'projectors.py', 'scoring.py', 'unet.py', 'attention.py',
@@ -495,4 +501,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -226,6 +226,72 @@ def _pass_mesh(config) -> tuple[Any, int]:
   return mesh, per_device * len(devices)
 
 
+def _sharded_encoder(config, sd: weights.StableDiffusionComponents,
+                     vision: weights.VisionEncoder, dtype: str):
+  """The frozen encoders as one jitted, sharded function of a batch.
+
+  Returns:
+    (encode(frozen, batch) -> {field: features in `dtype`}, the placed frozen
+     parameters, the batch's shardings, the pass's global batch size).
+  """
+  models, _ = training.build_models(config, sd, vision)
+  mesh, batch_size = _pass_mesh(config)
+  frozen = training.cast_floating(
+      {'vae': sd.vae_params, 'text': sd.text_params, 'vision': vision.params},
+      model_lib.DTYPES[config.train.get('frozen_dtype', 'float32')])
+  frozen_sh = sharding.param_shardings(frozen, mesh)
+  frozen = sharding.device_put_tree(frozen, frozen_sh)
+  batch_sh = {'image': sharding.batch_sharding(mesh, 4),
+              'input_ids': sharding.batch_sharding(mesh, 2)}
+
+  def encode(frozen, batch):
+    f = training.encode_features(frozen, batch, models)
+    return {name: f[name].astype(dtype) for name in FIELDS}
+
+  return jax.jit(encode, in_shardings=(frozen_sh, batch_sh)), frozen, batch_sh, batch_size
+
+
+def _write_records(path: epath.Path, encode, frozen, batch_sh, load, n: int,
+                   batch_size: int, dtype: str) -> None:
+  """Encodes the n records batch by batch (`load(start)`) into `path`'s ArrayRecord file.
+
+  Each batch is fetched one batch late, so the device works while the host writes.
+
+  Raises:
+    ValueError: features that are not finite in `dtype`.
+  """
+  writer = array_record_module.ArrayRecordWriter(os.fspath(path / RECORDS_FILE),
+                                                 'group_size:1')
+
+  def write(start: int, features: dict) -> None:
+    host = jax.device_get(features)
+    for name in FIELDS:
+      if not np.isfinite(host[name].astype(np.float32)).all():
+        raise ValueError(
+            f'the encoders\' {name} features of records {start}..{start + batch_size - 1} '
+            f'are not finite in {dtype}' + (
+                "; store them as config.data.feature_dtype='float32'" if dtype != 'float32'
+                else ''))
+    # The last batch is padded with its final record; the padding is not written.
+    for row in range(min(batch_size, n - start)):
+      writer.write(b''.join(np.ascontiguousarray(host[name][row]).tobytes()
+                            for name in FIELDS))
+
+  try:
+    pending = None
+    for b, start in enumerate(range(0, n, batch_size)):
+      features = encode(frozen, {k: jax.device_put(v, batch_sh[k])
+                                 for k, v in load(start).items()})
+      if pending is not None:
+        write(*pending)
+      pending = (start, features)
+      if b % _LOG_EVERY == 0:
+        logging.info('precomputing features: %d / %d images', start, n)
+    write(*pending)
+  finally:
+    writer.close()
+
+
 def prepare_features(config, image_dir: str | os.PathLike[str], image_source: Any,
                      sd: weights.StableDiffusionComponents,
                      vision: weights.VisionEncoder) -> epath.Path:
@@ -256,21 +322,7 @@ def prepare_features(config, image_dir: str | os.PathLike[str], image_source: An
     logging.info('precomputed features %s already prepared', out)
     return out
   t0 = time.perf_counter()
-  models, _ = training.build_models(config, sd, vision)
-  mesh, batch_size = _pass_mesh(config)
-  frozen = training.cast_floating(
-      {'vae': sd.vae_params, 'text': sd.text_params, 'vision': vision.params},
-      model_lib.DTYPES[config.train.get('frozen_dtype', 'float32')])
-  frozen_sh = sharding.param_shardings(frozen, mesh)
-  frozen = sharding.device_put_tree(frozen, frozen_sh)
-  batch_sh = {'image': sharding.batch_sharding(mesh, 4),
-              'input_ids': sharding.batch_sharding(mesh, 2)}
-
-  def encode(frozen, batch):
-    f = training.encode_features(frozen, batch, models)
-    return {name: f[name].astype(dtype) for name in FIELDS}
-
-  encode = jax.jit(encode, in_shardings=(frozen_sh, batch_sh))
+  encode, frozen, batch_sh, batch_size = _sharded_encoder(config, sd, vision, dtype)
   n = len(image_source)
   shapes = jax.eval_shape(encode, frozen, {
       'image': jax.ShapeDtypeStruct((batch_size, config.resolution, config.resolution, 3),
@@ -285,46 +337,17 @@ def prepare_features(config, image_dir: str | os.PathLike[str], image_source: An
       functools.partial(training_inputs.tokenize_caption, sd.tokenizer))
 
   def load(start: int) -> dict[str, np.ndarray]:
-    # The last batch is padded with its final record; the padding is not written.
     rows = [preprocess.map(image_source[min(i, n - 1)])
             for i in range(start, start + batch_size)]
     return {k: np.stack([r[k] for r in rows]) for k in ('image', 'input_ids')}
 
   tmp = out.parent / f'{out.name}.tmp{os.getpid()}'
   tmp.mkdir(parents=True, exist_ok=True)
-  writer = array_record_module.ArrayRecordWriter(os.fspath(tmp / RECORDS_FILE),
-                                                 'group_size:1')
-
-  def write(start: int, features: dict) -> None:
-    host = jax.device_get(features)
-    for name in FIELDS:
-      if not np.isfinite(host[name].astype(np.float32)).all():
-        raise ValueError(
-            f'the encoders\' {name} features of records {start}..{start + batch_size - 1} '
-            f'are not finite in {dtype}' + (
-                "; store them as config.data.feature_dtype='float32'" if dtype != 'float32'
-                else ''))
-    for row in range(min(batch_size, n - start)):
-      writer.write(b''.join(np.ascontiguousarray(host[name][row]).tobytes()
-                            for name in FIELDS))
-
-  done = False
   try:
-    pending = None
-    for b, start in enumerate(range(0, n, batch_size)):
-      features = encode(frozen, {k: jax.device_put(v, batch_sh[k])
-                                 for k, v in load(start).items()})
-      if pending is not None:  # fetched one batch late: the device works meanwhile
-        write(*pending)
-      pending = (start, features)
-      if b % _LOG_EVERY == 0:
-        logging.info('precomputing features: %d / %d images', start, n)
-    write(*pending)
-    done = True
-  finally:
-    writer.close()
-    if not done:
-      tmp.rmtree()  # a failed or interrupted pass leaves nothing behind
+    _write_records(tmp, encode, frozen, batch_sh, load, n, batch_size, dtype)
+  except BaseException:
+    tmp.rmtree()  # a failed or interrupted pass leaves nothing behind
+    raise
   meta = {'key': key, 'num_records': n, 'image_dir': os.fspath(image_dir),
           'layout': {k: [list(s), d] for k, (s, d) in layout.items()},
           'seconds': round(time.perf_counter() - t0, 1)}
