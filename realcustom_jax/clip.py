@@ -71,10 +71,14 @@ class CLIPConfig:
     return cls(**kwargs)
 
 
-class Attention(nn.Module):
-  """Multi-head self-attention with q/k/v/out projections (biases), scale head_dim**-0.5."""
+class _Part(nn.Module):
+  """A module of the towers: built from the config, computing in `dtype`."""
   config: CLIPConfig
   dtype: Any = jnp.float32
+
+
+class Attention(_Part):
+  """Multi-head self-attention with q/k/v/out projections (biases), scale head_dim**-0.5."""
 
   @nn.compact
   def __call__(self, x: Array, causal: bool) -> Array:
@@ -93,10 +97,8 @@ class Attention(nn.Module):
     return dense('out_proj')(out)
 
 
-class MLP(nn.Module):
+class MLP(_Part):
   """fc2(act(fc1 x))."""
-  config: CLIPConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -105,10 +107,8 @@ class MLP(nn.Module):
     return nn.Dense(c.hidden_size, dtype=self.dtype, name='fc2')(ACTIVATIONS[c.hidden_act](h))
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(_Part):
   """x + attn(LN1 x), then x + MLP(LN2 x)."""
-  config: CLIPConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, causal: bool) -> Array:
@@ -118,10 +118,8 @@ class EncoderLayer(nn.Module):
     return x + MLP(c, self.dtype, name='mlp')(norm('layer_norm2')(x))
 
 
-class Encoder(nn.Module):
+class Encoder(_Part):
   """The block stack; returns (embeddings, block 1, ..., block L) states."""
-  config: CLIPConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, causal: bool) -> tuple[Array, ...]:
@@ -157,10 +155,8 @@ def _projected(config: CLIPConfig, pooled: Array, name: str, dtype) -> Optional[
   return nn.Dense(config.projection_dim, use_bias=False, dtype=dtype, name=name)(pooled)
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(_Part):
   """CLIP's text tower (causal), with the projection when config.projection_dim is set."""
-  config: CLIPConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, input_ids: Array) -> TowerOutput:
@@ -182,10 +178,8 @@ class CLIPTextModel(nn.Module):
                        _projected(c, pooled, 'text_projection', self.dtype))
 
 
-class CLIPVisionModel(nn.Module):
+class CLIPVisionModel(_Part):
   """CLIP's vision tower on (B, H, W, 3) normalised pixels (NHWC)."""
-  config: CLIPConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, pixels: Array) -> TowerOutput:

@@ -11,6 +11,7 @@ Two families exist: `paper_family.FAMILY` (Sec. 3: SD + CLIP, Eqs. 8-13) and
 that knows both; the core (this file included) never imports the release port.
 """
 import dataclasses
+import importlib
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 # A config is an ml_collections.ConfigDict (or, read back from a checkpoint, a dict).
@@ -155,3 +156,15 @@ class Family:
   abstract_batch: Callable[[Config, Any, dict, int], dict]
   checkpoint_extras: Callable[[Any], dict]
   export: Callable[..., list[str]]
+
+
+def sampling_from(module: str) -> dict[str, Callable[..., Any]]:
+  """A family's `sample` and `cached_sampler` fields: those of the sampler `module`
+  (dotted name), imported on first use so that choosing a family stays import-free."""
+  def sample(*args, **kwargs):
+    return importlib.import_module(module).sample(*args, **kwargs)
+
+  def cached_sampler(model, return_trajectory: bool):
+    return importlib.import_module(module).cached_sampler(model, return_trajectory)
+
+  return {'sample': sample, 'cached_sampler': cached_sampler}

@@ -156,17 +156,6 @@ def export(params, checkpoint_config: dict, out: str, step: int,
   return [out]
 
 
-def sample(*args, **kwargs):
-  """Eq. 13's loop (`sampler.sample`)."""
-  from realcustom_jax import sampler  # pylint: disable=g-import-not-at-top
-  return sampler.sample(*args, **kwargs)
-
-
-def cached_sampler(model, return_trajectory: bool):
-  from realcustom_jax import sampler  # pylint: disable=g-import-not-at-top
-  return sampler.cached_sampler(model, return_trajectory)
-
-
 FAMILY = family_lib.Family(
     name='paper', title="the paper's pipeline (SD + CLIP)",
     tiny_weights='tiny embedded default', no_adapter='none: UNTRAINED adapter',
@@ -174,7 +163,7 @@ FAMILY = family_lib.Family(
     check_training_config=check_training_config, supports_precompute=True,
     pipeline_from_config=pipeline_from_config,
     pipeline_from_pretrained=pipeline_from_pretrained, controls=CONTROLS,
-    sample=sample, cached_sampler=cached_sampler,
+    **family_lib.sampling_from('realcustom_jax.sampler'),
     load_training_components=load_training_components,
     train_preprocess=train_preprocess, setup_training=setup_training,
     abstract_batch=abstract_batch, checkpoint_extras=lambda loaded: {}, export=export)

@@ -139,17 +139,6 @@ def export(params, checkpoint_config: dict, out: str, step: int,
   return [out] + ([release_out] if release_out else [])
 
 
-def sample(*args, **kwargs):
-  """The release's two-branch loop (`release.sampler.sample`)."""
-  from realcustom_jax.release import sampler  # pylint: disable=g-import-not-at-top
-  return sampler.sample(*args, **kwargs)
-
-
-def cached_sampler(model, return_trajectory: bool):
-  from realcustom_jax.release import sampler  # pylint: disable=g-import-not-at-top
-  return sampler.cached_sampler(model, return_trajectory)
-
-
 FAMILY = family_lib.Family(
     name='release', title="the authors' release (SDXL)",
     tiny_weights='tiny random release', no_adapter='written with the tiny release',
@@ -157,7 +146,7 @@ FAMILY = family_lib.Family(
     check_training_config=check_training_config, supports_precompute=False,
     pipeline_from_config=pipeline_from_config,
     pipeline_from_pretrained=pipeline_from_pretrained, controls=controls(),
-    sample=sample, cached_sampler=cached_sampler,
+    **family_lib.sampling_from('realcustom_jax.release.sampler'),
     load_training_components=load_training_components,
     train_preprocess=train_preprocess, setup_training=setup_training,
     abstract_batch=abstract_batch, checkpoint_extras=checkpoint_extras, export=export)
