@@ -1,0 +1,46 @@
+"""toy/token_value.py: the loss rise when one subject token is dropped, on the shipped
+toy model (read through the real loaders)."""
+import numpy as np
+import pytest
+
+from configs import toy_world as toy_config
+from realcustom_jax.pipeline import RealCustomPipeline
+from toy import shipped
+from toy import token_value
+from toy import world as toy_world
+
+
+@pytest.fixture(scope='module')
+def pipe(tmp_path_factory):
+  sd, vision, adapter = shipped.materialise(str(tmp_path_factory.mktemp('shipped')))
+  return RealCustomPipeline.from_pretrained(sd, vision, adapter, toy_config.get_config())
+
+
+def test_object_tokens_are_worth_more_to_the_loss_than_background_tokens(pipe):
+  # Measured on the shipped adapter (2026-12-07): over 32 scenes and t = 100 / 400 / 700
+  # an object token's drop raises the loss by 7.8e-4, a background token's by -5.9e-5.
+  scenes = list(toy_world.iter_scenes(8, 16, 3))
+  out = token_value.token_values(pipe, scenes, 16, timesteps=(400,))
+  assert out['tokens'] == 16 and out['scenes'] == 8 and set(out['by_t']) == {400}
+  assert out['object'] > 1e-4 > out['background']
+  assert out['correlation'] > 0.1
+
+
+def test_summary_compares_object_and_background_tokens():
+  values = np.array([[2.0, 1.0, 0.0], [4.0, 1.0, 0.0]])
+  areas = np.array([[1.0, 0.0, 0.3], [0.8, 0.0, 0.3]])
+  s = token_value._summary(values, areas)  # pylint: disable=protected-access
+  assert s['object'] == 3.0 and s['background'] == 1.0 and s['ratio'] == 3.0
+  assert s['correlation'] > 0.5
+
+
+def test_a_missing_adapter_is_a_one_line_error(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-m', 'toy.token_value', f'--sd={tmp_path}',
+                         f'--vision={tmp_path}', f'--adapter={tmp_path}/none.safetensors'],
+                        cwd=root, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and 'error:' in proc.stderr
+  assert 'Traceback' not in proc.stderr
