@@ -312,17 +312,23 @@ def step_scope(model: model_lib.RealCustom, settings: GuidanceSettings, maps: li
                                       settings.mask_strategy, self_maps)
 
 
-def text_only_maps(model: model_lib.RealCustom, params, cond: Conditions, z: Array, t,
-                   rows_t2i: int, *, self_maps: bool):
-  """One call with the visual branch off on `z` (the last `rows_t2i` rows are the T2I
-  ones, whose word maps the word weights ask for): (noise, word maps, the T2I rows'
-  self maps). The rows are [uncond, T2I] (z twice) or T2I alone (z once)."""
-  text, added = ((cond.pair_text, cond.pair_added) if z.shape[0] > rows_t2i
-                 else (cond.text, cond.added))
+def text_only_maps(model: model_lib.RealCustom, params, cond: Conditions, z: Array, t, *,
+                   with_uncond: bool, self_maps: bool):
+  """One call with the visual branch off: (noise, the T2I rows' word maps and self maps).
+
+  The rows are [uncond, T2I] (`with_uncond`: eps(0) and eps_T2I in one call) or T2I
+  alone; the word weights cover the T2I rows, so the layers compute word maps for them
+  only (see `attention.Attention`).
+  """
+  b = z.shape[0]
+  if with_uncond:
+    z, text, added = jnp.concatenate([z, z], axis=0), cond.pair_text, cond.pair_added
+  else:
+    text, added = cond.text, cond.added
   eps, maps, self_ = attention_maps(model, params, z, jnp.full((z.shape[0],), t), text,
                                     word_weights=cond.word_weights, self_maps=self_maps,
                                     **added_kwargs(added))
-  return eps, maps, [m[-rows_t2i:] for m in self_]
+  return eps, maps, [m[-b:] for m in self_]
 
 
 def mask_is_fresh(settings: GuidanceSettings, i) -> Array:
@@ -379,8 +385,8 @@ def _realcustom_loop(model: model_lib.RealCustom, params, schedule: Schedule, la
 
   def guided_step(z, carried, i, t, alpha_bar):
     # [uncond, T2I] in ONE call: eps(0), eps_T2I and the T2I word (and self) maps.
-    eps, maps, t2i_self_maps = text_only_maps(model, params, cond, jnp.concatenate([z, z]),
-                                              t, b, self_maps=self_maps)
+    eps, maps, t2i_self_maps = text_only_maps(model, params, cond, z, t, with_uncond=True,
+                                              self_maps=self_maps)
     # Eq. 11 from this step's T2I maps; it gates this step's TI2I branch (Eq. 12).
     scope = step_scope(model, settings, maps, t2i_self_maps, size)
     if settings.mask_reused_step is not None:

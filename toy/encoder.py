@@ -49,7 +49,6 @@ from toy import base as toy_base
 from toy import selection_gate
 from toy import world as toy_world
 
-ENCODERS = ('random', 'contrastive')
 _INIT_SEED = 5  # the tower's and projections' init key (the loop's key is the config seed)
 
 
@@ -191,13 +190,15 @@ def retrieval_accuracy(model, params, components, scenes, size: int) -> float:
   left out of a scene's candidates)."""
   pixels = pixel_values(np.stack([toy_world.render(sc, int(size))[0] for sc in scenes]), size)
   img = np.asarray(embed_images(model, params, jnp.asarray(pixels)))
+  candidates = [[i for i in toy_world.HELD_OUT if sc.background not in i] for sc in scenes]
+  captions = sorted({toy_world.named_caption(sc.shape, *i, sc.background)
+                     for sc, ids in zip(scenes, candidates) for i in ids})
+  text = np.asarray(embed_texts(params, jnp.asarray(caption_features(
+      components.text_encoder, components.text_params, components.tokenizer, captions))))
+  row = {c: k for k, c in enumerate(captions)}
   hits = []
-  for sc, e in zip(scenes, img):
-    ids = [i for i in toy_world.HELD_OUT if sc.background not in i]
-    caps = [toy_world.named_caption(sc.shape, *i, sc.background) for i in ids]
-    feats = caption_features(components.text_encoder, components.text_params,
-                             components.tokenizer, caps)
-    scores = np.asarray(embed_texts(params, jnp.asarray(feats))) @ e
+  for sc, e, ids in zip(scenes, img, candidates):
+    scores = [text[row[toy_world.named_caption(sc.shape, *i, sc.background)]] @ e for i in ids]
     hits.append(ids[int(np.argmax(scores))] == sc.identity)
   return float(np.mean(hits))
 
@@ -216,18 +217,17 @@ def _softmax_probe(x_train, y_train, x_test, y_test, classes: int, steps: int = 
   return float(np.mean(np.argmax(xs[1] @ w, 1) == y_test))
 
 
-def identity_probe(vision: weights.VisionEncoder, train_scenes, test_scenes, size: int) -> dict:
+def identity_probe(train, test, train_scenes, test_scenes) -> dict:
   """Body and accent colour read linearly from the tokens the adapter reads: their mean
   weighted by each token's object share (what the subject's tokens say), trained on
-  `train_scenes`, scored on `test_scenes` (held-out identities: unseen colour pairs)."""
-  def tokens(scenes):
-    images, masks = zip(*[toy_world.render(sc, size) for sc in scenes])
-    pixels = encoders.preprocess_subject([Image.fromarray(i) for i in images], vision)
-    feats = np.asarray(encoders.image_features(vision.model, vision.params, pixels),
-                       np.float64)
-    areas = selection_gate.token_object_area(np.stack(masks), feats.shape[1])
-    return np.einsum('bn,bnc->bc', areas, feats) / areas.sum(1, keepdims=True)
-  x_train, x_test = tokens(train_scenes), tokens(test_scenes)
+  `train_scenes`, scored on `test_scenes` (held-out identities: unseen colour pairs).
+
+  Args:
+    train, test: (features, object shares) of the scenes (`selection_gate.subject_tokens`).
+  """
+  pooled = lambda feats, areas: (np.einsum('bn,bnc->bc', areas, feats)
+                                 / areas.sum(1, keepdims=True))
+  x_train, x_test = pooled(*train), pooled(*test)
   out = {}
   for part in ('body', 'accent'):
     label = lambda scenes, p=part: np.asarray([toy_world.COLORS.index(getattr(s, p))
@@ -235,15 +235,6 @@ def identity_probe(vision: weights.VisionEncoder, train_scenes, test_scenes, siz
     out[f'{part}_accuracy'] = _softmax_probe(x_train, label(train_scenes), x_test,
                                              label(test_scenes), len(toy_world.COLORS))
   return out
-
-
-def object_probe(vision: weights.VisionEncoder, scenes, size: int) -> dict:
-  """Gate A's object-token probe (`selection_gate.object_token_probe`) on `scenes`."""
-  images, masks = zip(*[toy_world.render(sc, size) for sc in scenes])
-  pixels = encoders.preprocess_subject([Image.fromarray(i) for i in images], vision)
-  tokens = np.asarray(encoders.image_features(vision.model, vision.params, pixels))
-  areas = selection_gate.token_object_area(np.stack(masks), tokens.shape[1])
-  return selection_gate.object_token_probe(tokens, areas)
 
 
 def gate(config, sd_dir: str, vision_dir: str, random_vision_dir: str) -> dict:
@@ -255,14 +246,16 @@ def gate(config, sd_dir: str, vision_dir: str, random_vision_dir: str) -> dict:
   components = weights.load_stable_diffusion(sd_dir)
   train_scenes = list(toy_world.iter_scenes(n, res, config.seed + 1))
   test_scenes = _held_out_scenes(config, max(n // 4, 8))
-  out = {}
+  out, towers = {}, {}
   for name, path in (('contrastive', vision_dir), ('random', random_vision_dir)):
-    vision = weights.load_vision_encoder(path)
-    out[name] = {**identity_probe(vision, train_scenes, test_scenes, res),
-                 'object_probe': object_probe(vision, train_scenes, res)}
+    towers[name] = vision = weights.load_vision_encoder(path)
+    train = selection_gate.subject_tokens(vision, train_scenes, res)
+    test = selection_gate.subject_tokens(vision, test_scenes, res)
+    out[name] = {**identity_probe(train, test, train_scenes, test_scenes),
+                 'object_probe': selection_gate.object_token_probe(*train)}
   with open(os.path.join(vision_dir, 'projections.json')) as f:
     heads = {k: jnp.asarray(v) for k, v in json.load(f).items()}
-  vision = weights.load_vision_encoder(vision_dir)
+  vision = towers['contrastive']
   out['contrastive']['retrieval'] = retrieval_accuracy(
       vision.model, {'vision': vision.params, **heads}, components, test_scenes, res)
   out['retrieval_chance'] = float(np.mean([

@@ -254,18 +254,12 @@ def stage_eval(config, workdir: str, sd_dir: str, vision_dir: str,
 def _encoder_probe(config, pipe) -> dict:
   """`selection_gate.object_token_probe` on the subject tokens of training-world scenes
   (seed config.seed + 1: not the evaluation's subjects)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from realcustom_jax import encoders  # pylint: disable=g-import-not-at-top
   from toy import selection_gate  # pylint: disable=g-import-not-at-top
   from toy import world as toy_world  # pylint: disable=g-import-not-at-top
   res = int(config.resolution)
   scenes = list(toy_world.iter_scenes(int(config.toy.probe_images), res, config.seed + 1))
-  images, masks = zip(*[toy_world.render(sc, res) for sc in scenes])
-  pixels = encoders.preprocess_subject([Image.fromarray(i) for i in images], pipe.vision)
-  tokens = np.asarray(encoders.image_features(pipe.vision.model, pipe.vision.params, pixels))
-  areas = selection_gate.token_object_area(np.stack(masks), tokens.shape[1])
-  return selection_gate.object_token_probe(tokens, areas)
+  return selection_gate.object_token_probe(*selection_gate.subject_tokens(pipe.vision,
+                                                                           scenes, res))
 
 
 def plotted_rows(config, summary: dict) -> dict:

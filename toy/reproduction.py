@@ -53,6 +53,7 @@ from ml_collections import config_flags
 from realcustom_jax.runtime import cli
 from toy import selection_gate
 from toy.variants import ADAPTER_RUNS
+from toy.variants import SUBJECT_ENCODERS
 from toy.variants import is_scored
 from toy.variants import adapter_runs
 from toy.variants import adapter_seeds
@@ -245,9 +246,11 @@ def stage_encoder(config, workdir: str, sd_dir: str, random_vision_dir: str) -> 
   vision_dir, gate_path = os.path.join(edir, 'vision'), os.path.join(edir, 'gate.json')
   stamp = encoder_stamp(config)
   stamp_path = os.path.join(vision_dir, 'encoder_stamp.json')
-  if os.path.isfile(stamp_path) and json.load(open(stamp_path)) != stamp:
-    _progress('encoder: its config changed: retraining')
-    shutil.rmtree(edir)
+  if os.path.isfile(stamp_path):
+    with open(stamp_path) as f:
+      if json.load(f) != stamp:
+        _progress('encoder: its config changed: retraining')
+        shutil.rmtree(edir)
   if not os.path.isfile(stamp_path):
     t0 = time.perf_counter()
     model, params = toy_encoder.train(config, sd_dir, edir)
@@ -352,9 +355,8 @@ def check_config(config) -> None:
       raise ValueError(f'config.toy.{key} must be positive, got {toy[key]}')
   if not toy.seeds:
     raise ValueError('config.toy.seeds is empty')
-  from toy import encoder as toy_encoder  # pylint: disable=g-import-not-at-top
-  if toy.subject_encoder not in toy_encoder.ENCODERS:
-    raise ValueError(f'config.toy.subject_encoder must be one of {toy_encoder.ENCODERS}, got '
+  if toy.subject_encoder not in SUBJECT_ENCODERS:
+    raise ValueError(f'config.toy.subject_encoder must be one of {SUBJECT_ENCODERS}, got '
                      f'{toy.subject_encoder!r}')
   vision = dict(toy.encoder.vision)
   if int(config.resolution) % int(vision['patch_size']) or int(vision['image_size']) != int(

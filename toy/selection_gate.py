@@ -35,6 +35,24 @@ def token_object_area(masks: np.ndarray, num_tokens: int) -> np.ndarray:
   return masks.reshape(b, grid, p, grid, p).mean(axis=(2, 4)).reshape(b, num_tokens)
 
 
+def subject_tokens(vision, scenes, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The tokens the adapter reads for `scenes` (each rendered as a subject image) and
+  their object shares: ((B, n, c) float64 features, (B, n) `token_object_area`).
+
+  Args:
+    vision: the `weights.VisionEncoder` (its preprocessing and tower).
+    scenes: `toy.world.Scene`s.
+    image_size: the world's image side.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from realcustom_jax import encoders  # pylint: disable=g-import-not-at-top
+  from toy import world as toy_world  # pylint: disable=g-import-not-at-top
+  images, masks = zip(*[toy_world.render(sc, image_size) for sc in scenes])
+  pixels = encoders.preprocess_subject([Image.fromarray(i) for i in images], vision)
+  feats = np.asarray(encoders.image_features(vision.model, vision.params, pixels), np.float64)
+  return feats, token_object_area(np.stack(masks), feats.shape[1])
+
+
 def priority(kind: str, areas: np.ndarray, seed: int = 0) -> np.ndarray:
   """(B, n) float32 order for Eq. 10's top-k: higher is kept first.
 

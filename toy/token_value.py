@@ -21,6 +21,7 @@ those values on N other scenes (`fit_scoring`) and samples the reproduction's he
 cases with the learned and with the fitted score nets: can the score nets, given the
 loss's own signal directly, choose the subject's tokens?
 """
+import functools
 import json
 import sys
 
@@ -37,15 +38,22 @@ from toy import selection_gate
 FLAGS = flags.FLAGS
 
 
-def _loss_fn(pipe, cond, b: int):
-  """jitted (z_t, t, noise, sqrt_ab, gamma_num, priority) -> per-sample denoising loss."""
-  @jax.jit
-  def loss(z_t, t, noise, sqrt_ab, gamma_num, priority):
-    eps = pipe.model.apply({'params': pipe.params}, z_t, jnp.full((b,), t), cond.text,
-                           cond.image, sqrt_alpha_bar=jnp.full((b,), sqrt_ab),
-                           gamma_num=gamma_num, token_priority=priority)
-    return jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
-  return loss
+@functools.partial(jax.jit, static_argnums=0)
+def _denoising_loss(model, params, text, image, z_t, t, noise, sqrt_ab, gamma_num, priority):
+  """Per-sample noise-prediction loss with Eq. 10 following `priority` (one program per
+  model and batch shape, whatever the scenes)."""
+  b = z_t.shape[0]
+  eps = model.apply({'params': params}, z_t, jnp.full((b,), t), text, image,
+                    sqrt_alpha_bar=jnp.full((b,), sqrt_ab), gamma_num=gamma_num,
+                    token_priority=priority)
+  return jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
+
+
+def _scoring_module(model):
+  """The adapter's scoring module as the model builds it (Eq. 9's gain on)."""
+  from realcustom_jax import scoring  # pylint: disable=g-import-not-at-top
+  return scoring.AdaptiveScoring(model.scoring_hidden, model.fusion, model.visual_pool, True,
+                                 model.score_normalization)
 
 
 def _measure(pipe, scenes, image_size: int, timesteps, seed: int, values: bool = True):
@@ -63,7 +71,7 @@ def _measure(pipe, scenes, image_size: int, timesteps, seed: int, values: bool =
   n, b = cond.image.shape[1], len(scenes)
   areas = selection_gate.token_object_area(np.stack([r[1] for r in rendered]), n)
   abar = schedules.alphas_cumprod(c.scheduler_config)
-  loss = _loss_fn(pipe, cond, b)
+  loss = functools.partial(_denoising_loss, pipe.model, pipe.params, cond.text, cond.image)
   key = jax.random.PRNGKey(seed)
   for t in timesteps:
     noise = jax.random.normal(jax.random.fold_in(key, t), z0.shape)
@@ -116,10 +124,7 @@ def fit_scoring(pipe, scenes, image_size: int, timesteps=(100, 400, 700), batch:
   needs" when they are given that signal directly? Returns the fitted parameters.
   """
   import optax  # pylint: disable=g-import-not-at-top
-  from realcustom_jax import scoring  # pylint: disable=g-import-not-at-top
-  m = pipe.model
-  module = scoring.AdaptiveScoring(m.scoring_hidden, m.fusion, m.visual_pool, True,
-                                   m.score_normalization)
+  module = _scoring_module(pipe.model)
   data = []
   for start in range(0, len(scenes), batch):
     for t, cond, z_t, sqrt_ab, values, _ in _measure(pipe, scenes[start:start + batch],
@@ -195,11 +200,8 @@ def selection_shift(pipe, scenes, image_size: int, timesteps=(400, 700),
     {'<inputs>_t<t>': precision} for inputs in train_like, other_prompt, masked_z, both;
     'random': the object share of a random choice.
   """
-  from realcustom_jax import scoring  # pylint: disable=g-import-not-at-top
   from toy import world as toy_world  # pylint: disable=g-import-not-at-top
-  m = pipe.model
-  module = scoring.AdaptiveScoring(m.scoring_hidden, m.fusion, m.visual_pool, True,
-                                   m.score_normalization)
+  module = _scoring_module(pipe.model)
   rng = np.random.default_rng(seed)
   other = [toy_world.caption(sc.shape, str(rng.choice(
       [c for c in toy_world.COLORS if c not in (sc.body, sc.accent, sc.background)])))
@@ -208,10 +210,10 @@ def selection_shift(pipe, scenes, image_size: int, timesteps=(400, 700),
   other_text = pipe.encode([Image.fromarray(r[0]) for r in rendered], other,
                            [sc.shape for sc in scenes]).text
   out, b = {}, len(scenes)
+  masks = np.stack([r[1] for r in rendered]).astype(np.float32)
   for t, cond, z_t, sqrt_ab, _, areas in _measure(pipe, scenes, image_size, timesteps, seed,
                                                    values=False):
     h, w = z_t.shape[2:]
-    masks = np.stack([r[1] for r in rendered]).astype(np.float32)
     latent_mask = masks.reshape(b, h, masks.shape[1] // h, w, masks.shape[2] // w).mean((2, 4))
     masked = z_t * jnp.asarray(latent_mask > 0, z_t.dtype)[:, None]
     for name, text, z in (('train_like', cond.text, z_t), ('other_prompt', other_text, z_t),

@@ -5,6 +5,10 @@ import dataclasses
 
 from toy import selection_gate
 
+# config.toy.subject_encoder: the frozen random tower written with the base, or the
+# CLIP-like tower trained by toy/encoder.py.
+SUBJECT_ENCODERS = ('random', 'contrastive')
+
 # The adapters the reproduction can train: name -> config overrides (config.toy.adapters
 # picks which, config.toy.adapter_seeds with how many training seeds each).
 ADAPTER_RUNS = {

@@ -50,8 +50,8 @@ def _release_loop(model: model_lib.RealCustom, params, schedule: Schedule, laten
 
   def mask_pass(z, t):
     """The release's extra pass: T2I alone, for its maps; the scope."""
-    _, maps, t2i_self_maps = sampler.text_only_maps(model, params, cond, z, t, b,
-                                                    self_maps=self_maps)
+    _, maps, t2i_self_maps = sampler.text_only_maps(model, params, cond, z, t,
+                                                    with_uncond=False, self_maps=self_maps)
     return sampler.step_scope(model, settings, maps, t2i_self_maps, size)
 
   def guided_step(z, carried, i, t, alpha_bar):
