@@ -120,6 +120,13 @@ def get_config(arg: str = ''):
   # 9's gain only); 'straight_through': the selection enters the visual attention as
   # 0 / 1 weights whose gradient reaches the score nets (our option, the einsum path).
   config.train.selection_gradient = 'none'
+  # 'none': the paper (the score nets learn through Eq. 9's gain only); 'word_map': also
+  # a cross-entropy pulling the fused scores towards the frozen base's cross-attention
+  # map of the caption's subject word (our option; `subject_words` lists the caption
+  # words that name subjects, each one token; needs subject_reference 'self').
+  config.train.score_supervision = 'none'
+  config.train.score_supervision_weight = 0.1
+  config.train.subject_words = ()
   if not runlocal:
     config.train.num_steps = 160_000  # "16w iterations"
     config.train.learning_rate = 1e-4

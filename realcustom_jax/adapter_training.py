@@ -28,12 +28,15 @@ import functools
 from typing import Any, Callable, Mapping
 
 import chex
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import optax
 
 from realcustom_jax import adapter as adapter_lib
 from realcustom_jax import kernels
+from realcustom_jax import mask as mask_lib
+from realcustom_jax import scoring as scoring_lib
 from realcustom_jax import encoders
 from realcustom_jax.runtime import sharding
 from realcustom_jax.loading import weights
@@ -78,28 +81,64 @@ class StepConfig:
   image_dropout: float = 0.1
   # 'none' (the paper: Eq. 10's top-k has no gradient) or 'straight_through'.
   selection_gradient: str = 'none'
+  # 'none' (the paper: the score nets learn through Eq. 9's gain only) or 'word_map':
+  # also a loss pulling the fused scores towards the base's own cross-attention map of
+  # the caption's subject word (`score_supervision_loss`), with this weight.
+  score_supervision: str = 'none'
+  score_supervision_weight: float = 0.1
+  subject_word_ids: tuple[int, ...] = ()  # the token ids of config.train.subject_words
 
 
 SELECTION_GRADIENTS = ('none', 'straight_through')
+SCORE_SUPERVISIONS = ('none', 'word_map')
 
 
-def build_step_config(config, scheduler_config: Mapping[str, Any]) -> StepConfig:
+def build_step_config(config, scheduler_config: Mapping[str, Any],
+                      tokenizer=None) -> StepConfig:
   """The step's hyper-parameters: the noise schedule of `scheduler_config` (the
-  sampler's own) and `config.train`'s gamma_num range and image dropout.
+  sampler's own) and `config.train`'s gamma_num range, image dropout and score
+  supervision (its subject words become token ids through `tokenizer`).
 
   Raises:
-    ConfigError: a scheduler config the noise schedule cannot be built from.
+    ConfigError: a scheduler config the noise schedule cannot be built from, or a
+      subject word that is not one token.
   """
   try:
     abar = schedules.alphas_cumprod(scheduler_config)  # one schedule for both
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  supervision = str(config.train.get('score_supervision', 'none'))
+  word_ids = ()
+  if supervision != 'none':
+    word_ids = subject_word_ids(tokenizer, config.train.get('subject_words', ()))
   return StepConfig(
       alphas_cumprod=tuple(float(a) for a in abar),
       prediction_type=scheduler_config.get('prediction_type', 'epsilon'),
       gamma_num_range=tuple(float(x) for x in config.train.gamma_num_range),
       image_dropout=float(config.train.image_dropout),
-      selection_gradient=str(config.train.get('selection_gradient', 'none')))
+      selection_gradient=str(config.train.get('selection_gradient', 'none')),
+      score_supervision=supervision,
+      score_supervision_weight=float(config.train.get('score_supervision_weight', 0.1)),
+      subject_word_ids=word_ids)
+
+
+def subject_word_ids(tokenizer, words) -> tuple[int, ...]:
+  """The token id of each subject word (config.train.subject_words).
+
+  Raises:
+    ConfigError: no tokenizer, or a word the tokenizer splits into several tokens
+      (its map would be one piece's).
+  """
+  if tokenizer is None:
+    raise ConfigError('config.train.score_supervision needs the text tokenizer')
+  ids = []
+  for word in words:
+    pieces = tokenizer(str(word), add_special_tokens=False).input_ids
+    if len(pieces) != 1:
+      raise ConfigError(f'config.train.subject_words: {word!r} is {len(pieces)} tokens for '
+                        'this tokenizer; each subject word must be exactly one')
+    ids.append(int(pieces[0]))
+  return tuple(ids)
 
 
 def build_models(config, sd: weights.StableDiffusionComponents,
@@ -109,7 +148,7 @@ def build_models(config, sd: weights.StableDiffusionComponents,
   Raises:
     ConfigError: a scheduler config the noise schedule cannot be built from.
   """
-  step_config = build_step_config(config, sd.scheduler_config)
+  step_config = build_step_config(config, sd.scheduler_config, sd.tokenizer)
   models = Models(
       model=model_lib.build_model(config, sd.unet_config), vae=sd.vae, text_encoder=sd.text_encoder,
       vision_model=vision.model, scaling_factor=float(sd.scaling_factor),
@@ -250,16 +289,69 @@ def sample_latents(mean: Array, std: Array, rng: Array, scaling_factor: float) -
   return jnp.transpose(z, (0, 3, 1, 2)) * scaling_factor
 
 
+def token_grid_targets(word_map: Array, num_tokens: int) -> Array:
+  """A (B, H, W) word map as a distribution over the subject encoder's patch tokens.
+
+  The tokens are a row-major g x g grid over the same image (the training image is its
+  own subject, config.data.subject_reference='self'), so the map is resized to g x g
+  (area-averaged when it shrinks) and normalised; a row without mass is uniform.
+  """
+  side = int(round(num_tokens ** 0.5))
+  if side * side != num_tokens:
+    raise ValueError(f'score supervision needs a square grid of patch tokens, got {num_tokens}')
+  b = word_map.shape[0]
+  grid = jax.image.resize(word_map.astype(jnp.float32), (b, side, side), 'linear',
+                          antialias=True).reshape(b, num_tokens)
+  grid = jnp.maximum(grid, 0.0)
+  total = jnp.sum(grid, axis=-1, keepdims=True)
+  return jnp.where(total > 0, grid / jnp.where(total > 0, total, 1.0), 1.0 / num_tokens)
+
+
+def score_supervision_loss(intermediates: Mapping, rows: Array) -> Array:
+  """Cross-entropy from the subject word's map to the softmax of the fused scores.
+
+  Our option, not the paper's (config.train.score_supervision='word_map'): the paper's
+  score nets learn only through Eq. 9's gain, which in the toy world teaches them no
+  more subject than chance (docs/toy_reproduction.md). Here they also learn to rank
+  the tokens as the frozen base's own cross-attention ranks the subject word's region
+  on z_t (Eq. 11's maps, averaged over layers, at training): label-free, given which
+  caption words name subjects. The target has no gradient; the loss reaches only the
+  score nets and their pooling.
+
+  Args:
+    intermediates: the 'intermediates' collection of a forward pass with
+      `word_weights` on the subject words: every attn2's 'word_map' and the scoring
+      module's fused scores.
+    rows: (B,) float weight per row (0 for rows without the subject or its word).
+
+  Returns:
+    scalar: the rows' mean cross-entropy (0 when no row counts).
+  """
+  flat = traverse_util.flatten_dict(dict(intermediates))
+  maps = [v[0] for k, v in flat.items() if k[-1] == 'word_map']
+  fused = [v[0] for k, v in flat.items() if k[-1] == scoring_lib.FUSED_SCORES]
+  if len(fused) != 1 or not maps:
+    raise ValueError('score supervision needs the word maps and one scoring module, got '
+                     f'{len(maps)} maps and {len(fused)} fused scores')
+  fused = fused[0].astype(jnp.float32)
+  targets = jax.lax.stop_gradient(
+      token_grid_targets(mask_lib.aggregate_word_maps(maps), fused.shape[-1]))
+  per_row = -jnp.sum(targets * jax.nn.log_softmax(fused, axis=-1), axis=-1)
+  return jnp.sum(per_row * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+
+
 def adapter_step(state: State, unet_params: Mapping, latents: Array, text: Array,
                  image: model_lib.ImageFeatures, rng: Array, *, models: Models,
                  step_config: StepConfig, optimizer: optax.GradientTransformation,
-                 added_cond: Mapping[str, Array] | None = None) -> tuple[State, dict]:
+                 added_cond: Mapping[str, Array] | None = None,
+                 subject_words: Array | None = None) -> tuple[State, dict]:
   """One AdamW update of the adapter on encoded inputs (Eqs. 1, 2, 10).
 
   Split from `train_step` so benchmarks can time it on pre-computed features, and so
   the release's trainer (`realcustom_jax.release.training`) runs the same update: its
   `image` is the subject encoder's (global, local) pair and `added_cond` SDXL's
-  {'text_embeds', 'time_ids'}. `models` needs only `.model`.
+  {'text_embeds', 'time_ids'}. `models` needs only `.model`. `subject_words`: (B, L)
+  1 at the caption's subject words, for the score supervision (`score_supervision_loss`).
   """
   images = list(image) if isinstance(image, (tuple, list)) else [image]
   chex.assert_rank([latents, text, *images], [4, 3] + [3] * len(images))
@@ -283,20 +375,33 @@ def adapter_step(state: State, unet_params: Mapping, latents: Array, text: Array
   if step_config.selection_gradient == 'straight_through':
     straight_through = {'straight_through_selection': True}
 
-  def loss_fn(adapter):
-    pred = models.model.apply(
-        {'params': adapter_lib.merge_params(base, adapter)}, z_t, t, text, image,
-        sqrt_alpha_bar=jnp.sqrt(abar), gamma_num=gamma_num, image_keep=image_keep,
-        added_cond=added_cond, **straight_through)
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))  # Eq. 1
+  supervised = step_config.score_supervision != 'none'
+  if supervised and subject_words is None:
+    raise ValueError('config.train.score_supervision needs the captions\' subject words '
+                     '(train_step; precomputed features have no captions)')
 
-  loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+  def loss_fn(adapter):
+    variables = {'params': adapter_lib.merge_params(base, adapter)}
+    kwargs = dict(sqrt_alpha_bar=jnp.sqrt(abar), gamma_num=gamma_num, image_keep=image_keep,
+                  added_cond=added_cond, **straight_through)
+    if not supervised:
+      pred = models.model.apply(variables, z_t, t, text, image, **kwargs)
+      return jnp.mean(jnp.square(pred.astype(jnp.float32) - target)), {}  # Eq. 1
+    pred, sown = models.model.apply(variables, z_t, t, text, image, word_weights=subject_words,
+                                    mutable=['intermediates'], **kwargs)
+    rows = (image_keep & jnp.any(subject_words > 0, axis=-1)).astype(jnp.float32)
+    score_loss = score_supervision_loss(sown['intermediates'], rows)
+    diffusion = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))  # Eq. 1
+    return (diffusion + step_config.score_supervision_weight * score_loss,
+            {'diffusion_loss': diffusion, 'score_loss': score_loss})
+
+  (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
                'rng': state['rng']}
   metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-             'param_norm': optax.global_norm(params)}
+             'param_norm': optax.global_norm(params), **extra}
   return new_state, metrics
 
 
@@ -309,6 +414,10 @@ def train_step(state: State, frozen: Mapping, batch: Mapping[str, Array], *,
   give here, so the two draw the same randomness by construction.
   """
   features = jax.lax.stop_gradient(encode_features(frozen, batch, models))
+  if step_config.score_supervision != 'none':
+    features['subject_words'] = jnp.isin(
+        batch['input_ids'], jnp.asarray(step_config.subject_word_ids, jnp.int32)
+    ).astype(jnp.float32)
   return precomputed_train_step(state, frozen, features, models=models,
                                 step_config=step_config, optimizer=optimizer)
 
@@ -329,7 +438,8 @@ def precomputed_train_step(state: State, frozen: Mapping, batch: Mapping[str, Ar
                            models.scaling_factor)
   return adapter_step(state, frozen['unet'], latents, batch['text'].astype(jnp.float32),
                       batch['image'].astype(jnp.float32), step_rng, models=models,
-                      step_config=step_config, optimizer=optimizer)
+                      step_config=step_config, optimizer=optimizer,
+                      subject_words=batch.get('subject_words'))
 
 
 @dataclasses.dataclass

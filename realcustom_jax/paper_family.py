@@ -39,6 +39,7 @@ def check_training_config(config) -> None:
   if gradient != 'none' and config.model.get('scoring', 'adaptive') != 'adaptive':
     raise ValueError("config.train.selection_gradient needs config.model.scoring="
                      "'adaptive' (there is no selection to learn without it)")
+  check_score_supervision(config)
   if t.get('visual_kv_init', 'zero_v') not in adapter_lib.VISUAL_KV_INITS:
     raise ValueError(f'config.train.visual_kv_init must be one of '
                      f'{adapter_lib.VISUAL_KV_INITS}, got {t.visual_kv_init!r}')
@@ -48,6 +49,39 @@ def check_training_config(config) -> None:
   if config.pretrained and not config.vision_encoder:
     raise ValueError('config.vision_encoder (a CLIP vision model directory) is required '
                      'with config.pretrained')
+
+
+def check_score_supervision(config) -> None:
+  """ValueError (one line) for config.train.score_supervision and its keys."""
+  from realcustom_jax.adapter_training import SCORE_SUPERVISIONS  # pylint: disable=g-import-not-at-top
+  t = config.train
+  supervision = t.get('score_supervision', 'none')
+  if supervision not in SCORE_SUPERVISIONS:
+    raise ValueError(f'config.train.score_supervision must be one of {SCORE_SUPERVISIONS}, '
+                     f'got {supervision!r}')
+  if supervision == 'none':
+    return
+  weight = t.get('score_supervision_weight', 0.1)
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+    raise ValueError('config.train.score_supervision_weight must be a number >= 0, got '
+                     f'{weight!r}')
+  words = t.get('subject_words', ())
+  if (isinstance(words, str) or not words
+      or not all(isinstance(w, str) and w.strip() for w in words)):
+    raise ValueError("config.train.score_supervision='word_map' needs "
+                     "config.train.subject_words, a tuple of the caption words that name "
+                     f"subjects (e.g. ('toy', 'dog')), got {words!r}")
+  if config.model.get('scoring', 'adaptive') != 'adaptive':
+    raise ValueError("config.train.score_supervision needs config.model.scoring="
+                     "'adaptive' (there are no score nets without it)")
+  if config.data.get('subject_reference', 'self') != 'self':
+    raise ValueError("config.train.score_supervision needs config.data.subject_reference="
+                     "'self': the word map locates the subject in the training image, "
+                     "which is the subject's reference only then")
+  if config.data.get('precompute_features', False):
+    raise ValueError('config.train.score_supervision needs the captions, which '
+                     'precomputed features do not keep: set '
+                     'config.data.precompute_features=False')
 
 
 # ---- Sampling ----

@@ -21,6 +21,8 @@ VISUAL_POOLS = ('paper', 'scope')
 # vanishes); 'sigmoid': each token's own S in (0, 1), so every token's Eq. 9 gain keeps
 # a gradient. Eq. 10's top-k is the same order either way.
 SCORE_NORMALIZATIONS = ('softmax', 'sigmoid')
+# The 'intermediates' name the fused scores (Eq. 8, before S) are sown under.
+FUSED_SCORES = 'fused_scores'
 
 
 def context_pooling(features: Array, logits: Array, where: Optional[Array] = None) -> Array:
@@ -196,6 +198,9 @@ class AdaptiveScoring(nn.Module):
     # Read by diagnostics that apply the model with mutable=['intermediates'] (the
     # toy reproduction's selection precision); a no-op otherwise.
     self.sow('intermediates', 'selected_tokens', selected)
+    # What Eq. 10 ranks, before S's normalisation: read by the word-map score loss
+    # (config.train.score_supervision, `adapter_training.score_supervision_loss`).
+    self.sow('intermediates', FUSED_SCORES, fused)
     keep = straight_through_keep(fused, selected) if straight_through else None
     return ScoringOutput(modulate_features(tokens, scores) if self.gain else tokens,
                          selected, scores, keep)

@@ -202,6 +202,8 @@ def model_fingerprint() -> str:
 _DATA_PATH_KEYS = ('shards_dir', 'tfds_data_dir')
 _BOOKKEEPING_TRAIN_KEYS = ('checkpoint_every', 'log_every', 'max_to_keep',
                            'on_damaged_checkpoint', 'debug_nan_step')
+# Read only with config.train.score_supervision on (added after the first adapters).
+_SCORE_SUPERVISION_KEYS = ('score_supervision', 'score_supervision_weight', 'subject_words')
 
 
 def effective_config(config, overrides: dict[str, str], seed: int):
@@ -220,6 +222,9 @@ def adapter_stamp(config, overrides: dict[str, str], seed: int) -> dict:
   data = {k: v for k, v in c.data.to_dict().items() if k not in _DATA_PATH_KEYS}
   train_keys = {k: v for k, v in c.train.to_dict().items()
                 if k not in _BOOKKEEPING_TRAIN_KEYS}
+  if train_keys.get('score_supervision', 'none') == 'none':  # its keys are inert then
+    for key in _SCORE_SUPERVISION_KEYS:
+      train_keys.pop(key, None)
   train = hashlib.sha256(json.dumps(
       {'train': train_keys, 'model': c.model.to_dict(), 'data': data,
        'seed': seed}, sort_keys=True, default=str).encode()).hexdigest()[:16]

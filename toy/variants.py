@@ -4,6 +4,7 @@
 import dataclasses
 
 from toy import selection_gate
+from toy import world
 
 # config.toy.subject_encoder: the frozen random tower written with the base, or the
 # CLIP-like tower trained by toy/encoder.py.
@@ -41,6 +42,12 @@ ADAPTER_RUNS = {
     'adaptive_st_ref': {'train.selection_gradient': 'straight_through',
                         'model.score_normalization': 'softmax',
                         'data.subject_reference': 'stored'},
+    # The paper's recipe plus a loss pulling the fused scores towards the frozen base's
+    # cross-attention map of the caption's shape word (config.train.score_supervision).
+    'adaptive_wordmap': {'train.score_supervision': 'word_map',
+                         'train.subject_words': world.SHAPES,
+                         'model.score_normalization': 'softmax',
+                         'data.subject_reference': 'self'},
 }
 
 # How each adapter's rows are named: 'realcustom' + suffix, 'no_scoring' + suffix, ...
