@@ -293,15 +293,20 @@ def token_grid_targets(word_map: Array, num_tokens: int) -> Array:
   """A (B, H, W) word map as a distribution over the subject encoder's patch tokens.
 
   The tokens are a row-major g x g grid over the same image (the training image is its
-  own subject, config.data.subject_reference='self'), so the map is resized to g x g
-  (area-averaged when it shrinks) and normalised; a row without mass is uniform.
+  own subject, config.data.subject_reference='self'), so the map is averaged over each
+  token's block of cells (resized when the sizes do not divide) and normalised; a row
+  without mass is uniform.
   """
   side = int(round(num_tokens ** 0.5))
   if side * side != num_tokens:
     raise ValueError(f'score supervision needs a square grid of patch tokens, got {num_tokens}')
-  b = word_map.shape[0]
-  grid = jax.image.resize(word_map.astype(jnp.float32), (b, side, side), 'linear',
-                          antialias=True).reshape(b, num_tokens)
+  b, height, width = word_map.shape
+  word_map = word_map.astype(jnp.float32)
+  if height % side == 0 and width % side == 0:  # each token's block of map cells
+    grid = word_map.reshape(b, side, height // side, side, width // side).mean(axis=(2, 4))
+  else:
+    grid = jax.image.resize(word_map, (b, side, side), 'linear', antialias=True)
+  grid = grid.reshape(b, num_tokens)
   grid = jnp.maximum(grid, 0.0)
   total = jnp.sum(grid, axis=-1, keepdims=True)
   return jnp.where(total > 0, grid / jnp.where(total > 0, total, 1.0), 1.0 / num_tokens)

@@ -181,7 +181,8 @@ def test_each_family_config_stands_on_its_own():
   with pytest.raises(ValueError, match="takes '' or 'runlocal'"):
     laion.get_config('big')
   release = release_train.get_config()
-  for paper_only in ('gamma_num_range', 'image_dropout', 'selection_gradient'):
+  for paper_only in ('gamma_num_range', 'image_dropout', 'selection_gradient',
+                     'score_supervision'):
     assert paper_only in paper.train and paper_only not in release.train
   assert pipelines.family_for(release).name == 'release'
   assert pipelines.family_for(paper) is paper_family.FAMILY
