@@ -33,11 +33,10 @@ from ml_collections import config_flags
 import numpy as np
 from transformers import CLIPTextConfig
 from transformers import CLIPVisionConfig
-from transformers import FlaxCLIPTextModel
-from transformers import FlaxCLIPVisionModel
 
 from benchmarks import common
 from realcustom_jax import adapter as adapter_lib
+from realcustom_jax import clip
 from realcustom_jax.runtime import sharding
 from realcustom_jax.loading import tiny
 from realcustom_jax import adapter_training as training
@@ -87,14 +86,12 @@ def _encoders(config, arch: str):
                                 vision_resize=vision.resize_size, vision_size=vision.image_size,
                                 vision_mean=vision.mean, vision_std=vision.std))
   vae = FlaxAutoencoderKL.from_config(SD15_VAE)
-  text = FlaxCLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT), _do_init=False)
-  vision = FlaxCLIPVisionModel(CLIPVisionConfig(**CLIP_L14_VISION), _do_init=False)
+  text = clip.CLIPTextModel(clip.CLIPConfig.from_dict(CLIPTextConfig(**CLIP_L14_TEXT).to_dict()))
+  vision = clip.CLIPVisionModel(clip.CLIPConfig.from_dict(
+      CLIPVisionConfig(**CLIP_L14_VISION).to_dict()))
   size = CLIP_L14_VISION['image_size']
   return (vae, tiny.host_random_params(jax.eval_shape(vae.init_weights, _KEY), 1),
-          text, tiny.host_random_params(jax.eval_shape(
-              lambda r: text.init_weights(r, (1, 77)), _KEY), 2),
-          vision, tiny.host_random_params(jax.eval_shape(
-              lambda r: vision.init_weights(r, (1, size, size, 3)), _KEY), 3),
+          text, tiny.random_tower_params(text, 2), vision, tiny.random_tower_params(vision, 3),
           dict(scaling_factor=SD15_VAE['scaling_factor'], vision_resize=size,
                vision_size=size, vision_mean=weights.CLIP_MEAN, vision_std=weights.CLIP_STD))
 

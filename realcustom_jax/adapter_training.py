@@ -63,8 +63,8 @@ class Models:
   """The modules (no parameters) and static settings the step closes over."""
   model: RealCustom
   vae: Any  # diffusers FlaxAutoencoderKL
-  text_encoder: Any  # transformers FlaxCLIPTextModel
-  vision_model: Any  # transformers FlaxCLIPVisionModel
+  text_encoder: Any  # clip.CLIPTextModel
+  vision_model: Any  # clip.CLIPVisionModel
   scaling_factor: float
   vision_resize: int
   vision_size: int

@@ -70,14 +70,21 @@ class CLIPConfig:
                        f'of {sorted(ACTIVATIONS)}')
     return cls(**kwargs)
 
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
-class _Part(nn.Module):
+
+# Random towers (the tiny test models, the toy world's) start as transformers' do.
+_INIT = nn.initializers.normal(0.02)
+
+
+class Part(nn.Module):
   """A module of the towers: built from the config, computing in `dtype`."""
   config: CLIPConfig
   dtype: Any = jnp.float32
 
 
-class Attention(_Part):
+class Attention(Part):
   """Multi-head self-attention with q/k/v/out projections (biases), scale head_dim**-0.5."""
 
   @nn.compact
@@ -85,7 +92,7 @@ class Attention(_Part):
     c = self.config
     heads, width = c.num_attention_heads, c.hidden_size
     head_dim = width // heads
-    dense = lambda name: nn.Dense(width, dtype=self.dtype, name=name)
+    dense = lambda name: nn.Dense(width, dtype=self.dtype, kernel_init=_INIT, name=name)
     split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))
     q, k, v = (split(dense(n)(x)) for n in ('q_proj', 'k_proj', 'v_proj'))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * head_dim ** -0.5
@@ -97,17 +104,18 @@ class Attention(_Part):
     return dense('out_proj')(out)
 
 
-class MLP(_Part):
+class MLP(Part):
   """fc2(act(fc1 x))."""
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = self.config
-    h = nn.Dense(c.intermediate_size, dtype=self.dtype, name='fc1')(x)
-    return nn.Dense(c.hidden_size, dtype=self.dtype, name='fc2')(ACTIVATIONS[c.hidden_act](h))
+    h = nn.Dense(c.intermediate_size, dtype=self.dtype, kernel_init=_INIT, name='fc1')(x)
+    return nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=_INIT,
+                    name='fc2')(ACTIVATIONS[c.hidden_act](h))
 
 
-class EncoderLayer(_Part):
+class EncoderLayer(Part):
   """x + attn(LN1 x), then x + MLP(LN2 x)."""
 
   @nn.compact
@@ -118,7 +126,7 @@ class EncoderLayer(_Part):
     return x + MLP(c, self.dtype, name='mlp')(norm('layer_norm2')(x))
 
 
-class Encoder(_Part):
+class Encoder(Part):
   """The block stack; returns (embeddings, block 1, ..., block L) states."""
 
   @nn.compact
@@ -152,19 +160,21 @@ class TowerOutput:
 def _projected(config: CLIPConfig, pooled: Array, name: str, dtype) -> Optional[Array]:
   if not config.projection_dim:
     return None
-  return nn.Dense(config.projection_dim, use_bias=False, dtype=dtype, name=name)(pooled)
+  return nn.Dense(config.projection_dim, use_bias=False, dtype=dtype, kernel_init=_INIT,
+                  name=name)(pooled)
 
 
-class CLIPTextModel(_Part):
+class CLIPTextModel(Part):
   """CLIP's text tower (causal), with the projection when config.projection_dim is set."""
 
   @nn.compact
   def __call__(self, input_ids: Array) -> TowerOutput:
     c = self.config
     n = input_ids.shape[-1]
-    tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name='token_embedding')
+    tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, embedding_init=_INIT,
+                      name='token_embedding')
     positions = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=self.dtype,
-                         name='position_embedding')
+                         embedding_init=_INIT, name='position_embedding')
     x = tokens(input_ids) + positions(jnp.arange(n))[None]
     states = Encoder(c, self.dtype, name='encoder')(x, causal=True)
     last = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype,
@@ -178,7 +188,7 @@ class CLIPTextModel(_Part):
                        _projected(c, pooled, 'text_projection', self.dtype))
 
 
-class CLIPVisionModel(_Part):
+class CLIPVisionModel(Part):
   """CLIP's vision tower on (B, H, W, 3) normalised pixels (NHWC)."""
 
   @nn.compact
@@ -186,18 +196,42 @@ class CLIPVisionModel(_Part):
     c = self.config
     p = c.patch_size
     patches = nn.Conv(c.hidden_size, (p, p), strides=(p, p), padding='VALID',
-                      use_bias=False, dtype=self.dtype, name='patch_embedding')(pixels)
+                      use_bias=False, dtype=self.dtype, kernel_init=_INIT,
+                      name='patch_embedding')(pixels)
     patches = patches.reshape(patches.shape[0], -1, c.hidden_size)
     cls = self.param('class_embedding', nn.initializers.normal(0.02), (c.hidden_size,))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype),
                                           (patches.shape[0], 1, c.hidden_size)), patches], 1)
-    x = x + nn.Embed(x.shape[1], c.hidden_size, dtype=self.dtype,
+    x = x + nn.Embed(x.shape[1], c.hidden_size, dtype=self.dtype, embedding_init=_INIT,
                      name='position_embedding')(jnp.arange(x.shape[1]))[None]
     norm = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name=name)
     states = Encoder(c, self.dtype, name='encoder')(norm('pre_layrnorm')(x), causal=False)
     pooled = norm('post_layernorm')(states[-1][:, 0])
     return TowerOutput(states[-1], states, pooled,
                        _projected(c, pooled, 'visual_projection', self.dtype))
+
+
+def tower_name(module: nn.Module) -> str:
+  """'text' or 'vision'."""
+  return 'text' if isinstance(module, CLIPTextModel) else 'vision'
+
+
+def example_input(module: nn.Module) -> Array:
+  """One sample's input: (1, max_position_embeddings) ids or (1, S, S, C) pixels."""
+  c = module.config
+  if tower_name(module) == 'text':
+    return jnp.zeros((1, c.max_position_embeddings), jnp.int32)
+  return jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32)
+
+
+def param_shapes(module: nn.Module) -> dict:
+  """The tower's parameter shapes (no computation)."""
+  return jax.eval_shape(module.init, jax.random.PRNGKey(0), example_input(module))['params']
+
+
+def init_params(module: nn.Module, rng: Array) -> dict:
+  """A random tower (normal(0.02) weights, as transformers initialises CLIP)."""
+  return jax.jit(module.init)(rng, example_input(module))['params']
 
 
 # ---------------------------------------------------------------------------------
@@ -241,7 +275,6 @@ def params_from_torch_state(state: Mapping[str, np.ndarray], tower: str,
   Raises:
     ValueError: a parameter missing from `state`, or one of another shape.
   """
-  want = traverse_util.flatten_dict(dict(shapes))
   got = {}
   for key, value in state.items():
     if key.split('.')[-1] in _BUFFERS:
@@ -266,12 +299,78 @@ def params_from_torch_state(state: Mapping[str, np.ndarray], tower: str,
       else:
         path[-1], value = 'kernel', value.T
     got[tuple(path)] = value
+  return checked_params(got, tower, shapes)
+
+
+def checked_params(got: Mapping[tuple[str, ...], np.ndarray], tower: str,
+                   shapes: Mapping) -> dict:
+  """The leaves of `shapes` taken from `got` (flat paths); ValueError (one line) for a
+  missing or misshapen one."""
   out = {}
-  for path, shape in want.items():
+  for path, shape in traverse_util.flatten_dict(dict(shapes)).items():
     if path not in got:
       raise ValueError(f'the checkpoint lacks {tower} parameter {"/".join(path)}')
     if tuple(got[path].shape) != tuple(shape.shape):
       raise ValueError(f'{tower} parameter {"/".join(path)} has shape '
                        f'{tuple(got[path].shape)}, the config gives {tuple(shape.shape)}')
     out[path] = got[path]
+  return traverse_util.unflatten_dict(out)
+
+
+# ---------------------------------------------------------------------------------
+# transformers' Flax layout (flax_model.msgpack) <-> the parameter tree
+# ---------------------------------------------------------------------------------
+
+_EMBEDDINGS = ('token_embedding', 'position_embedding', 'patch_embedding', 'class_embedding')
+_PROJECTIONS = {'text': 'text_projection', 'vision': 'visual_projection'}
+
+
+def _from_flax_path(path: tuple[str, ...], tower: str) -> Optional[tuple[str, ...]]:
+  """A transformers Flax path -> ours; None for another tower's or a CLIPModel's own."""
+  if path[0] == _PROJECTIONS[tower]:
+    return path
+  if path[0] != _TOWERS[tower][:-1]:
+    return None
+  rest = list(path[1:])
+  if rest and rest[0] == 'embeddings':
+    rest = rest[1:]
+  out, i = [], 0
+  while i < len(rest):
+    if rest[i] == 'layers' and i + 1 < len(rest) and rest[i + 1].isdigit():
+      out.append(f'layers_{rest[i + 1]}')
+      i += 2
+      continue
+    out.append(rest[i])
+    i += 1
+  return tuple(out)
+
+
+def params_from_flax_layout(tree: Mapping, tower: str, shapes: Mapping) -> dict:
+  """transformers' Flax CLIP tree (a `flax_model.msgpack` of CLIPTextModel(WithProjection),
+  CLIPVisionModel(WithProjection) or CLIPModel) as our tree, checked as
+  `params_from_torch_state` checks."""
+  got = {}
+  for path, value in traverse_util.flatten_dict(dict(tree)).items():
+    ours = _from_flax_path(tuple(str(p) for p in path), tower)
+    if ours is not None:
+      got[ours] = np.asarray(value)
+  return checked_params(got, tower, shapes)
+
+
+def params_to_flax_layout(params: Mapping, tower: str) -> dict:
+  """Our tree in transformers' Flax layout (what `flax_model.msgpack` holds): the
+  inverse of `params_from_flax_layout`, so files the project writes load in either."""
+  out = {}
+  for path, value in traverse_util.flatten_dict(dict(params)).items():
+    if path[0] == _PROJECTIONS[tower]:
+      out[path] = value
+      continue
+    head = (_TOWERS[tower][:-1],) + (('embeddings',) if path[0] in _EMBEDDINGS else ())
+    expanded = []
+    for part in path:
+      if part.startswith('layers_') and part[len('layers_'):].isdigit():
+        expanded += ['layers', part[len('layers_'):]]
+      else:
+        expanded.append(part)
+    out[head + tuple(expanded)] = value
   return traverse_util.unflatten_dict(out)

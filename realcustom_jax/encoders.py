@@ -116,7 +116,7 @@ def encode_text(text_encoder, params, input_ids: jax.Array) -> jax.Array:
   """CLIP text features as Stable Diffusion uses them (SD 1.x and 2.x alike).
 
   Args:
-    text_encoder: transformers' FlaxCLIPTextModel.
+    text_encoder: `clip.CLIPTextModel`.
     params: its parameters.
     input_ids: int (B, L) token ids from `tokenize`.
 
@@ -124,7 +124,7 @@ def encode_text(text_encoder, params, input_ids: jax.Array) -> jax.Array:
     (B, L, c_t) last hidden state (after the final layer norm), no attention mask,
     exactly as diffusers' pipelines encode prompts.
   """
-  return text_encoder(jnp.asarray(input_ids), params=params, train=False)[0]
+  return text_encoder.apply({'params': params}, jnp.asarray(input_ids)).last_hidden_state
 
 
 def preprocess_subject(images: list[Image.Image], vision: weights.VisionEncoder) -> np.ndarray:
@@ -138,7 +138,8 @@ def preprocess_subject(images: list[Image.Image], vision: weights.VisionEncoder)
     vision: the VisionEncoder whose settings to use.
 
   Returns:
-    float32 array (B, 3, S, S), channels first as FlaxCLIPVisionModel takes it.
+    float32 array (B, 3, S, S), channels first as transformers' CLIP takes it
+    (`image_features` hands the tower NHWC).
   """
   if isinstance(images, Image.Image) or not images:
     raise ValueError(f'images must be a non-empty list of PIL images, got {images!r}')
@@ -170,7 +171,7 @@ def image_features(vision_model, params, pixel_values: jax.Array) -> jax.Array:
   """Subject patch features: the visual tokens f_i of Eqs. 3-10.
 
   Args:
-    vision_model: transformers' FlaxCLIPVisionModel.
+    vision_model: `clip.CLIPVisionModel`.
     params: its parameters.
     pixel_values: float (B, 3, S, S) from `preprocess_subject`.
 
@@ -178,6 +179,5 @@ def image_features(vision_model, params, pixel_values: jax.Array) -> jax.Array:
     (B, n_patches, c_i) hidden states of the penultimate encoder layer with the class
     token dropped and no final layer norm (as IP-Adapter-Plus and the authors use).
   """
-  out = vision_model(jnp.asarray(pixel_values), params=params, output_hidden_states=True,
-                     train=False)
-  return out.hidden_states[-2][:, 1:]
+  pixels = jnp.transpose(jnp.asarray(pixel_values), (0, 2, 3, 1))  # the tower takes NHWC
+  return vision_model.apply({'params': params}, pixels).hidden_states[-2][:, 1:]

@@ -96,28 +96,68 @@ def test_vision_tower_matches_torch(tmp_path, with_projection):
     assert _worst(got.pooled, want.pooler_output) <= TOLERANCE
 
 
-def test_same_numbers_as_the_transformers_flax_classes(tmp_path):
-  """What the project loads today (`loading.weights`, transformers' Flax CLIP) and the
-  project's own module agree on the same files: the swap changes no number."""
+def test_the_loaders_give_the_numbers_of_the_transformers_flax_classes(tmp_path):
+  """The loaders (`loading.weights`, the project's CLIP since issue 30) against the
+  transformers Flax CLIP they replaced, on the same files: the swap changes no number.
+  Runs while the installed transformers still has Flax (< 5)."""
+  if not hasattr(transformers, 'FlaxCLIPTextModel'):
+    pytest.skip('transformers >= 5 has no Flax CLIP to compare with')
+  from realcustom_jax import encoders  # pylint: disable=g-import-not-at-top
   from realcustom_jax.loading import weights  # pylint: disable=g-import-not-at-top
   torch.manual_seed(2)
-  text_cfg = transformers.CLIPTextConfig(**TEXT)
-  folder, raw = _save(transformers.CLIPTextModel(text_cfg), tmp_path, 'text')
-  flax_model, flax_params, _ = weights.load_text_encoder(folder)
+  folder, _ = _save(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)),
+                    tmp_path, 'text')
+  model, params, _ = weights.load_text_encoder(folder)
+  theirs = transformers.FlaxCLIPTextModel.from_pretrained(folder, from_pt=True)
   ids = jnp.asarray([[0, 5, 17, 98] + [98] * 12], jnp.int32)
-  theirs = flax_model(ids, params=flax_params, output_hidden_states=True)
-  module, params = _ours(clip.CLIPTextModel, folder, raw, 'text', False, ids)
-  ours = module.apply({'params': params}, ids)
-  assert _worst(ours.last_hidden_state, theirs.last_hidden_state) <= TOLERANCE
-  assert _worst(ours.hidden_states[-2], theirs.hidden_states[-2]) <= TOLERANCE
-  vision_cfg = transformers.CLIPVisionConfig(**VISION)
-  folder, raw = _save(transformers.CLIPVisionModel(vision_cfg), tmp_path, 'vision')
+  want = theirs(ids, output_hidden_states=True)
+  got = model.apply({'params': params}, ids)
+  assert _worst(got.last_hidden_state, want.last_hidden_state) <= TOLERANCE
+  assert _worst(got.hidden_states[-2], want.hidden_states[-2]) <= TOLERANCE
+  assert _worst(encoders.encode_text(model, params, ids), want.last_hidden_state) <= TOLERANCE
+  folder, _ = _save(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)),
+                    tmp_path, 'vision')
   encoder = weights.load_vision_encoder(folder)
-  pixels = jnp.asarray(np.random.default_rng(1).normal(size=(1, 28, 28, 3)), jnp.float32)
-  theirs = encoder.model(jnp.transpose(pixels, (0, 3, 1, 2)), params=encoder.params)
-  module, params = _ours(clip.CLIPVisionModel, folder, raw, 'vision', False, pixels)
-  ours = module.apply({'params': params}, pixels)
-  assert _worst(ours.last_hidden_state, theirs.last_hidden_state) <= TOLERANCE
+  theirs = transformers.FlaxCLIPVisionModel.from_pretrained(folder, from_pt=True)
+  pixels = jnp.asarray(np.random.default_rng(1).normal(size=(1, 3, 28, 28)), jnp.float32)
+  want = theirs(pixels, output_hidden_states=True)
+  assert _worst(encoders.image_features(encoder.model, encoder.params, pixels),
+                want.hidden_states[-2][:, 1:]) <= TOLERANCE
+  got = encoder.model.apply({'params': encoder.params}, jnp.transpose(pixels, (0, 2, 3, 1)))
+  assert _worst(got.pooled, want.pooler_output) <= TOLERANCE
+
+
+def test_flax_layout_round_trip_and_the_msgpack_loader(tmp_path):
+  """transformers' Flax layout (the msgpack files the tiny and toy models are written
+  in) maps onto our tree and back unchanged, and a msgpack folder loads to the same
+  numbers as the safetensors one."""
+  import flax  # pylint: disable=g-import-not-at-top
+  from realcustom_jax.loading import weights  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(4)
+  cfg = transformers.CLIPTextConfig(**TEXT, projection_dim=24)
+  folder, raw = _save(transformers.CLIPTextModelWithProjection(cfg), tmp_path, 'text')
+  ids = jnp.asarray([[0, 5, 17, 98] + [98] * 12], jnp.int32)
+  module, params = _ours(clip.CLIPTextModel, folder, raw, 'text', True, ids)
+  layout = clip.params_to_flax_layout(params, 'text')
+  assert set(layout) == {'text_model', 'text_projection'}
+  assert set(layout['text_model']) == {'embeddings', 'encoder', 'final_layer_norm'}
+  assert set(layout['text_model']['encoder']['layers']) == {'0', '1', '2'}
+  back = clip.params_from_flax_layout(layout, 'text', clip.param_shapes(module))
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  msgpack_dir = tmp_path / 'msgpack'
+  msgpack_dir.mkdir()
+  (msgpack_dir / 'config.json').write_text(json.dumps(raw))
+  (msgpack_dir / 'flax_model.msgpack').write_bytes(
+      flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, layout)))
+  from_safetensors = weights.load_text_encoder(folder)
+  from_msgpack = weights.load_text_encoder(str(msgpack_dir))
+  jax.tree.map(np.testing.assert_array_equal, from_msgpack[1], from_safetensors[1])
+  np.testing.assert_array_equal(from_msgpack[2], from_safetensors[2])  # the projection
+  assert 'text_projection' not in from_msgpack[1]
+  with pytest.raises(ValueError, match='lacks text parameter final_layer_norm/'):
+    broken = dict(layout, text_model={k: v for k, v in layout['text_model'].items()
+                                      if k != 'final_layer_norm'})
+    clip.params_from_flax_layout(broken, 'text', clip.param_shapes(module))
 
 
 def test_a_missing_or_misshapen_parameter_is_named(tmp_path):

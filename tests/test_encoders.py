@@ -120,7 +120,7 @@ def test_image_features_are_penultimate_patch_tokens(components):
   pixels = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
   feats = jax.jit(functools.partial(encoders.image_features, vision.model))(
       vision.params, pixels)
-  out = vision.model(pixels, params=vision.params, output_hidden_states=True)
+  out = vision.model.apply({'params': vision.params}, pixels.transpose(0, 2, 3, 1))
   assert feats.shape == (3, vision.num_patches, vision.hidden_size) == (3, 16, 48)
   np.testing.assert_allclose(np.asarray(feats), np.asarray(out.hidden_states[-2][:, 1:]),
                              atol=1e-5)

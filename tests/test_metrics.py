@@ -27,7 +27,7 @@ def _cos_np(a, b):
 
 @pytest.fixture(scope='module')
 def saved(tmp_path_factory):
-  """CLIP saved by torch (model.safetensors), DINO by Flax (flax_model.msgpack)."""
+  """CLIP and DINO saved by torch (model.safetensors), read by the project's towers."""
   import torch  # pylint: disable=g-import-not-at-top  # test-only dependency
   root = tmp_path_factory.mktemp('models')
   clip_dir, dino_dir = str(root / 'clip'), str(root / 'dino')
@@ -42,12 +42,14 @@ def saved(tmp_path_factory):
   transformers.CLIPImageProcessor(
       size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32}
   ).save_pretrained(clip_dir)
-  fx_dino = transformers.FlaxViTModel(metrics.tiny_dino_config(), seed=1)
-  fx_dino.save_pretrained(dino_dir)
+  dino_config = metrics.tiny_dino_config()
+  dino_config.initializer_range = 1.0  # so that different images get different CLS tokens
+  pt_dino = transformers.ViTModel(dino_config, add_pooling_layer=True).eval()
+  pt_dino.save_pretrained(dino_dir)
   metrics._dino_processor(32).save_pretrained(dino_dir)
   assert os.path.isfile(os.path.join(clip_dir, 'model.safetensors'))
-  assert os.path.isfile(os.path.join(dino_dir, 'flax_model.msgpack'))
-  return dict(clip_dir=clip_dir, dino_dir=dino_dir, pt_clip=pt_clip, fx_dino=fx_dino,
+  assert os.path.isfile(os.path.join(dino_dir, 'model.safetensors'))
+  return dict(clip_dir=clip_dir, dino_dir=dino_dir, pt_clip=pt_clip, pt_dino=pt_dino,
               clip=metrics.load_clip(clip_dir), dino=metrics.load_dino(dino_dir),
               torch=torch)
 
@@ -67,12 +69,11 @@ def test_cosine_matches_numpy_and_broadcasts():
 
 def test_loaded_weights_are_the_saved_ones(saved):
   pt = saved['pt_clip'].text_projection.weight.detach().numpy()
-  np.testing.assert_allclose(saved['clip'].params['text_projection']['kernel'], pt.T,
+  np.testing.assert_allclose(saved['clip'].params['text']['text_projection']['kernel'], pt.T,
                              atol=1e-6)
-  np.testing.assert_allclose(
-      saved['dino'].params['embeddings']['cls_token'],
-      saved['fx_dino'].params['embeddings']['cls_token'], atol=0)
-  assert 'pooler' not in saved['dino'].params
+  np.testing.assert_allclose(saved['dino'].params['cls_token'],
+                             saved['pt_dino'].embeddings.cls_token.detach().numpy(), atol=0)
+  assert 'pooler' not in saved['dino'].params  # DINO-I reads the class token only
 
 
 def test_embeddings_match_torch_reference(saved):
@@ -89,6 +90,29 @@ def test_embeddings_match_torch_reference(saved):
   np.testing.assert_allclose(clip.embed_images(images), want_img.numpy(), atol=1e-4)
   np.testing.assert_allclose(clip.embed_texts(['a backpack in the jungle']),
                              want_txt.numpy(), atol=1e-4)
+  dino = saved['dino']
+  with torch.no_grad():
+    want = saved['pt_dino'](pixel_values=torch.from_numpy(dino.pixels(images)))
+  got = dino.embed_images(images)
+  print(f'DINO parity: {np.abs(got - want.last_hidden_state[:, 0].numpy()).max():.2e}')
+  np.testing.assert_allclose(got, want.last_hidden_state[:, 0].numpy(), atol=1e-5)
+  assert np.abs(got[0] - got[1]).max() > 0.1  # the check can tell two images apart
+
+
+def test_dino_msgpack_loads_as_the_transformers_flax_class_computes(saved, tmp_path):
+  """A `flax_model.msgpack` DINO directory (transformers' Flax layout) loads to the same
+  numbers as transformers' FlaxViTModel gives; checked while transformers has Flax."""
+  if not hasattr(transformers, 'FlaxViTModel'):
+    pytest.skip('transformers >= 5 has no Flax ViT to compare with')
+  flax_dir = str(tmp_path / 'dino_flax')
+  theirs = transformers.FlaxViTModel.from_pretrained(saved['dino_dir'], from_pt=True,
+                                                     add_pooling_layer=False)
+  theirs.save_pretrained(flax_dir)
+  metrics._dino_processor(32).save_pretrained(flax_dir)
+  ours = metrics.load_dino(flax_dir)
+  images = [_noise(40, 56, 0), _noise(33, 33, 1, 'L')]
+  want = theirs(ours.pixels(images)).last_hidden_state[:, 0]
+  np.testing.assert_allclose(ours.embed_images(images), np.asarray(want), atol=1e-5)
 
 
 def test_metrics_equal_hand_computed_cosines(saved):
@@ -141,7 +165,7 @@ def test_mask_fills_background_with_mean_and_changes_scores(saved):
 def test_default_dino_preprocessing_without_config_file(saved, tmp_path):
   bare = tmp_path / 'dino_bare'
   bare.mkdir()
-  for name in ('config.json', 'flax_model.msgpack'):
+  for name in ('config.json', 'model.safetensors'):
     shutil.copy(os.path.join(saved['dino_dir'], name), bare / name)
   dino = metrics.load_dino(str(bare))
   np.testing.assert_allclose(dino.processor.image_mean, metrics.IMAGENET_MEAN)

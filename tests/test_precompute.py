@@ -197,7 +197,7 @@ def test_anything_the_features_depend_on_changes_the_key(prepared, components, c
   elif change == 'text':
     sd = dataclasses.replace(sd, text_params=_scaled(sd.text_params, 'final_layer_norm', 2))
   elif change == 'vision':
-    vision = dataclasses.replace(vision, params=_scaled(vision.params, 'embeddings', 2))
+    vision = dataclasses.replace(vision, params=_scaled(vision.params, 'patch_embedding', 2))
   elif change == 'vision_resize':
     vision = dataclasses.replace(vision, resize_size=vision.resize_size + 8)
   else:

@@ -44,7 +44,7 @@ def encoded(release, text):
 
   def both(params, ids, ids_2):
     context, pooled = encode(params, ids, ids_2)
-    last = text['encoder'](ids, params=params['text_encoder'])[0]
+    last = text['encoder'].apply({'params': params['text_encoder']}, ids).last_hidden_state
     return context, pooled, encode(params, ids, ids_2, project_pooled=True)[1], last
 
   out = jax.jit(both)(text['params'], release['input_ids'], release['input_ids_2'])

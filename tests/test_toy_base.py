@@ -39,8 +39,7 @@ def test_saved_base_model_loads_through_the_real_loaders(tmp_path):
   unet = FlaxUNet2DConditionModel.from_config(tiny.unet_config(config))
   unet_params = jax.jit(unet.init_weights)(jax.random.PRNGKey(1))
   sd_dir, vision_dir = toy_base.save_pretrained(str(tmp_path), config, unet_params,
-                                                vae_params, 0.5, text_encoder, text_params,
-                                                tokenizer)
+                                                vae_params, 0.5, text_params, tokenizer)
   sd = weights.load_stable_diffusion(sd_dir)
   vision = weights.load_vision_encoder(vision_dir)
   assert sd.scaling_factor == 0.5 and sd.vae_scale_factor == 2

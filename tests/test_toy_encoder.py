@@ -70,7 +70,7 @@ def test_encoder_learns_writes_the_transformers_layout_and_gates(base_dirs, tmp_
   feats = jnp.asarray(toy_encoder.caption_features(
       components.text_encoder, components.text_params, components.tokenizer,
       sorted(set(named))))
-  model = toy_encoder.FlaxCLIPVisionModel(toy_encoder.vision_config(config), _do_init=False)
+  model = toy_encoder.build_model(config)
   pixels = jnp.asarray(toy_encoder.pixel_values(images, 16))
   params = toy_encoder.init_params(config, model, feats.shape[-1])
 
@@ -95,12 +95,13 @@ def test_encoder_learns_writes_the_transformers_layout_and_gates(base_dirs, tmp_
   # The stage: trained, saved, read back by the real loader (64 tokens of 2 x 2 px).
   trained_model, trained = toy_encoder.train(config, sd_dir, str(tmp_path / 'encoder'))
   vision_dir = str(tmp_path / 'encoder' / 'vision')
-  toy_encoder.save(vision_dir, trained_model, trained, reproduction.encoder_stamp(config))
+  toy_encoder.save(vision_dir, trained_model, trained, reproduction.encoder_stamp(config),
+                   config)
   vision = weights.load_vision_encoder(vision_dir)
   tokens = encoders.image_features(vision.model, vision.params, pixels[:2])
   assert tokens.shape == (2, 64, 16)
-  direct = trained_model(pixels[:2], params=trained['vision'], output_hidden_states=True,
-                         train=False).hidden_states[-2][:, 1:]
+  direct = trained_model.apply({'params': trained['vision']}, jnp.transpose(
+      pixels[:2], (0, 2, 3, 1))).hidden_states[-2][:, 1:]
   np.testing.assert_allclose(np.asarray(tokens), np.asarray(direct), atol=1e-5)
 
   gate = toy_encoder.gate(config, sd_dir, vision_dir, random_vision_dir)

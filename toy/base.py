@@ -45,11 +45,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from transformers import CLIPImageProcessor
-from transformers import FlaxCLIPTextModel
-from transformers import FlaxCLIPVisionModel
 
+from realcustom_jax import clip
 from realcustom_jax import encoders
 from realcustom_jax.loading import tiny
+from realcustom_jax.loading import weights
 from realcustom_jax.schedules import alphas_cumprod
 from realcustom_jax.unet import RealCustomUNet
 from toy import world as toy_world
@@ -207,12 +207,11 @@ def decode_latents(vae: FlaxAutoencoderKL, params, latents: np.ndarray) -> np.nd
 # ---------------------------------------------------------------------------------
 
 
-def build_text_encoder(config, tokenizer) -> tuple[FlaxCLIPTextModel, dict]:
+def build_text_encoder(config, tokenizer) -> tuple[clip.CLIPTextModel, dict]:
   """The CLIP text encoder sized for the world's tokenizer, at a fixed random init."""
-  model = FlaxCLIPTextModel(tiny.text_config(config, tokenizer), _do_init=False)
-  params = jax.jit(model.init_weights, static_argnums=1)(
-      jax.random.PRNGKey(_TEXT_SEED), (1, model.config.max_position_embeddings))
-  return model, params
+  model = clip.CLIPTextModel(clip.CLIPConfig.from_dict(
+      tiny.text_config(config, tokenizer).to_dict()))
+  return model, clip.init_params(model, jax.random.PRNGKey(_TEXT_SEED))
 
 
 def encode_captions(text_encoder, text_params, tokenizer, captions: list[str]) -> np.ndarray:
@@ -275,7 +274,7 @@ def train_base(config, latents: np.ndarray, object_masks: np.ndarray,
     named_ids, plain_ids: (N, L) token ids of each image's naming and real-word caption.
     named_roles, plain_roles: (N, 2, L) their role weights (`role_weights`).
     empty_ids: (L,) the empty prompt's ids (a dropped caption).
-    text_encoder: the FlaxCLIPTextModel; `text_params` its initial parameters.
+    text_encoder: the `clip.CLIPTextModel`; `text_params` its initial parameters.
     workdir: checkpoints go to `workdir/unet_ckpt`.
 
   Returns:
@@ -304,7 +303,7 @@ def train_base(config, latents: np.ndarray, object_masks: np.ndarray,
     # A dropped caption is the empty prompt: BOS, then EOS as padding (tokenize('')).
     row_ids = jnp.where(keep[:, None], row_ids, empty_ids[None])
     row_roles = roles[idx, named] * keep[:, None, None]
-    text = text_encoder(row_ids, params=params['text'], train=False)[0]
+    text = text_encoder.apply({'params': params['text']}, row_ids).last_hidden_state
     pred, state = unet.apply({'params': params['unet']}, z_t, t, text,
                              word_weights=row_roles, mutable=['intermediates'])
     mse = jnp.mean(jnp.square(pred - noise))  # Eq. 1
@@ -340,7 +339,7 @@ def _write_msgpack(path: str, params) -> None:
 
 
 def save_pretrained(out_dir: str, config, unet_params, vae_params, scaling_factor: float,
-                    text_encoder, text_params, tokenizer) -> tuple[str, str]:
+                    text_params, tokenizer) -> tuple[str, str]:
   """Writes the trained base model and a tiny random CLIP vision tower.
 
   The layout is what `StableDiffusionPipeline.save_pretrained` writes, with Flax msgpack
@@ -360,7 +359,8 @@ def save_pretrained(out_dir: str, config, unet_params, vae_params, scaling_facto
               dict(tiny.vae_config(config), scaling_factor=float(scaling_factor),
                    _class_name='AutoencoderKL'))
   _write_msgpack(os.path.join(sd_dir, 'vae', 'diffusion_flax_model.msgpack'), vae_params)
-  text_encoder.save_pretrained(os.path.join(sd_dir, 'text_encoder'), params=text_params)
+  weights.save_clip_tower(os.path.join(sd_dir, 'text_encoder'),
+                          tiny.text_config(config, tokenizer), text_params, 'text')
   tokenizer.save_pretrained(os.path.join(sd_dir, 'tokenizer'))
   _write_json(os.path.join(sd_dir, 'scheduler', 'scheduler_config.json'),
               dict(tiny.SCHEDULER_CONFIG))
@@ -372,11 +372,10 @@ def save_pretrained(out_dir: str, config, unet_params, vae_params, scaling_facto
       'scheduler': ['diffusers', 'DDIMScheduler']})
 
   vision_config = tiny.vision_config(config)
-  vision = FlaxCLIPVisionModel(vision_config, _do_init=False)
+  vision = clip.CLIPVisionModel(clip.CLIPConfig.from_dict(vision_config.to_dict()))
   size = vision_config.image_size
-  vision_params = jax.jit(vision.init_weights, static_argnums=1)(
-      jax.random.PRNGKey(_VISION_SEED), (1, size, size, 3))
-  vision.save_pretrained(vision_dir, params=vision_params)
+  weights.save_clip_tower(vision_dir, vision_config,
+                          clip.init_params(vision, jax.random.PRNGKey(_VISION_SEED)), 'vision')
   CLIPImageProcessor(size={'shortest_edge': size},
                      crop_size={'height': size, 'width': size}).save_pretrained(vision_dir)
   return sd_dir, vision_dir

@@ -41,8 +41,8 @@ import optax
 from PIL import Image
 from transformers import CLIPImageProcessor
 from transformers import CLIPVisionConfig
-from transformers import FlaxCLIPVisionModel
 
+from realcustom_jax import clip
 from realcustom_jax import encoders
 from realcustom_jax.loading import weights
 from toy import base as toy_base
@@ -80,7 +80,7 @@ def caption_features(text_encoder, text_params, tokenizer, captions: list[str]) 
 
 def embed_images(model, params, pixels) -> jax.Array:
   """(B, d) unit image embeddings: the pooled class token through the projection."""
-  pooled = model(pixels, params=params['vision'], train=False).pooler_output
+  pooled = model.apply({'params': params['vision']}, jnp.transpose(pixels, (0, 2, 3, 1))).pooled
   e = pooled @ params['image_projection']
   return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
 
@@ -108,20 +108,24 @@ def contrastive_loss(image_emb, text_emb, logit_scale, caption_ids) -> jax.Array
   return 0.5 * (image_to_text.mean() + text_to_image.mean())
 
 
-def init_params(config, model: FlaxCLIPVisionModel, text_dim: int) -> dict:
+def build_model(config) -> clip.CLIPVisionModel:
+  """The tower of `vision_config` (the project's CLIP vision module)."""
+  return clip.CLIPVisionModel(clip.CLIPConfig.from_dict(vision_config(config).to_dict()))
+
+
+def init_params(config, model: clip.CLIPVisionModel, text_dim: int) -> dict:
   vc = model.config
   k_vision, k_img, k_txt = jax.random.split(jax.random.PRNGKey(_INIT_SEED), 3)
   d = int(config.toy.encoder.embed_dim)
   return {
-      'vision': jax.jit(model.init_weights, static_argnums=1)(
-          k_vision, (1, vc.image_size, vc.image_size, 3)),
+      'vision': clip.init_params(model, k_vision),
       'image_projection': jax.random.normal(k_img, (vc.hidden_size, d)) / np.sqrt(vc.hidden_size),
       'text_projection': jax.random.normal(k_txt, (text_dim, d)) / np.sqrt(text_dim),
       'logit_scale': jnp.asarray(np.log(1 / 0.07), jnp.float32),
   }
 
 
-def train(config, sd_dir: str, workdir: str) -> tuple[FlaxCLIPVisionModel, dict]:
+def train(config, sd_dir: str, workdir: str) -> tuple[clip.CLIPVisionModel, dict]:
   """Trains the tower on the training world's scenes (resumable); returns it and its
   parameters (`vision` the tower's, plus the projections and the temperature)."""
   res = int(config.resolution)
@@ -134,7 +138,7 @@ def train(config, sd_dir: str, workdir: str) -> tuple[FlaxCLIPVisionModel, dict]
   caption_ids = jnp.asarray([unique.index(c) for c in named], jnp.int32)
   feats = jnp.asarray(caption_features(components.text_encoder, components.text_params,
                                        components.tokenizer, unique))
-  model = FlaxCLIPVisionModel(vision_config(config), _do_init=False)
+  model = build_model(config)
   pixels = jnp.asarray(pixel_values(images, model.config.image_size))
   params = init_params(config, model, feats.shape[-1])
   batch = int(e.batch)
@@ -153,12 +157,13 @@ def train(config, sd_dir: str, workdir: str) -> tuple[FlaxCLIPVisionModel, dict]
   return model, params
 
 
-def save(vision_dir: str, model: FlaxCLIPVisionModel, params: dict, stamp: dict) -> None:
+def save(vision_dir: str, model: clip.CLIPVisionModel, params: dict, stamp: dict,
+         config) -> None:
   """Writes the tower where `weights.load_vision_encoder` reads it, with its projections
   and `stamp`; written aside and renamed, so a directory there is complete."""
   tmp = vision_dir + '.partial'
   shutil.rmtree(tmp, ignore_errors=True)
-  model.save_pretrained(tmp, params=params['vision'])
+  weights.save_clip_tower(tmp, vision_config(config), params['vision'], 'vision')
   size = model.config.image_size
   CLIPImageProcessor(size={'shortest_edge': size},
                      crop_size={'height': size, 'width': size}).save_pretrained(tmp)

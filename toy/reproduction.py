@@ -168,7 +168,7 @@ def stage_base(config, workdir: str, source: str = 'train') -> tuple[str, str]:
     json.dump({'vae_palette_accuracy': pixel_acc, 'latent_scaling': scaling}, f)
   # model_index.json is written last: its presence marks a complete base model.
   return toy_base.save_pretrained(os.path.join(base), config, unet_params, vae_params,
-                                  scaling, text_encoder, text_params, tokenizer)
+                                  scaling, text_params, tokenizer)
 
 
 # ---------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def stage_encoder(config, workdir: str, sd_dir: str, random_vision_dir: str) -> 
   if not os.path.isfile(stamp_path):
     t0 = time.perf_counter()
     model, params = toy_encoder.train(config, sd_dir, edir)
-    toy_encoder.save(vision_dir, model, params, stamp)
+    toy_encoder.save(vision_dir, model, params, stamp, config)
     _progress(f'encoder: trained in {time.perf_counter() - t0:.0f}s')
   if not os.path.isfile(gate_path):
     gate = toy_encoder.gate(config, sd_dir, vision_dir, random_vision_dir)

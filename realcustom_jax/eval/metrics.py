@@ -10,9 +10,10 @@ The paper segments the subject with SAM first. We ship no segmenter: pass a mask
 image (see `dreambench.mask_path`) and the background is filled with the encoder's
 normalisation mean colour, i.e. exactly 0 after normalisation, before embedding.
 
-Models are transformers' Flax classes loaded from LOCAL directories (`model.safetensors`
-read with `from_pt=True`, which needs no torch, or `flax_model.msgpack`); nothing is
-downloaded. Image preprocessing follows the directory's `preprocessor_config.json`.
+Models are the project's Flax towers (`realcustom_jax.clip`, `eval.dino`: transformers 5
+has no Flax) loaded torch-free from LOCAL directories in the transformers layout
+(`model.safetensors` or `flax_model.msgpack`); nothing is downloaded. Image preprocessing
+follows the directory's `preprocessor_config.json`.
 """
 import dataclasses
 import os
@@ -23,6 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import transformers
+from realcustom_jax import clip
+from realcustom_jax.eval import dino
+from realcustom_jax.loading import formats
 from realcustom_jax.loading import tiny
 from realcustom_jax.loading import weights
 
@@ -122,16 +126,6 @@ def _check_weights(path: str) -> bool:
   raise FileNotFoundError(f'{path}: no flax_model.msgpack or model.safetensors')
 
 
-def _from_pretrained(cls, path: str, from_pt: bool, **kwargs):
-  """Returns (model, params)."""
-  if from_pt:
-    # transformers' torch->Flax conversion reads the random init for shapes.
-    model = cls.from_pretrained(path, from_pt=True, **kwargs)
-    return model, model.params
-  # Skips a random init that the loaded weights would replace.
-  return cls.from_pretrained(path, _do_init=False, **kwargs)
-
-
 def _batched(fn, params, x: np.ndarray) -> np.ndarray:
   """Runs jitted `fn(params, chunk)` over fixed-size padded chunks of `x`."""
   n = x.shape[0]
@@ -187,20 +181,29 @@ class _ImageEncoder:
     return _batched(self._image_fn, self.params, self.pixels(images, masks))
 
 
+@dataclasses.dataclass(frozen=True)
+class ClipTowers:
+  """A CLIPModel as the project's two towers, each with its projection."""
+  text: clip.CLIPTextModel
+  vision: clip.CLIPVisionModel
+
+
 @dataclasses.dataclass
 class ClipScorer(_ImageEncoder):
-  """FlaxCLIPModel + tokenizer + image processor; projected text and image features."""
+  """CLIP (`ClipTowers`, params {'text': ..., 'vision': ...}) + tokenizer + image
+  processor; projected text and image features (CLIP-T, CLIP-I)."""
   tokenizer: Any = None
 
   def __post_init__(self):
     super().__post_init__()
-    self._text_fn = jax.jit(
-        lambda params, ids: self.model.get_text_features(ids, params=params))
+    self._text_fn = jax.jit(lambda params, ids: self.model.text.apply(
+        {'params': params['text']}, ids).embeds)
     self.max_length = min(int(self.tokenizer.model_max_length),
-                          int(self.model.config.text_config.max_position_embeddings))
+                          int(self.model.text.config.max_position_embeddings))
 
   def _features(self, params, pixel_values):
-    return self.model.get_image_features(pixel_values, params=params)
+    pixels = jnp.transpose(pixel_values, (0, 2, 3, 1))  # the processor's NCHW -> NHWC
+    return self.model.vision.apply({'params': params['vision']}, pixels).embeds
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
     """Embeds prompts: [N] strings -> [N, D] projected text features."""
@@ -215,10 +218,11 @@ class ClipScorer(_ImageEncoder):
 
 @dataclasses.dataclass
 class DinoScorer(_ImageEncoder):
-  """FlaxViTModel (DINO); the embedding is the CLS token of `last_hidden_state`."""
+  """DINO ViT (`dino.ViTModel`); the embedding is the CLS token of `last_hidden_state`."""
 
   def _features(self, params, pixel_values):
-    return self.model(pixel_values, params=params).last_hidden_state[:, 0]
+    pixels = jnp.transpose(pixel_values, (0, 2, 3, 1))  # the processor's NCHW -> NHWC
+    return self.model.apply({'params': params}, pixels)[:, 0]
 
 
 def load_clip(path: str) -> ClipScorer:
@@ -232,17 +236,28 @@ def load_clip(path: str) -> ClipScorer:
   Returns:
     A `ClipScorer`.
   """
-  from_pt = _check_weights(path)
-  model, params = _from_pretrained(transformers.FlaxCLIPModel, path, from_pt)
+  _check_weights(path)
+  model = _clip_towers(transformers.CLIPConfig.from_pretrained(path))
+  params = {'text': weights.load_clip_params(model.text, path, False, jnp.float32),
+            'vision': weights.load_clip_params(model.vision, path, False, jnp.float32)}
   try:
     tokenizer = transformers.CLIPTokenizer.from_pretrained(path)
   except (OSError, ValueError, TypeError) as e:
     raise FileNotFoundError(f'{path}: no usable CLIP tokenizer files ({e})') from None
-  size = model.config.vision_config.image_size
+  size = model.vision.config.image_size
   processor = _load_processor(path, lambda: transformers.CLIPImageProcessor(
       size={'shortest_edge': size}, crop_size={'height': size, 'width': size},
       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)))
   return ClipScorer(model=model, params=params, processor=processor, tokenizer=tokenizer)
+
+
+def _clip_towers(config) -> ClipTowers:
+  """transformers' CLIPConfig as the two projected towers."""
+  def tower(sub):
+    return clip.CLIPConfig.from_dict(dict(sub.to_dict(), projection_dim=config.projection_dim),
+                                     with_projection=True)
+  return ClipTowers(clip.CLIPTextModel(tower(config.text_config)),
+                    clip.CLIPVisionModel(tower(config.vision_config)))
 
 
 def load_dino(path: str) -> DinoScorer:
@@ -257,9 +272,19 @@ def load_dino(path: str) -> DinoScorer:
     A `DinoScorer`.
   """
   from_pt = _check_weights(path)
-  model, params = _from_pretrained(transformers.FlaxViTModel, path, from_pt,
-                                   add_pooling_layer=False)
-  params = {k: v for k, v in params.items() if k != 'pooler'}
+  model = dino.ViTModel(dino.config_from_dict(formats.read_json(
+      os.path.join(path, 'config.json'))))
+  shapes = dino.param_shapes(model)
+  weights_path = os.path.join(path, 'model.safetensors' if from_pt else 'flax_model.msgpack')
+  try:
+    if from_pt:
+      params = dino.params_from_torch_state(formats.read_torch_state(weights_path, False),
+                                            shapes)
+    else:
+      params = dino.params_from_flax_layout(formats.read_msgpack(weights_path), shapes)
+  except ValueError as e:
+    raise formats.CheckpointError(f'{weights_path} does not fit its config.json: {e}') from None
+  params = jax.tree.map(jnp.asarray, params)
   processor = _load_processor(path, lambda: _dino_processor(model.config.image_size))
   return DinoScorer(model=model, params=params, processor=processor)
 
@@ -300,8 +325,8 @@ def tiny_dino_config() -> transformers.ViTConfig:
 def _lecun_reinit(params, seed: int):
   """Redraws kernels and embeddings with std 1/sqrt(fan_in).
 
-  Flax CLIP hard-codes tiny init scales (attention 0.01, class token 0.02); in a random
-  model every image then maps to almost the same embedding.
+  CLIP's init scales are tiny (normal 0.02); in a random model every image then maps to
+  almost the same embedding.
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
@@ -319,18 +344,21 @@ def tiny_clip(seed: int = 0) -> ClipScorer:
   """Random-init tiny CLIP with a fixed seed (plumbing checks only, scores meaningless)."""
   tokenizer = tiny.build_tokenizer()
   config = tiny_clip_config(tokenizer)
-  model = transformers.FlaxCLIPModel(config, seed=seed)
-  model.params = _lecun_reinit(model.params, seed)
+  model = _clip_towers(config)
+  params = _lecun_reinit({'text': clip.init_params(model.text, jax.random.PRNGKey(seed)),
+                          'vision': clip.init_params(model.vision, jax.random.PRNGKey(seed))},
+                         seed)
   size = config.vision_config.image_size
   processor = transformers.CLIPImageProcessor(
       size={'shortest_edge': size}, crop_size={'height': size, 'width': size})
-  return ClipScorer(model=model, params=model.params, processor=processor,
-                    tokenizer=tokenizer)
+  return ClipScorer(model=model, params=params, processor=processor, tokenizer=tokenizer)
 
 
 def tiny_dino(seed: int = 0) -> DinoScorer:
   """Random-init tiny DINO ViT with a fixed seed (plumbing checks only)."""
   config = tiny_dino_config()
-  model = transformers.FlaxViTModel(config, seed=seed, add_pooling_layer=False)
-  return DinoScorer(model=model, params=model.params,
-                    processor=_dino_processor(config.image_size))
+  model = dino.ViTModel(dino.config_from_dict(config.to_dict()))
+  params = _lecun_reinit(jax.jit(model.init)(
+      jax.random.PRNGKey(seed), jnp.zeros((1, config.image_size, config.image_size, 3))
+  )['params'], seed)
+  return DinoScorer(model=model, params=params, processor=_dino_processor(config.image_size))

@@ -7,7 +7,6 @@ and sampling runs of the tiny config see the same frozen "pretrained" models.
 Sizes come from `config.tiny` (`unet`, and optionally `vae`, `text`, `vision` dicts that
 override the defaults below) and `config.resolution`.
 """
-import functools
 import json
 import math
 import os
@@ -16,13 +15,13 @@ from typing import Any
 
 from diffusers import FlaxAutoencoderKL
 import jax
+import jax.numpy as jnp
 import numpy as np
 from transformers import CLIPTextConfig
 from transformers import CLIPTokenizer
 from transformers import CLIPVisionConfig
-from transformers import FlaxCLIPTextModel
-from transformers import FlaxCLIPVisionModel
 
+from realcustom_jax import clip
 from realcustom_jax.loading import weights
 
 
@@ -179,6 +178,21 @@ def host_random_params(shapes: Any, seed: int) -> Any:
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+def random_tower_in_flax_layout(module, seed: int) -> Any:
+  """`host_random_params` for a `clip` tower, in transformers' Flax layout (what a
+  `flax_model.msgpack` holds): the draws follow that tree's leaf order, so the tiny
+  towers keep the weights they had as transformers' Flax CLIP."""
+  shapes = clip.param_shapes(module)
+  return host_random_params(clip.params_to_flax_layout(shapes, clip.tower_name(module)), seed)
+
+
+def random_tower_params(module, seed: int) -> Any:
+  """`random_tower_in_flax_layout` as the tower's own tree."""
+  tree = clip.params_from_flax_layout(random_tower_in_flax_layout(module, seed),
+                                      clip.tower_name(module), clip.param_shapes(module))
+  return jax.tree.map(jnp.asarray, tree)
+
+
 def build_tiny_components(config) -> tuple[weights.StableDiffusionComponents,
                                            weights.VisionEncoder]:
   """Builds the tiny random-init SD components and CLIP vision encoder.
@@ -206,16 +220,11 @@ def build_tiny_components(config) -> tuple[weights.StableDiffusionComponents,
   vae_params = host_random_params(
       jax.eval_shape(vae.init_weights, ABSTRACT_KEY), _VAE_SEED)
 
-  text_encoder = FlaxCLIPTextModel(text_cfg, _do_init=False)
-  text_params = host_random_params(jax.eval_shape(functools.partial(
-      text_encoder.init_weights, input_shape=(1, text_encoder.config.max_position_embeddings)),
-      ABSTRACT_KEY), _TEXT_SEED)
-
-  vision_model = FlaxCLIPVisionModel(vision_cfg, _do_init=False)
+  text_encoder = clip.CLIPTextModel(clip.CLIPConfig.from_dict(text_cfg.to_dict()))
+  text_params = random_tower_params(text_encoder, _TEXT_SEED)
+  vision_model = clip.CLIPVisionModel(clip.CLIPConfig.from_dict(vision_cfg.to_dict()))
+  vision_params = random_tower_params(vision_model, _VISION_SEED)
   size = vision_cfg.image_size
-  vision_params = host_random_params(jax.eval_shape(functools.partial(
-      vision_model.init_weights, input_shape=(1, size, size, 3)), ABSTRACT_KEY),
-      _VISION_SEED)
 
   components = weights.StableDiffusionComponents(
       unet_config=unet_cfg,

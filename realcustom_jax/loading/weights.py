@@ -10,14 +10,15 @@ import os
 from typing import Any
 
 from diffusers import FlaxAutoencoderKL
+import flax
+import jax
 import jax.numpy as jnp
+import numpy as np
 from transformers import CLIPTextConfig
 from transformers import CLIPTokenizer
 from transformers import CLIPVisionConfig
-from transformers import FlaxCLIPTextModel
-from transformers import FlaxCLIPTextModelWithProjection
-from transformers import FlaxCLIPVisionModel
 
+from realcustom_jax import clip
 from realcustom_jax import unet as unet_lib
 from realcustom_jax.loading import formats
 from realcustom_jax.loading.formats import CheckpointError  # noqa: F401 (the loaders' error)
@@ -60,12 +61,12 @@ class StableDiffusionComponents(DenoiserComponents):
   `DenoiserComponents` and
 
   Attributes:
-    text_encoder: transformers' FlaxCLIPTextModel (call with `params=text_params`).
+    text_encoder: the project's `clip.CLIPTextModel` (`apply({'params': text_params}, ids)`).
     text_params: its parameters.
     tokenizer: the CLIPTokenizer that goes with the text encoder.
     scheduler_config: scheduler/scheduler_config.json as a dict.
   """
-  text_encoder: FlaxCLIPTextModel
+  text_encoder: clip.CLIPTextModel
   text_params: Params = dataclasses.field(repr=False)
   tokenizer: CLIPTokenizer
   scheduler_config: dict[str, Any]
@@ -76,7 +77,8 @@ class VisionEncoder:
   """A CLIP vision tower with its preprocessing settings.
 
   Attributes:
-    model: transformers' FlaxCLIPVisionModel (call with `params=params`).
+    model: the project's `clip.CLIPVisionModel` (`apply({'params': params}, pixels)`,
+      pixels NHWC).
     params: its parameters.
     image_size: side of the square crop the model takes (config image_size).
     resize_size: the shorter image side is resized to this before the crop.
@@ -84,7 +86,7 @@ class VisionEncoder:
     std: per-channel normalisation std.
     resample: PIL resampling filter code for the resize (3 = bicubic).
   """
-  model: FlaxCLIPVisionModel
+  model: clip.CLIPVisionModel
   params: Params = dataclasses.field(repr=False)
   image_size: int
   resize_size: int
@@ -218,8 +220,8 @@ def load_stable_diffusion(path: str, allow_pickle: bool = False,
     raise CheckpointError(
         f'{text_dir}: text hidden_size {text_config.hidden_size} does not match the '
         f'UNet cross_attention_dim {unet_config.get("cross_attention_dim", 1280)}')
-  text_encoder = FlaxCLIPTextModel(text_config, _do_init=False)
-  text_params = formats.load_transformers_params(text_encoder, text_dir, allow_pickle, dtype)
+  text_encoder = clip.CLIPTextModel(_clip_config(text_config, text_dir))
+  text_params = load_clip_params(text_encoder, text_dir, allow_pickle, dtype)
 
   tokenizer = load_tokenizer(path)
 
@@ -232,8 +234,48 @@ def load_stable_diffusion(path: str, allow_pickle: bool = False,
       scheduler_config=scheduler_config)
 
 
+def _clip_config(config, path: str, with_projection: bool = False) -> clip.CLIPConfig:
+  """transformers' CLIPTextConfig / CLIPVisionConfig as the project's tower config."""
+  try:
+    return clip.CLIPConfig.from_dict(config.to_dict(), with_projection=with_projection)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f'{path}: {e}') from None
+
+
+def load_clip_params(module, folder: str, allow_pickle: bool, dtype) -> Params:
+  """A transformers CLIP folder's weights (safetensors, Flax msgpack, or `.bin` with
+  `allow_pickle`) as the project's tree for `module` (`clip.CLIPTextModel` or
+  `clip.CLIPVisionModel`; a whole CLIPModel's file gives its one tower).
+
+  Raises:
+    CheckpointError: no weights file, or weights that do not fit the config.
+  """
+  path = formats.find_weights(folder, formats.TRANSFORMERS_FILES)
+  tower, shapes = clip.tower_name(module), clip.param_shapes(module)
+  try:
+    if path.endswith('.msgpack'):
+      tree = clip.params_from_flax_layout(formats.read_msgpack(path), tower, shapes)
+    else:
+      tree = clip.params_from_torch_state(formats.read_torch_state(path, allow_pickle), tower,
+                                          shapes)
+  except ValueError as e:
+    raise CheckpointError(f'{path} does not fit its config.json: {e}') from None
+  return formats.check_and_cast(tree, shapes, path, dtype)
+
+
+def save_clip_tower(folder: str, config, params: Params, tower: str) -> None:
+  """Writes a tower where `load_clip_params` reads it: transformers' `config.json`
+  (`config`, a CLIPTextConfig / CLIPVisionConfig) and `flax_model.msgpack` in
+  transformers' Flax layout (`clip.params_to_flax_layout`), torch-free."""
+  os.makedirs(folder, exist_ok=True)
+  config.save_pretrained(folder)
+  tree = jax.tree.map(np.asarray, clip.params_to_flax_layout(params, tower))
+  with open(os.path.join(folder, 'flax_model.msgpack'), 'wb') as f:
+    f.write(flax.serialization.msgpack_serialize(tree))
+
+
 def load_text_encoder(text_dir: str, allow_pickle: bool = False, dtype=jnp.float32
-                      ) -> tuple[FlaxCLIPTextModel, Params, Any]:
+                      ) -> tuple[clip.CLIPTextModel, Params, Any]:
   """Loads a transformers CLIP text model folder without torch.
 
   A CLIPTextModelWithProjection checkpoint (SDXL's text_encoder_2/) is read whole, its
@@ -247,7 +289,7 @@ def load_text_encoder(text_dir: str, allow_pickle: bool = False, dtype=jnp.float
     dtype: cast floating parameters to this dtype; None keeps the file's dtypes.
 
   Returns:
-    (FlaxCLIPTextModel, its params {'text_model': ...}, the (hidden, projection_dim)
+    (clip.CLIPTextModel without projection, its params, the (hidden, projection_dim)
     text_projection kernel or None).
 
   Raises:
@@ -256,14 +298,11 @@ def load_text_encoder(text_dir: str, allow_pickle: bool = False, dtype=jnp.float
   config_path = os.path.join(text_dir, 'config.json')
   architectures = formats.read_json(config_path).get('architectures') or []
   config = CLIPTextConfig.from_pretrained(text_dir)
-  if 'CLIPTextModelWithProjection' in architectures:
-    tree = formats.load_transformers_params(FlaxCLIPTextModelWithProjection(config, _do_init=False),
-                                     text_dir, allow_pickle, dtype)
-    projection = tree['text_projection']['kernel']
-  else:
-    tree, projection = formats.load_transformers_params(
-        FlaxCLIPTextModel(config, _do_init=False), text_dir, allow_pickle, dtype), None
-  return FlaxCLIPTextModel(config, _do_init=False), {'text_model': tree['text_model']}, projection
+  with_projection = 'CLIPTextModelWithProjection' in architectures
+  tree = load_clip_params(clip.CLIPTextModel(_clip_config(config, text_dir, with_projection)),
+                          text_dir, allow_pickle, dtype)
+  projection = tree.pop('text_projection')['kernel'] if with_projection else None
+  return clip.CLIPTextModel(_clip_config(config, text_dir)), tree, projection
 
 
 def _size_of(value, key: str) -> int | None:
@@ -294,8 +333,8 @@ def load_vision_encoder(path: str, allow_pickle: bool = False,
     raise CheckpointError(f'vision encoder directory {path} does not exist')
   formats.read_json(os.path.join(path, 'config.json'))
   config = CLIPVisionConfig.from_pretrained(path)  # takes vision_config of a CLIPModel
-  model = FlaxCLIPVisionModel(config, _do_init=False)
-  params = formats.load_transformers_params(model, path, allow_pickle, dtype)
+  model = clip.CLIPVisionModel(_clip_config(config, path))
+  params = load_clip_params(model, path, allow_pickle, dtype)
 
   pre_path = os.path.join(path, 'preprocessor_config.json')
   pre = formats.read_json(pre_path) if os.path.isfile(pre_path) else {}

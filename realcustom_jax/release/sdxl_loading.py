@@ -10,8 +10,8 @@ from typing import Any
 
 import jax.numpy as jnp
 from transformers import CLIPTokenizer
-from transformers import FlaxCLIPTextModel
 
+from realcustom_jax import clip
 from realcustom_jax.loading import formats
 from realcustom_jax.loading.formats import CheckpointError
 from realcustom_jax.loading.formats import Params
@@ -28,8 +28,8 @@ class SDXLComponents(DenoiserComponents):
   `weights.DenoiserComponents` (its UNet builds our RealCustomUNet) and
 
   Attributes:
-    text_encoder: FlaxCLIPTextModel of text_encoder/.
-    text_encoder_2: FlaxCLIPTextModel of text_encoder_2/ (its projection, when the
+    text_encoder: `clip.CLIPTextModel` of text_encoder/.
+    text_encoder_2: `clip.CLIPTextModel` of text_encoder_2/ (its projection, when the
       checkpoint has one, is kept apart in text_params).
     text_params: {'text_encoder': ..., 'text_encoder_2': ...[, 'text_projection':
       (c2, p) kernel]}, what `sdxl_text.encode` takes.
@@ -38,8 +38,8 @@ class SDXLComponents(DenoiserComponents):
     scheduler_config: scheduler/scheduler_config.json as a dict; None when the
       directory has no scheduler/ (the release brings its own schedule).
   """
-  text_encoder: FlaxCLIPTextModel
-  text_encoder_2: FlaxCLIPTextModel
+  text_encoder: clip.CLIPTextModel
+  text_encoder_2: clip.CLIPTextModel
   text_params: Params = dataclasses.field(repr=False)
   tokenizer: CLIPTokenizer
   tokenizer_2: CLIPTokenizer

@@ -38,13 +38,12 @@ def penultimate_nonorm(text_encoder, params, input_ids: Array) -> tuple[Array, A
   """One encoder's release features: (hidden_states[-2] (B, L, c), pooler_output (B, c)).
 
   Args:
-    text_encoder: transformers' FlaxCLIPTextModel.
-    params: its parameters ({'text_model': ...}).
+    text_encoder: `clip.CLIPTextModel`.
+    params: its parameters.
     input_ids: int (B, L) token ids; no attention mask, as in the release.
   """
-  out = text_encoder(jnp.asarray(input_ids), params=params, output_hidden_states=True,
-                     train=False)
-  return out.hidden_states[-2], out.pooler_output
+  out = text_encoder.apply({'params': params}, jnp.asarray(input_ids))
+  return out.hidden_states[-2], out.pooled
 
 
 def encode(text_encoder, text_encoder_2, params: dict[str, Any], input_ids: Array,
@@ -52,8 +51,8 @@ def encode(text_encoder, text_encoder_2, params: dict[str, Any], input_ids: Arra
   """SDXL text features: the UNet's context and pooled `text_embeds`.
 
   Args:
-    text_encoder: FlaxCLIPTextModel of `text_encoder/` (CLIP ViT-L in SDXL).
-    text_encoder_2: FlaxCLIPTextModel of `text_encoder_2/` (OpenCLIP bigG in SDXL).
+    text_encoder: `clip.CLIPTextModel` of `text_encoder/` (CLIP ViT-L in SDXL).
+    text_encoder_2: `clip.CLIPTextModel` of `text_encoder_2/` (OpenCLIP bigG in SDXL).
     params: {'text_encoder': ..., 'text_encoder_2': ..., and when the checkpoint has
       one, 'text_projection': (c2, p) kernel} (`sdxl_loading.SDXLComponents.text_params`).
     input_ids: (B, L) ids from `tokenizer/`.

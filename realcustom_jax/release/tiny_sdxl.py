@@ -1,6 +1,5 @@
 """A tiny random SDXL directory on disk, in diffusers' layout and without torch: the
 base of the tiny release (`release.tiny`) and of the SDXL loader's tests."""
-import functools
 import json
 import os
 from typing import Any
@@ -10,12 +9,12 @@ import flax
 import jax
 import numpy as np
 from transformers import CLIPTextConfig
-from transformers import FlaxCLIPTextModel
-from transformers import FlaxCLIPTextModelWithProjection
 
+from realcustom_jax import clip
 from realcustom_jax.loading.tiny import ABSTRACT_KEY
 from realcustom_jax.loading.tiny import build_tokenizer
 from realcustom_jax.loading.tiny import host_random_params
+from realcustom_jax.loading.tiny import random_tower_in_flax_layout
 from realcustom_jax.loading.tiny import vae_dict
 
 # SDXL's UNet shape at toy size: no attention in the first block, transformer depth
@@ -104,18 +103,18 @@ def write_tiny_sdxl(path: str, seed: int = 0, unet: dict[str, Any] | None = None
   tokenizer_2 = build_tokenizer()
   tokenizer_2.pad_token = '!'
   tokenizer_2.save_pretrained(os.path.join(path, 'tokenizer_2'))
-  for name, cls, sizes, tok, s in (
-      ('text_encoder', FlaxCLIPTextModel, SDXL_TEXT, tokenizer, seeds[2]),
-      ('text_encoder_2', FlaxCLIPTextModelWithProjection, SDXL_TEXT_2, tokenizer_2, seeds[3])):
+  for name, architecture, sizes, tok, s in (
+      ('text_encoder', 'CLIPTextModel', SDXL_TEXT, tokenizer, seeds[2]),
+      ('text_encoder_2', 'CLIPTextModelWithProjection', SDXL_TEXT_2, tokenizer_2, seeds[3])):
     text_cfg = CLIPTextConfig(
         vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, num_hidden_layers=3, num_attention_heads=2,
-        max_position_embeddings=77, architectures=[cls.__name__[len('Flax'):]], **sizes)
-    text_model = cls(text_cfg, _do_init=False)
+        max_position_embeddings=77, architectures=[architecture], **sizes)
+    tower = clip.CLIPTextModel(clip.CLIPConfig.from_dict(
+        text_cfg.to_dict(), with_projection=architecture.endswith('WithProjection')))
     text_cfg.save_pretrained(os.path.join(path, name))
-    _write_msgpack(os.path.join(path, name, 'flax_model.msgpack'), host_random_params(
-        jax.eval_shape(functools.partial(text_model.init_weights, input_shape=(1, 77)),
-                       ABSTRACT_KEY), int(s)))
+    _write_msgpack(os.path.join(path, name, 'flax_model.msgpack'),
+                   random_tower_in_flax_layout(tower, int(s)))
 
   # ---- Scheduler and pipeline index ----
   _write_json(os.path.join(path, 'scheduler', 'scheduler_config.json'), SDXL_SCHEDULER_CONFIG)

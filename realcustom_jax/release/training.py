@@ -75,8 +75,8 @@ class ReleaseModels:
   """The modules (no parameters) the step closes over."""
   model: release_model.ReleaseRealCustom
   vae: Any  # diffusers FlaxAutoencoderKL
-  text_encoder: Any  # FlaxCLIPTextModel of text_encoder/
-  text_encoder_2: Any  # FlaxCLIPTextModel of text_encoder_2/
+  text_encoder: Any  # clip.CLIPTextModel of text_encoder/
+  text_encoder_2: Any  # clip.CLIPTextModel of text_encoder_2/
   subject_encoder: release_encoder.SubjectEncoder
   scaling_factor: float
 
