@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
-from transformers import modeling_flax_pytorch_utils as transformers_convert
 
 # Weight files in order of preference: safetensors, Flax msgpack, then pickle.
 DIFFUSERS_FILES = (
@@ -162,22 +161,6 @@ def load_diffusers_params(module, folder: str, allow_pickle: bool, dtype) -> Par
       tree = diffusers_convert.convert_pytorch_state_dict_to_flax(
           {k: _Tensor(v) for k, v in state.items()}, shim)
     except (ValueError, AssertionError) as e:  # the converter asserts on some shapes
-      raise CheckpointError(f'{path} does not fit its config.json: {e}') from None
-  return check_and_cast(tree, shapes, path, dtype)
-
-
-def load_transformers_params(model, folder: str, allow_pickle: bool, dtype) -> Params:
-  """Loads a transformers model folder's weights into the Flax `model`'s param tree."""
-  path = find_weights(folder, TRANSFORMERS_FILES)
-  shapes = model.params_shape_tree
-  if path.endswith('.msgpack'):
-    tree = read_msgpack(path)
-  else:
-    state = read_torch_state(path, allow_pickle)
-    shim = types.SimpleNamespace(params=shapes, base_model_prefix=model.base_model_prefix)
-    try:
-      tree = transformers_convert.convert_pytorch_state_dict_to_flax(state, shim)
-    except (ValueError, AssertionError) as e:
       raise CheckpointError(f'{path} does not fit its config.json: {e}') from None
   return check_and_cast(tree, shapes, path, dtype)
 
