@@ -239,6 +239,7 @@ def init_params(module: nn.Module, rng: Array) -> dict:
 # ---------------------------------------------------------------------------------
 
 _TOWERS = {'text': 'text_model.', 'vision': 'vision_model.'}
+_PROJECTIONS = {'text': 'text_projection', 'vision': 'visual_projection'}
 # Keys of the torch state dict that hold no parameter of ours.
 _BUFFERS = ('position_ids',)
 
@@ -264,6 +265,9 @@ def params_from_torch_state(state: Mapping[str, np.ndarray], tower: str,
                             shapes: Mapping) -> dict:
   """transformers' torch state dict (one tower, or a whole CLIPModel) as our tree.
 
+  A single tower's keys may carry its prefix ('text_model.encoder...', as transformers 4
+  and the hub's checkpoints write them) or not (transformers 5's `save_pretrained`).
+
   Args:
     state: name -> array, as `loading.formats.read_torch_state` gives it.
     tower: 'text' or 'vision'.
@@ -275,6 +279,10 @@ def params_from_torch_state(state: Mapping[str, np.ndarray], tower: str,
   Raises:
     ValueError: a parameter missing from `state`, or one of another shape.
   """
+  if not any(k.startswith(tuple(_TOWERS.values())) for k in state):
+    # transformers 5 saves a single tower without its 'text_model.' / 'vision_model.'.
+    state = {k if k.startswith(tuple(_PROJECTIONS.values())) else _TOWERS[tower] + k: v
+             for k, v in state.items()}
   got = {}
   for key, value in state.items():
     if key.split('.')[-1] in _BUFFERS:
@@ -322,7 +330,6 @@ def checked_params(got: Mapping[tuple[str, ...], np.ndarray], tower: str,
 # ---------------------------------------------------------------------------------
 
 _EMBEDDINGS = ('token_embedding', 'position_embedding', 'patch_embedding', 'class_embedding')
-_PROJECTIONS = {'text': 'text_projection', 'vision': 'visual_projection'}
 
 
 def _from_flax_path(path: tuple[str, ...], tower: str) -> Optional[tuple[str, ...]]:
