@@ -180,9 +180,12 @@ def load_tokenizer(path: str, subfolder: str = 'tokenizer') -> CLIPTokenizer:
     CheckpointError: a missing directory or tokenizer file.
   """
   tok_dir = formats.subfolder(path, subfolder)
-  for name in ('vocab.json', 'merges.txt'):
-    if not os.path.isfile(os.path.join(tok_dir, name)):
-      raise CheckpointError(f'tokenizer file {os.path.join(tok_dir, name)} is missing')
+  # vocab.json + merges.txt (the hub's SD folders), or tokenizer.json alone (what
+  # transformers 5's save_pretrained writes).
+  if not os.path.isfile(os.path.join(tok_dir, 'tokenizer.json')):
+    for name in ('vocab.json', 'merges.txt'):
+      if not os.path.isfile(os.path.join(tok_dir, name)):
+        raise CheckpointError(f'tokenizer file {os.path.join(tok_dir, name)} is missing')
   return CLIPTokenizer.from_pretrained(tok_dir)
 
 
