@@ -248,9 +248,12 @@ def _flax_path(key: str, tower: str) -> tuple[str, ...]:
   """'text_model.encoder.layers.3.self_attn.q_proj.weight' -> our tree's path."""
   key = key.removeprefix(_TOWERS[tower])
   key = key.replace('embeddings.', '', 1) if key.startswith('embeddings.') else key
-  parts = key.split('.')
-  out = []
-  i = 0
+  return _joined_layers(key.split('.'))
+
+
+def _joined_layers(parts) -> tuple[str, ...]:
+  """('encoder', 'layers', '3', ...) -> ('encoder', 'layers_3', ...)."""
+  out, i = [], 0
   while i < len(parts):
     if parts[i] == 'layers' and i + 1 < len(parts) and parts[i + 1].isdigit():
       out.append(f'layers_{parts[i + 1]}')
@@ -341,15 +344,7 @@ def _from_flax_path(path: tuple[str, ...], tower: str) -> Optional[tuple[str, ..
   rest = list(path[1:])
   if rest and rest[0] == 'embeddings':
     rest = rest[1:]
-  out, i = [], 0
-  while i < len(rest):
-    if rest[i] == 'layers' and i + 1 < len(rest) and rest[i + 1].isdigit():
-      out.append(f'layers_{rest[i + 1]}')
-      i += 2
-      continue
-    out.append(rest[i])
-    i += 1
-  return tuple(out)
+  return _joined_layers(rest)
 
 
 def params_from_flax_layout(tree: Mapping, tower: str, shapes: Mapping) -> dict:
