@@ -222,4 +222,6 @@ def skip_torch() -> None:
   if any(m in sys.modules for m in ('torch', 'diffusers', 'transformers')):
     return
   os.environ['USE_TORCH'] = '0'  # both libraries then treat torch as absent
+  # transformers 5 then advises at import that "PyTorch was not found": not for our user.
+  os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
   sys.modules['torch'] = None  # and diffusers' unconditional `import torch` fails softly
