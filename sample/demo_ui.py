@@ -30,13 +30,23 @@ def _title(demo: Demo) -> str:
           'steps; the plain text-to-image images start from the same noise.')
 
 
+def _slider(gr, minimum, maximum, **kwargs):
+  """A slider, or the one value it could take as a fixed number (Gradio 6 refuses a
+  slider whose minimum is its maximum, e.g. a page limited to one image)."""
+  if minimum >= maximum:
+    kwargs.pop('step', None)
+    return gr.Number(minimum=minimum, maximum=maximum, interactive=False,
+                     precision=0 if float(minimum).is_integer() else None, **kwargs)
+  return gr.Slider(minimum, maximum, **kwargs)
+
+
 def _component(gr, control, value, max_steps: int):
   """The Gradio input of one `family.Control`."""
   elem_id = control.elem_id or control.name
   if control.kind == 'slider':
     maximum = max_steps if control.maximum is None else control.maximum
-    return gr.Slider(control.minimum, maximum, value=value, step=control.step,
-                     label=control.label, elem_id=elem_id)
+    return _slider(gr, control.minimum, maximum, value=value, step=control.step,
+                   label=control.label, elem_id=elem_id)
   if control.kind == 'choice':
     return gr.Radio(list(control.choices), value=value, label=control.label, elem_id=elem_id)
   if control.kind == 'choices':
@@ -69,8 +79,7 @@ def build_ui(demo: Demo):
   """
   import gradio as gr  # pylint: disable=g-import-not-at-top
   names = demo.controls.names
-  with gr.Blocks(title='RealCustom demo', analytics_enabled=False,
-                 theme=_theme()) as blocks:
+  with gr.Blocks(title='RealCustom demo', analytics_enabled=False) as blocks:
     gr.Markdown(_title(demo))
     with gr.Row():
       inputs = _input_column(gr, demo)
@@ -127,12 +136,12 @@ def build_ui(demo: Demo):
         + controls, [images, plain, strip, status], api_name='generate', preprocess=False,
         concurrency_limit=1, concurrency_id='generate')
     event.then(update_note, [num_images, num_steps] + controls, note,
-               api_name=False, queue=False)
-    prompt.change(update_words, [prompt, word], word, api_name=False, queue=False,
+               api_visibility='private', queue=False)
+    prompt.change(update_words, [prompt, word], word, api_visibility='private', queue=False,
                   show_progress='hidden')
     for control in static_controls:
       control.change(update_note, [num_images, num_steps] + controls, note,
-                     api_name=False, queue=False, show_progress='hidden')
+                     api_visibility='private', queue=False, show_progress='hidden')
   blocks.queue(default_concurrency_limit=1)
   return blocks
 
@@ -155,10 +164,10 @@ def _input_column(gr, demo: Demo) -> dict:
     with gr.Row():
       out['seed'] = gr.Number(label='Seed', value=0, precision=0, minimum=0,
                               maximum=2**32 - 1, elem_id='seed')
-      out['num_images'] = gr.Slider(1, demo.max_images, value=1, step=1,
-                                    label='Number of images', elem_id='num_images')
-      out['num_steps'] = gr.Slider(1, demo.max_steps, value=demo.default_steps, step=1,
-                                   label='Steps', elem_id='num_steps')
+      out['num_images'] = _slider(gr, 1, demo.max_images, value=1, step=1,
+                                  label='Number of images', elem_id='num_images')
+      out['num_steps'] = _slider(gr, 1, demo.max_steps, value=demo.default_steps, step=1,
+                                 label='Steps', elem_id='num_steps')
     out['controls'] = [_component(gr, c, defaults[c.name], demo.max_steps)
                        for c in demo.controls.controls]
     out['static_controls'] = [out['num_images'], out['num_steps']] + [
@@ -199,5 +208,5 @@ def launch(blocks, host: str = '127.0.0.1', port: int = 7860,
   """Starts serving `blocks` in the background (never a share tunnel); returns its URL."""
   blocks.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True,
                 quiet=True, show_error=False, max_file_size=int(max_file_size_mb * 2**20),
-                ssr_mode=False, mcp_server=False, pwa=False)
+                ssr_mode=False, mcp_server=False, pwa=False, theme=_theme())
   return f'http://{host}:{port}/'

@@ -236,7 +236,7 @@ def test_command_line_serves_the_page_and_stops_on_sigterm():
       config = json.loads(page.read())
     assert config['title'] == 'RealCustom demo'
     public = [d['api_name'] for d in config['dependencies']
-              if d.get('api_name') and d.get('show_api', True)]
+              if d.get('api_visibility', 'public') == 'public']
     assert public == ['generate']  # the page's helpers are not part of the API
     start = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
