@@ -71,6 +71,9 @@ def test_text_tower_matches_torch(tmp_path, act, eos, with_projection):
   else:
     assert got.embeds is None
     assert _worst(got.pooled, want.pooler_output) <= TOLERANCE
+  worst = max(_worst(a, b) for a, b in zip(got.hidden_states, want.hidden_states))
+  print(f'CLIP text parity ({act}, eos {eos}, projection {with_projection}): hidden '
+        f'states {worst:.1e}, last {_worst(got.last_hidden_state, want.last_hidden_state):.1e}')
 
 
 @pytest.mark.parametrize('with_projection', [False, True])
@@ -94,6 +97,8 @@ def test_vision_tower_matches_torch(tmp_path, with_projection):
     assert _worst(got.embeds, want.image_embeds) <= TOLERANCE
   else:
     assert _worst(got.pooled, want.pooler_output) <= TOLERANCE
+  worst = max(_worst(a, b) for a, b in zip(got.hidden_states, want.hidden_states))
+  print(f'CLIP vision parity (projection {with_projection}): hidden states {worst:.1e}')
 
 
 def test_the_loaders_give_the_numbers_of_the_transformers_flax_classes(tmp_path):
