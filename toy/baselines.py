@@ -75,8 +75,8 @@ def token_id(tokenizer, word: str) -> int:
   return int(ids[0])
 
 
-def _embedding_path(text_params) -> tuple[str, ...]:
-  return ('text_model', 'embeddings', 'token_embedding', 'embedding')
+# Where `clip.CLIPTextModel` keeps its token-embedding table.
+_EMBEDDING_PATH = ('token_embedding', 'embedding')
 
 
 def _get(tree, path):
@@ -93,9 +93,8 @@ def _set(tree, path, value):
 
 def with_token_embedding(text_params, token: int, vector: Array):
   """`text_params` with row `token` of the token-embedding table replaced by `vector`."""
-  path = _embedding_path(text_params)
-  table = _get(text_params, path)
-  return _set(text_params, path, table.at[token].set(vector.astype(table.dtype)))
+  table = _get(text_params, _EMBEDDING_PATH)
+  return _set(text_params, _EMBEDDING_PATH, table.at[token].set(vector.astype(table.dtype)))
 
 
 def optimise(settings: BaselineSettings, *, unet_apply: Callable[..., Array], unet_params,
@@ -125,7 +124,7 @@ def optimise(settings: BaselineSettings, *, unet_apply: Callable[..., Array], un
   step = _step_function(settings.method, unet_apply, text_encoder,
                         float(settings.learning_rate), int(settings.batch))
   if settings.method == 'textual_inversion':
-    start = _get(text_params, _embedding_path(text_params))[token]
+    start = _get(text_params, _EMBEDDING_PATH)[token]
   else:
     start = unet_params
   frozen = (unet_params, text_params, jnp.int32(token))
