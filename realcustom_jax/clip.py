@@ -217,7 +217,8 @@ def tower_name(module: nn.Module) -> str:
 
 
 def example_input(module: nn.Module) -> Array:
-  """One sample's input: (1, max_position_embeddings) ids or (1, S, S, C) pixels."""
+  """One sample's input: (1, max_position_embeddings) ids for the text tower, (1, S, S, C)
+  pixels for any other (the vision tower, `eval.dino.ViTModel`)."""
   c = module.config
   if tower_name(module) == 'text':
     return jnp.zeros((1, c.max_position_embeddings), jnp.int32)

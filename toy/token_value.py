@@ -214,7 +214,7 @@ def selection_shift(pipe, scenes, image_size: int, timesteps=(400, 700),
   for t, cond, z_t, sqrt_ab, _, areas in _measure(pipe, scenes, image_size, timesteps, seed,
                                                    values=False):
     h, w = z_t.shape[2:]
-    latent_mask = masks.reshape(b, h, masks.shape[1] // h, w, masks.shape[2] // w).mean((2, 4))
+    latent_mask = selection_gate.token_object_area(masks, h * w).reshape(b, h, w)
     masked = z_t * jnp.asarray(latent_mask > 0, z_t.dtype)[:, None]
     for name, text, z in (('train_like', cond.text, z_t), ('other_prompt', other_text, z_t),
                           ('masked_z', cond.text, masked), ('both', other_text, masked)):

@@ -54,12 +54,6 @@ def config_from_dict(raw: Mapping) -> clip.CLIPConfig:
                                         layer_norm_eps=raw.get('layer_norm_eps', 1e-12)))
 
 
-def param_shapes(module: ViTModel) -> dict:
-  c = module.config
-  pixels = jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32)
-  return jax.eval_shape(module.init, jax.random.PRNGKey(0), pixels)['params']
-
-
 # transformers' names inside one layer -> ours (clip.EncoderLayer's).
 _LAYER = {('attention', 'attention', 'query'): ('self_attn', 'q_proj'),
           ('attention', 'attention', 'key'): ('self_attn', 'k_proj'),
@@ -97,7 +91,7 @@ def params_from_state(flat: Mapping[tuple[str, ...], np.ndarray], torch_layout: 
   Args:
     flat: torch state dict keys split at '.' (`torch_layout`), or the flattened Flax tree.
     torch_layout: Linear weights (out, in) and conv OIHW, to be transposed.
-    shapes: our tree's shapes (`param_shapes`).
+    shapes: our tree's shapes (`clip.param_shapes`, which builds any `clip.Part` tower).
 
   Raises:
     ValueError: a parameter missing or misshapen (one line).

@@ -115,14 +115,14 @@ def _load_processor(path: str | None, default: Callable[[], Any]):
   return default()
 
 
-def _check_weights(path: str) -> bool:
-  """Returns from_pt for `path`, or raises naming the directory."""
+def _check_weights(path: str) -> None:
+  """Raises FileNotFoundError naming the directory when it holds no weights file."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: model directory not found')
   if os.path.isfile(os.path.join(path, 'flax_model.msgpack')):
-    return False
+    return
   if os.path.isfile(os.path.join(path, 'model.safetensors')):
-    return True
+    return
   raise FileNotFoundError(f'{path}: no flax_model.msgpack or model.safetensors')
 
 
@@ -271,20 +271,13 @@ def load_dino(path: str) -> DinoScorer:
   Returns:
     A `DinoScorer`.
   """
-  from_pt = _check_weights(path)
+  _check_weights(path)
   model = dino.ViTModel(dino.config_from_dict(formats.read_json(
       os.path.join(path, 'config.json'))))
-  shapes = dino.param_shapes(model)
-  weights_path = os.path.join(path, 'model.safetensors' if from_pt else 'flax_model.msgpack')
-  try:
-    if from_pt:
-      params = dino.params_from_torch_state(formats.read_torch_state(weights_path, False),
-                                            shapes)
-    else:
-      params = dino.params_from_flax_layout(formats.read_msgpack(weights_path), shapes)
-  except ValueError as e:
-    raise formats.CheckpointError(f'{weights_path} does not fit its config.json: {e}') from None
-  params = jax.tree.map(jnp.asarray, params)
+  shapes = clip.param_shapes(model)
+  params = weights.load_transformers_weights(
+      path, shapes, lambda state: dino.params_from_torch_state(state, shapes),
+      lambda tree: dino.params_from_flax_layout(tree, shapes), False, None)
   processor = _load_processor(path, lambda: _dino_processor(model.config.image_size))
   return DinoScorer(model=model, params=params, processor=processor)
 
@@ -358,7 +351,5 @@ def tiny_dino(seed: int = 0) -> DinoScorer:
   """Random-init tiny DINO ViT with a fixed seed (plumbing checks only)."""
   config = tiny_dino_config()
   model = dino.ViTModel(dino.config_from_dict(config.to_dict()))
-  params = _lecun_reinit(jax.jit(model.init)(
-      jax.random.PRNGKey(seed), jnp.zeros((1, config.image_size, config.image_size, 3))
-  )['params'], seed)
+  params = _lecun_reinit(clip.init_params(model, jax.random.PRNGKey(seed)), seed)
   return DinoScorer(model=model, params=params, processor=_dino_processor(config.image_size))

@@ -253,14 +253,28 @@ def load_clip_params(module, folder: str, allow_pickle: bool, dtype) -> Params:
   Raises:
     CheckpointError: no weights file, or weights that do not fit the config.
   """
-  path = formats.find_weights(folder, formats.TRANSFORMERS_FILES)
   tower, shapes = clip.tower_name(module), clip.param_shapes(module)
+  return load_transformers_weights(
+      folder, shapes, lambda state: clip.params_from_torch_state(state, tower, shapes),
+      lambda tree: clip.params_from_flax_layout(tree, tower, shapes), allow_pickle, dtype)
+
+
+def load_transformers_weights(folder: str, shapes: Params, from_torch_state, from_flax_tree,
+                              allow_pickle: bool, dtype) -> Params:
+  """A transformers folder's weights file (`formats.TRANSFORMERS_FILES`, in that order)
+  through the converter of its layout: `from_torch_state` (name -> array, torch names)
+  or `from_flax_tree` (a `flax_model.msgpack` tree); checked against `shapes` and cast
+  to `dtype` (None: the file's).
+
+  Raises:
+    CheckpointError: no weights file, or a converter's ValueError (one line).
+  """
+  path = formats.find_weights(folder, formats.TRANSFORMERS_FILES)
   try:
     if path.endswith('.msgpack'):
-      tree = clip.params_from_flax_layout(formats.read_msgpack(path), tower, shapes)
+      tree = from_flax_tree(formats.read_msgpack(path))
     else:
-      tree = clip.params_from_torch_state(formats.read_torch_state(path, allow_pickle), tower,
-                                          shapes)
+      tree = from_torch_state(formats.read_torch_state(path, allow_pickle))
   except ValueError as e:
     raise CheckpointError(f'{path} does not fit its config.json: {e}') from None
   return formats.check_and_cast(tree, shapes, path, dtype)
