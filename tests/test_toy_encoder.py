@@ -95,8 +95,7 @@ def test_encoder_learns_writes_the_transformers_layout_and_gates(base_dirs, tmp_
   # The stage: trained, saved, read back by the real loader (64 tokens of 2 x 2 px).
   trained_model, trained = toy_encoder.train(config, sd_dir, str(tmp_path / 'encoder'))
   vision_dir = str(tmp_path / 'encoder' / 'vision')
-  toy_encoder.save(vision_dir, trained_model, trained, reproduction.encoder_stamp(config),
-                   config)
+  toy_encoder.save(vision_dir, config, trained, reproduction.encoder_stamp(config))
   vision = weights.load_vision_encoder(vision_dir)
   tokens = encoders.image_features(vision.model, vision.params, pixels[:2])
   assert tokens.shape == (2, 64, 16)

@@ -157,14 +157,14 @@ def train(config, sd_dir: str, workdir: str) -> tuple[clip.CLIPVisionModel, dict
   return model, params
 
 
-def save(vision_dir: str, model: clip.CLIPVisionModel, params: dict, stamp: dict,
-         config) -> None:
+def save(vision_dir: str, config, params: dict, stamp: dict) -> None:
   """Writes the tower where `weights.load_vision_encoder` reads it, with its projections
   and `stamp`; written aside and renamed, so a directory there is complete."""
   tmp = vision_dir + '.partial'
   shutil.rmtree(tmp, ignore_errors=True)
-  weights.save_clip_tower(tmp, vision_config(config), params['vision'], 'vision')
-  size = model.config.image_size
+  tower_config = vision_config(config)
+  weights.save_clip_tower(tmp, tower_config, params['vision'], 'vision')
+  size = tower_config.image_size
   CLIPImageProcessor(size={'shortest_edge': size},
                      crop_size={'height': size, 'width': size}).save_pretrained(tmp)
   heads = {k: np.asarray(params[k]).tolist() for k in ('image_projection', 'text_projection',

@@ -258,8 +258,8 @@ def stage_encoder(config, workdir: str, sd_dir: str, random_vision_dir: str) -> 
         shutil.rmtree(edir)
   if not os.path.isfile(stamp_path):
     t0 = time.perf_counter()
-    model, params = toy_encoder.train(config, sd_dir, edir)
-    toy_encoder.save(vision_dir, model, params, stamp, config)
+    _, params = toy_encoder.train(config, sd_dir, edir)
+    toy_encoder.save(vision_dir, config, params, stamp)
     _progress(f'encoder: trained in {time.perf_counter() - t0:.0f}s')
   if not os.path.isfile(gate_path):
     gate = toy_encoder.gate(config, sd_dir, vision_dir, random_vision_dir)
