@@ -86,9 +86,9 @@ def _encoders(config, arch: str):
                                 vision_resize=vision.resize_size, vision_size=vision.image_size,
                                 vision_mean=vision.mean, vision_std=vision.std))
   vae = FlaxAutoencoderKL.from_config(SD15_VAE)
-  text = clip.CLIPTextModel(clip.CLIPConfig.from_dict(CLIPTextConfig(**CLIP_L14_TEXT).to_dict()))
+  text = clip.CLIPTextModel(clip.CLIPConfig.from_dict(CLIPTextConfig(**CLIP_L14_TEXT)))
   vision = clip.CLIPVisionModel(clip.CLIPConfig.from_dict(
-      CLIPVisionConfig(**CLIP_L14_VISION).to_dict()))
+      CLIPVisionConfig(**CLIP_L14_VISION)))
   size = CLIP_L14_VISION['image_size']
   return (vae, tiny.host_random_params(jax.eval_shape(vae.init_weights, _KEY), 1),
           text, tiny.random_tower_params(text, 2), vision, tiny.random_tower_params(vision, 3),

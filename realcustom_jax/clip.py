@@ -60,8 +60,10 @@ class CLIPConfig:
   num_channels: int = 3
 
   @classmethod
-  def from_dict(cls, raw: Mapping[str, Any], with_projection: bool = False) -> 'CLIPConfig':
-    """From a config.json dict (a CLIPModel's nested text_config / vision_config too)."""
+  def from_dict(cls, raw: Any, with_projection: bool = False) -> 'CLIPConfig':
+    """From a config.json dict (a CLIPModel's nested text_config / vision_config too) or a
+    transformers config object (CLIPTextConfig, CLIPVisionConfig, ViTConfig)."""
+    raw = raw.to_dict() if hasattr(raw, 'to_dict') else raw
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in raw.items() if k in names}
     kwargs['projection_dim'] = raw.get('projection_dim') if with_projection else None

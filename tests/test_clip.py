@@ -183,3 +183,11 @@ def test_a_missing_or_misshapen_parameter_is_named(tmp_path):
     clip.params_from_torch_state(wide, 'text', shapes)
   with pytest.raises(ValueError, match="hidden_act 'relu' is not supported"):
     clip.CLIPConfig.from_dict(dict(raw, hidden_act='relu'))
+
+
+def test_a_config_object_gives_the_config_of_its_dict():
+  text = transformers.CLIPTextConfig(**TEXT, projection_dim=8)
+  from_object = clip.CLIPConfig.from_dict(text, with_projection=True)
+  assert from_object == clip.CLIPConfig.from_dict(text.to_dict(), with_projection=True)
+  assert (from_object.hidden_size, from_object.projection_dim) == (TEXT['hidden_size'], 8)
+  assert clip.CLIPConfig.from_dict(text).projection_dim is None

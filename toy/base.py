@@ -210,7 +210,7 @@ def decode_latents(vae: FlaxAutoencoderKL, params, latents: np.ndarray) -> np.nd
 def build_text_encoder(config, tokenizer) -> tuple[clip.CLIPTextModel, dict]:
   """The CLIP text encoder sized for the world's tokenizer, at a fixed random init."""
   model = clip.CLIPTextModel(clip.CLIPConfig.from_dict(
-      tiny.text_config(config, tokenizer).to_dict()))
+      tiny.text_config(config, tokenizer)))
   return model, clip.init_params(model, jax.random.PRNGKey(_TEXT_SEED))
 
 
@@ -372,7 +372,7 @@ def save_pretrained(out_dir: str, config, unet_params, vae_params, scaling_facto
       'scheduler': ['diffusers', 'DDIMScheduler']})
 
   vision_config = tiny.vision_config(config)
-  vision = clip.CLIPVisionModel(clip.CLIPConfig.from_dict(vision_config.to_dict()))
+  vision = clip.CLIPVisionModel(clip.CLIPConfig.from_dict(vision_config))
   size = vision_config.image_size
   weights.save_clip_tower(vision_dir, vision_config,
                           clip.init_params(vision, jax.random.PRNGKey(_VISION_SEED)), 'vision')

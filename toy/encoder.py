@@ -110,7 +110,7 @@ def contrastive_loss(image_emb, text_emb, logit_scale, caption_ids) -> jax.Array
 
 def build_model(config) -> clip.CLIPVisionModel:
   """The tower of `vision_config` (the project's CLIP vision module)."""
-  return clip.CLIPVisionModel(clip.CLIPConfig.from_dict(vision_config(config).to_dict()))
+  return clip.CLIPVisionModel(clip.CLIPConfig.from_dict(vision_config(config)))
 
 
 def init_params(config, model: clip.CLIPVisionModel, text_dim: int) -> dict:

@@ -220,9 +220,9 @@ def build_tiny_components(config) -> tuple[weights.StableDiffusionComponents,
   vae_params = host_random_params(
       jax.eval_shape(vae.init_weights, ABSTRACT_KEY), _VAE_SEED)
 
-  text_encoder = clip.CLIPTextModel(clip.CLIPConfig.from_dict(text_cfg.to_dict()))
+  text_encoder = clip.CLIPTextModel(clip.CLIPConfig.from_dict(text_cfg))
   text_params = random_tower_params(text_encoder, _TEXT_SEED)
-  vision_model = clip.CLIPVisionModel(clip.CLIPConfig.from_dict(vision_cfg.to_dict()))
+  vision_model = clip.CLIPVisionModel(clip.CLIPConfig.from_dict(vision_cfg))
   vision_params = random_tower_params(vision_model, _VISION_SEED)
   size = vision_cfg.image_size
 

@@ -240,7 +240,7 @@ def load_stable_diffusion(path: str, allow_pickle: bool = False,
 def _clip_config(config, path: str, with_projection: bool = False) -> clip.CLIPConfig:
   """transformers' CLIPTextConfig / CLIPVisionConfig as the project's tower config."""
   try:
-    return clip.CLIPConfig.from_dict(config.to_dict(), with_projection=with_projection)
+    return clip.CLIPConfig.from_dict(config, with_projection=with_projection)
   except (TypeError, ValueError) as e:
     raise CheckpointError(f'{path}: {e}') from None
 

@@ -111,7 +111,7 @@ def write_tiny_sdxl(path: str, seed: int = 0, unet: dict[str, Any] | None = None
         pad_token_id=tok.pad_token_id, num_hidden_layers=3, num_attention_heads=2,
         max_position_embeddings=77, architectures=[architecture], **sizes)
     tower = clip.CLIPTextModel(clip.CLIPConfig.from_dict(
-        text_cfg.to_dict(), with_projection=architecture.endswith('WithProjection')))
+        text_cfg, with_projection=architecture.endswith('WithProjection')))
     text_cfg.save_pretrained(os.path.join(path, name))
     _write_msgpack(os.path.join(path, name, 'flax_model.msgpack'),
                    random_tower_in_flax_layout(tower, int(s)))
