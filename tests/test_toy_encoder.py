@@ -1,5 +1,7 @@
 """toy/encoder.py: the CLIP-like subject encoder as a learning part, its on-disk layout
 and its gate, on the shipped toy base's text encoder (read through the real loaders)."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +19,9 @@ from toy import world as toy_world
 
 @pytest.fixture(scope='module')
 def base_dirs(tmp_path_factory):
-  sd_dir, vision_dir, _ = shipped.materialise(str(tmp_path_factory.mktemp('shipped')))
-  return sd_dir, vision_dir
+  dest = str(tmp_path_factory.mktemp('shipped'))
+  sd_dir, _, _ = shipped.materialise(dest)
+  return sd_dir, os.path.join(dest, 'vision')  # the base's random tower
 
 
 def _small_config():

@@ -7,10 +7,14 @@ settings. The thresholds sit below what the shipped model measured (docs/
 toy_reproduction.md, "Regression test"): a change that breaks the text path, the visual
 branch, the influence scope or the guidance fails here, not only a shape.
 """
+import json
 import os
+import shutil
 import subprocess
 import sys
 
+import chex
+import flax
 import jax
 import numpy as np
 from PIL import Image
@@ -130,7 +134,6 @@ def test_a_missing_or_changed_shipped_file_is_one_line(tmp_path):
   with pytest.raises(ValueError, match='no shipped toy model'):
     shipped.check(str(tmp_path))
   copy = tmp_path / 'copy'
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(shipped.HERE, copy)
   with open(copy / 'adapter.safetensors', 'r+b') as f:
     f.seek(-1, os.SEEK_END)
@@ -162,3 +165,65 @@ def test_the_readme_python_quickstart_customizes_with_the_shipped_model(tmp_path
                                   case.subject.identity)
   assert score['text'] == 1.0 and score['id'] == 1.0, score
   assert scope['out'].masks.shape == (25, 1, 8, 8)
+
+
+def test_a_subject_encoder_ships_beside_the_base_and_comes_back(tmp_path):
+  """export with encoder_dir writes encoder.safetensors (checksummed) and its small
+  files; materialise writes it back as dest/encoder, the folder it returns for the
+  adapter, beside the base's own vision tower; an export without one removes it."""
+  sd_dir, vision_dir, adapter = shipped.materialise(str(tmp_path / 'model'))
+  encoder = tmp_path / 'trained_encoder'
+  shutil.copytree(vision_dir, encoder)
+  (encoder / 'encoder_stamp.json').write_text('{"hash": "abc"}')
+  out = tmp_path / 'with_encoder'
+  sums = shipped.export(os.path.dirname(sd_dir), adapter, str(out), encoder_dir=str(encoder))
+  assert set(sums) == {'base.safetensors', 'encoder.safetensors', 'adapter.safetensors'}
+  assert shipped.has_encoder(str(out))
+  shipped.check(str(out))
+  sd_again, encoder_again, _ = shipped.materialise(str(tmp_path / 'again'), src=str(out))
+  assert encoder_again == str(tmp_path / 'again' / 'encoder')
+  assert (tmp_path / 'again' / 'encoder' / 'encoder_stamp.json').read_text() == '{"hash": "abc"}'
+  read = lambda p: flax.serialization.msgpack_restore(open(p, 'rb').read())
+  chex.assert_trees_all_equal(read(os.path.join(encoder_again, 'flax_model.msgpack')),
+                              read(encoder / 'flax_model.msgpack'))
+  assert os.path.isfile(os.path.join(sd_again, 'model_index.json'))
+  assert os.path.isfile(tmp_path / 'again' / 'vision' / 'flax_model.msgpack')
+  with open(out / 'encoder.safetensors', 'r+b') as f:  # its checksum is checked
+    f.seek(-1, os.SEEK_END)
+    f.write(b'\x00' if f.read(1) != b'\x00' else b'\x01')
+  with pytest.raises(ValueError, match='encoder.safetensors does not match SHA256SUMS'):
+    shipped.check(str(out))
+  shipped.export(os.path.dirname(sd_dir), adapter, str(out))
+  assert not shipped.has_encoder(str(out)) and not (out / 'files' / 'encoder').exists()
+
+
+def test_the_reproduction_takes_the_shipped_encoder_when_its_config_matches(tmp_path,
+                                                                           monkeypatch):
+  """--base=shipped with the contrastive encoder: a shipped encoder of the same config
+  is copied, not retrained; another config trains its own."""
+  from toy import encoder as toy_encoder  # pylint: disable=g-import-not-at-top
+  from toy import reproduction  # pylint: disable=g-import-not-at-top
+  config = toy_config.get_config()
+  config.toy.subject_encoder = 'contrastive'
+  base = tmp_path / 'shipped_base'
+  (base / 'encoder').mkdir(parents=True)
+  (base / 'encoder' / 'flax_model.msgpack').write_bytes(b'weights')
+  stamp = reproduction.encoder_stamp(config)
+  (base / 'encoder' / 'encoder_stamp.json').write_text(json.dumps(stamp))
+  trained = []
+  monkeypatch.setattr(toy_encoder, 'train', lambda *a: trained.append(a) or (None, {}))
+  monkeypatch.setattr(toy_encoder, 'save', lambda vision_dir, *a: os.makedirs(vision_dir)
+                      or open(os.path.join(vision_dir, 'encoder_stamp.json'), 'w').write(
+                          json.dumps(a[-1])))
+  gate = {'passes': True, 'retrieval_chance': 0.1,
+          **{k: {'retrieval': 1.0, 'body_accuracy': 1.0, 'accent_accuracy': 1.0,
+                 'object_probe': {'accuracy': 1.0}} for k in ('contrastive', 'random')}}
+  monkeypatch.setattr(toy_encoder, 'gate', lambda *a: gate)
+  vision_dir, _ = reproduction.stage_encoder(config, str(tmp_path / 'run'),
+                                             str(base / 'sd'), str(base / 'vision'))
+  assert not trained
+  assert open(os.path.join(vision_dir, 'flax_model.msgpack'), 'rb').read() == b'weights'
+  config.toy.encoder.steps = int(config.toy.encoder.steps) + 1  # another encoder
+  reproduction.stage_encoder(config, str(tmp_path / 'run2'), str(base / 'sd'),
+                             str(base / 'vision'))
+  assert len(trained) == 1

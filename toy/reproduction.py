@@ -127,8 +127,9 @@ def stage_base(config, workdir: str, source: str = 'train') -> tuple[str, str]:
   sd_dir, vision_dir = os.path.join(base, 'sd'), os.path.join(base, 'vision')
   if source == 'shipped':
     from toy import shipped  # pylint: disable=g-import-not-at-top
-    sd_dir, vision_dir, _ = shipped.materialise(os.path.join(workdir, 'shipped_base'))
-    return sd_dir, vision_dir
+    dest = os.path.join(workdir, 'shipped_base')
+    sd_dir, _, _ = shipped.materialise(dest)
+    return sd_dir, os.path.join(dest, 'vision')  # the base's random tower
   if os.path.isfile(os.path.join(sd_dir, 'model_index.json')):
     return sd_dir, vision_dir
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -243,6 +244,14 @@ def encoder_stamp(config) -> dict:
   return {'hash': digest.hexdigest()[:16], **what}
 
 
+def _stamp_of(vision_dir: str) -> dict | None:
+  path = os.path.join(vision_dir, 'encoder_stamp.json')
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def stage_encoder(config, workdir: str, sd_dir: str, random_vision_dir: str) -> tuple[str, dict]:
   """Trains (or resumes, or skips) the contrastive subject encoder and runs its gate;
   returns (its vision dir, the gate). A changed encoder section retrains it."""
@@ -251,11 +260,13 @@ def stage_encoder(config, workdir: str, sd_dir: str, random_vision_dir: str) -> 
   vision_dir, gate_path = os.path.join(edir, 'vision'), os.path.join(edir, 'gate.json')
   stamp = encoder_stamp(config)
   stamp_path = os.path.join(vision_dir, 'encoder_stamp.json')
-  if os.path.isfile(stamp_path):
-    with open(stamp_path) as f:
-      if json.load(f) != stamp:
-        _progress('encoder: its config changed: retraining')
-        shutil.rmtree(edir)
+  if _stamp_of(vision_dir) not in (None, stamp):
+    _progress('encoder: its config changed: retraining')
+    shutil.rmtree(edir)
+  shipped_encoder = os.path.join(os.path.dirname(sd_dir), 'encoder')  # with --base=shipped
+  if not os.path.isfile(stamp_path) and _stamp_of(shipped_encoder) == stamp:
+    shutil.copytree(shipped_encoder, vision_dir)
+    _progress('encoder: the shipped one (same config)')
   if not os.path.isfile(stamp_path):
     t0 = time.perf_counter()
     _, params = toy_encoder.train(config, sd_dir, edir)
