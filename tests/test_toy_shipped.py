@@ -30,19 +30,21 @@ from toy import world as toy_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1)
-# Measured on the shipped model with these 16 samples (2026-12-07, 2 CPU cores): named
-# identity 0.94, plain 0.06; realcustom identity 0.50, similarity 0.71 vs plain's 0.19,
-# text control 1.00 (plain 1.00), scope on the object 0.99; copy margins vs a shuffled
-# subject 0.28 / 0.36 at t = 400 / 700. Each threshold leaves room for float noise across
-# machines, none for a broken path.
+# Measured on the shipped model (the contrastive subject encoder and training seed 0 of
+# adaptive_wordmap_narrow, issue 27) with these 16 samples (2026-12-07, 2 CPU cores):
+# named identity 0.94, plain 0.06; realcustom identity 0.94, similarity 0.81 vs plain's
+# 0.19, text control 1.00 (plain 1.00), scope on the object 1.00; copy margins vs a
+# shuffled subject 0.40 / 0.51 at t = 400 / 700. (The model shipped before it, the paper
+# recipe on the random tower: identity 0.50, similarity 0.71, margins 0.28 / 0.36.) Each
+# threshold leaves room for float noise across machines, none for a broken path.
 THRESHOLDS = dict(
     named_identity_min=0.75,       # G0: the naming caption draws the identity
     plain_identity_max=0.25,       # G0: the real word alone does not
-    realcustom_identity_min=0.25,  # G3: the subject's identity comes through the adapter
-    realcustom_sim_gain_min=0.3,   # G3: similarity above plain T2I's
+    realcustom_identity_min=0.6,   # G3: the subject's identity comes through the adapter
+    realcustom_sim_gain_min=0.4,   # G3: similarity above plain T2I's
     text_control_drop_max=0.1,     # G3: text control within this of plain T2I's
     scope_on_object_min=0.85,      # the word's scope finds the object
-    copy_margin_min=0.12,          # G2: the subject lowers the noise error vs shuffled
+    copy_margin_min=0.2,           # G2: the subject lowers the noise error vs shuffled
 )
 
 
@@ -123,8 +125,9 @@ def test_demo_refuses_bad_input_in_one_line():
 def test_export_of_the_written_out_model_gives_the_shipped_files(tmp_path):
   """materialise and export are inverses: the diffusers layout written out and exported
   again is byte for byte the shipped base (what `python -m toy.shipped` writes)."""
-  sd_dir, _, adapter = shipped.materialise(str(tmp_path / 'model'))
-  sums = shipped.export(os.path.dirname(sd_dir), adapter, str(tmp_path / 'again'))
+  sd_dir, encoder_dir, adapter = shipped.materialise(str(tmp_path / 'model'))
+  sums = shipped.export(os.path.dirname(sd_dir), adapter, str(tmp_path / 'again'),
+                        encoder_dir=encoder_dir if shipped.has_encoder() else None)
   with open(os.path.join(shipped.HERE, 'SHA256SUMS')) as f:
     expected = {name: digest for digest, name in (line.split() for line in f)}
   assert sums == expected
