@@ -113,3 +113,32 @@ print(r._code_without_docs(base) == r._code_without_docs(doc),
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ['True', 'False', '16']
+
+
+def test_the_target_compares_the_main_adapter_with_its_id2_row():
+  """The target reads the ID-2 row trained on the main adapter's kind of reference
+  (`no_scoring` for the word-map recipe, `no_scoring_ref` for a stored-reference one);
+  without an ID-2 row it cannot be met."""
+  from configs import toy_world  # pylint: disable=g-import-not-at-top
+  from toy import evaluation  # pylint: disable=g-import-not-at-top
+  config = toy_world.get_config()
+  assert config.toy.main_adapter == 'adaptive_wordmap_narrow'
+  row = lambda i, s, t=1.0: {'id': i, 'sim': s, 'text': t}
+  summary = {'plain_t2i': row(0.02, 0.17), 'named_prompt': row(0.94, 0.79),
+             'realcustom_adaptive_wordmap_narrow': row(0.65, 0.73, 0.99),
+             'no_scoring': row(0.615, 0.724, 0.98), 'dreambooth_160': row(0.42, 0.60, 0.8)}
+  target = evaluation._target(config, summary)  # pylint: disable=protected-access
+  assert target['id2_identity_acc'] == 0.615 and target['at_least_id2'] is True
+  assert target['met'] is True
+  summary['no_scoring'] = row(0.70, 0.724)
+  target = evaluation._target(config, summary)  # pylint: disable=protected-access
+  assert target['at_least_id2'] is False and target['met'] is False
+  config.toy.adapters = ('adaptive', 'adaptive_wordmap_narrow')  # no ID-2 trained
+  target = evaluation._target(config, summary)  # pylint: disable=protected-access
+  assert target['at_least_id2'] is None and target['met'] is False
+  config.toy.adapters = ('adaptive_ref', 'none', 'none_ref')
+  config.toy.main_adapter = 'adaptive_ref'
+  summary['realcustom_ref'] = row(0.65, 0.73, 0.99)
+  summary['no_scoring_ref'] = row(0.5, 0.6)
+  target = evaluation._target(config, summary)  # pylint: disable=protected-access
+  assert target['id2_identity_acc'] == 0.5 and target['met'] is True

@@ -16,6 +16,7 @@ import time
 
 from toy.variants import adapter_runs
 from toy.variants import adapter_seeds
+from toy.variants import id2_adapter
 from toy.variants import main_row
 from toy.variants import row_suffix
 from toy.variants import variant_info
@@ -100,6 +101,11 @@ def stage_eval(config, workdir: str, sd_dir: str, vision_dir: str,
       previous = json.load(f)
     if previous.get('eval_key') == key:
       _progress('eval: same config and adapters as eval/results.json; reusing it')
+      target = _target(config, previous['variants'])  # derived: follows the code
+      if target != previous.get('target'):
+        previous['target'] = target
+        with open(results_path, 'w') as f:
+          json.dump(previous, f, indent=2)
       return dict(previous, reused=True)
   # Imported only when sampling: a rerun that reuses the results stays instant.
   import jax  # pylint: disable=g-import-not-at-top
@@ -430,11 +436,14 @@ def _target(config, summary: dict) -> dict:
   (same training reference), and no Textual Inversion / DreamBooth point at least as
   good on both axes."""
   rc = summary[main_row(config)]
-  id2 = summary.get(f'no_scoring{row_suffix(config.toy.main_adapter)}')
+  id2_name = id2_adapter(config)
+  id2 = None if id2_name is None else summary.get(f'no_scoring{row_suffix(id2_name)}')
   dominating = [name for name, r in summary.items()
                 if name.startswith(('textual_inversion_', 'dreambooth_'))
                 and r['text'] >= rc['text'] and r['id'] >= rc['id']]
-  at_least_id2 = id2 is None or (rc['id'] >= id2['id'] and rc['sim'] >= id2['sim'])
+  # Without an ID-2 row the comparison cannot be made, so the target is not met.
+  at_least_id2 = None if id2 is None else bool(rc['id'] >= id2['id']
+                                               and rc['sim'] >= id2['sim'])
   return {'main_row': main_row(config), 'realcustom_identity_acc': rc['id'],
           'realcustom_text_control': rc['text'],
           'plain_t2i_text_control': summary['plain_t2i']['text'],
@@ -443,9 +452,9 @@ def _target(config, summary: dict) -> dict:
           'id2_subject_sim': None if id2 is None else id2['sim'],
           'at_least_id2': at_least_id2,
           'baselines_at_least_as_good_on_both': dominating,
-          'met': (rc['id'] >= 0.6 and summary['named_prompt']['id'] >= 0.8
-                  and rc['text'] >= summary['plain_t2i']['text'] - 0.05 and at_least_id2
-                  and not dominating)}
+          'met': bool(rc['id'] >= 0.6 and summary['named_prompt']['id'] >= 0.8
+                      and rc['text'] >= summary['plain_t2i']['text'] - 0.05
+                      and at_least_id2 and not dominating)}
 
 
 def _eval_key(config, adapters: dict[tuple[str, int], str]) -> str:

@@ -152,6 +152,8 @@ def materialise(dest: str, src: str = HERE) -> tuple[str, str, str]:
           os.path.join(src, 'encoder.safetensors')))
     with open(os.path.join(tmp, 'materialised_from'), 'w') as f:
       f.write(digest)
+    if os.path.islink(dest):  # a link to an older copy: replaced, its target left alone
+      os.unlink(dest)
     shutil.rmtree(dest, ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     os.replace(tmp, dest)

@@ -75,6 +75,14 @@ def uses_stored_reference(overrides: dict[str, str]) -> bool:
   return overrides.get('data.subject_reference') == 'stored'
 
 
+def id2_adapter(config) -> str | None:
+  """The unscored adapter (Table 3 ID-2) trained on the same kind of reference as the
+  main adapter: the target's comparison. None when the run trains none."""
+  stored = uses_stored_reference(ADAPTER_RUNS[config.toy.main_adapter])
+  return next((a for a in config.toy.adapters if not is_scored(a)
+               and uses_stored_reference(ADAPTER_RUNS[a]) == stored), None)
+
+
 def is_scored(adapter: str) -> bool:
   """Whether the adapter has the scoring module (Eqs. 5-10)."""
   return ADAPTER_RUNS[adapter].get('model.scoring', 'adaptive') == 'adaptive'
