@@ -10,13 +10,16 @@ Stages, each skipped or resumed when its output is already in --workdir:
 2. base/       autoencoder, UNet and text encoder trained from scratch, saved as a
                diffusers SD directory base/sd plus a CLIP vision directory base/vision
                (toy/base.py); with --base=shipped, toy/shipped/'s base written out instead.
-2b. encoder/   with --config.toy.subject_encoder=contrastive: a CLIP-like subject
-               encoder trained against the base's text encoder (toy/encoder.py), its
-               gate (held-out caption retrieval, identity-colour and object probes)
-               in encoder/gate.json; the adapters then read it instead of base/vision.
+2b. encoder/   with --config.toy.subject_encoder=contrastive (the default; 'random'
+               keeps base/vision): a CLIP-like subject encoder trained against the
+               base's text encoder (toy/encoder.py; with --base=shipped the shipped one
+               when its config matches), its gate (held-out caption retrieval,
+               identity-colour and object probes) in encoder/gate.json; the adapters
+               then read it instead of base/vision.
 3. adapter_NAME/seedS/  the RealCustom adapters, trained by `python -m train.main` on
                the frozen base: every recipe of config.toy.adapters (toy/variants.py:
-               'adaptive' the paper, 'none' Table 3 ID-2, and the options of issue 27)
+               'adaptive' the paper, 'none' Table 3 ID-2, 'adaptive_wordmap_narrow' the
+               shipped recipe, and the other options of issue 27)
                at every training seed of config.toy.adapter_seeds; exported to
                adapter.safetensors. A change of the model code or of the effective
                training config (a stamp is stored) retrains. `--train_only` stops here.
