@@ -36,6 +36,20 @@ def test_object_tokens_are_worth_more_to_the_loss_than_background_tokens(pipe):
   assert shift['train_like_t400'] != shift['other_prompt_t400']  # the prompt is read
 
 
+def test_fit_scoring_moves_the_models_own_score_nets(pipe):
+  """fit_scoring trains the adapter's 'scoring' subtree through the model's own scoring
+  module (same tree, same shapes), and a few Adam steps move it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  scenes = list(toy_world.iter_scenes(4, 16, 3))
+  fitted = token_value.fit_scoring(pipe, scenes, 16, timesteps=(400,), batch=4, steps=3)
+  before = pipe.params['scoring']
+  assert jax.tree_util.tree_structure(fitted) == jax.tree_util.tree_structure(before)
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), fitted, before)
+  assert all(a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(fitted),
+                                                jax.tree_util.tree_leaves(before)))
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
+
+
 def test_summary_compares_object_and_background_tokens():
   values = np.array([[2.0, 1.0, 0.0], [4.0, 1.0, 0.0]])
   areas = np.array([[1.0, 0.0, 0.3], [0.8, 0.0, 0.3]])

@@ -49,11 +49,11 @@ def _denoising_loss(model, params, text, image, z_t, t, noise, sqrt_ab, gamma_nu
   return jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
 
 
-def _scoring_module(model):
-  """The adapter's scoring module as the model builds it (Eq. 9's gain on)."""
-  from realcustom_jax import scoring  # pylint: disable=g-import-not-at-top
-  return scoring.AdaptiveScoring(model.scoring_hidden, model.fusion, model.visual_pool, True,
-                                 model.score_normalization)
+def _apply_scoring(model, params, scoring_params, *args):
+  """Eqs. 5-10 alone: the model's own scoring module (built by `RealCustom.setup`) with
+  `scoring_params` in place of the adapter's."""
+  return model.apply({'params': dict(params, scoring=scoring_params)}, *args,
+                     method=lambda m, *a: m.scoring(*a))
 
 
 def _measure(pipe, scenes, image_size: int, timesteps, seed: int, values: bool = True):
@@ -124,7 +124,6 @@ def fit_scoring(pipe, scenes, image_size: int, timesteps=(100, 400, 700), batch:
   needs" when they are given that signal directly? Returns the fitted parameters.
   """
   import optax  # pylint: disable=g-import-not-at-top
-  module = _scoring_module(pipe.model)
   data = []
   for start in range(0, len(scenes), batch):
     for t, cond, z_t, sqrt_ab, values, _ in _measure(pipe, scenes[start:start + batch],
@@ -136,7 +135,7 @@ def fit_scoring(pipe, scenes, image_size: int, timesteps=(100, 400, 700), batch:
   def loss_fn(params):
     total = 0.0
     for text, z_t, sqrt_ab, image, target in data:
-      out = module.apply({'params': params}, text, z_t, sqrt_ab, image, 1.0)
+      out = _apply_scoring(pipe.model, pipe.params, params, text, z_t, sqrt_ab, image, 1.0)
       log_p = jnp.log(out.scores + 1e-30)  # softmax scores: log_softmax of the fused
       total += optax.softmax_cross_entropy(log_p, jax.nn.softmax(3.0 * target)).mean()
     return total / len(data)
@@ -201,7 +200,6 @@ def selection_shift(pipe, scenes, image_size: int, timesteps=(400, 700),
     'random': the object share of a random choice.
   """
   from toy import world as toy_world  # pylint: disable=g-import-not-at-top
-  module = _scoring_module(pipe.model)
   rng = np.random.default_rng(seed)
   other = [toy_world.caption(sc.shape, str(rng.choice(
       [c for c in toy_world.COLORS if c not in (sc.body, sc.accent, sc.background)])))
@@ -218,8 +216,8 @@ def selection_shift(pipe, scenes, image_size: int, timesteps=(400, 700),
     masked = z_t * jnp.asarray(latent_mask > 0, z_t.dtype)[:, None]
     for name, text, z in (('train_like', cond.text, z_t), ('other_prompt', other_text, z_t),
                           ('masked_z', cond.text, masked), ('both', other_text, masked)):
-      kept = module.apply({'params': pipe.params['scoring']}, text, z,
-                          jnp.full((b,), sqrt_ab), cond.image, 0.8).selected
+      kept = _apply_scoring(pipe.model, pipe.params, pipe.params['scoring'], text, z,
+                            jnp.full((b,), sqrt_ab), cond.image, 0.8).selected
       out[f'{name}_t{t}'] = selection_gate.selection_stats(np.asarray(kept)[None],
                                                            areas)['precision']
     out['random'] = float(areas.mean())
